@@ -1,0 +1,330 @@
+"""Lists a VI-ReID data set folder, as its owners distribute it, into records.
+
+Plain Python (no TensorFlow): the tfds builders and the evaluation code both
+build on `list_records`, so the examples a builder writes and the query and
+gallery sets an evaluator draws come from the same listing.
+
+  list_records(layout, root, split, trial=None) -> list[Record]
+
+`layout` is 'sysu', 'regdb' or 'llcm'; `root` the folder that holds the layout
+below; `split` 'train' or 'test'; `trial` 1..10, for RegDB only. A `Record` is
+(path, id, camera, modality): `path` is relative to `root` with '/' separators,
+`id` the data set's own identity number (never re-mapped), `camera` its own
+camera number, `modality` 0 visible, 1 infrared (near-infrared or thermal).
+
+Layouts (docs/data.md has the full description and where each fact comes from):
+
+  SYSU-MM01  cam1/ .. cam6/ (<id:04d>/<n:04d>.jpg), exp/train_id.txt,
+             exp/val_id.txt, exp/test_id.txt (one line of comma-separated ids).
+             train = train_id + val_id, test = test_id, every camera; camera N
+             of camN; cam3 and cam6 are infrared.
+  RegDB      Visible/<id>/*.bmp, Thermal/<id>/*.bmp, and per trial t
+             idx/{train,test}_{visible,thermal}_<t>.txt of `relative/path label`
+             lines. id = the identity folder (the label column is the trial's
+             re-mapped label and is not used); camera 1 visible, 2 thermal.
+  LLCM       vis/<id:04d>/, nir/<id:04d>/ (<id:04d>_c<cam:02d>_s.._f.._{vis,nir}
+             .jpg), test copies in test_vis/cam1..cam9/<id:04d>/ and
+             test_nir/cam{1,2,4..9}/<id:04d>/, idx/train_vis.txt,
+             idx/train_nir.txt (`path label` lines), idx/test_id.txt (one line).
+             train = the two train idx files, camera from `_c<cam>` of the file
+             name; test = the files under test_vis/ and test_nir/ of the ids in
+             idx/test_id.txt (the folders DEEN's test code reads), camera from
+             the camK folder.
+
+Records are sorted by (id, camera, path): the order in which the reference code
+(`process_query_sysu`, `process_gallery_sysu`, `process_*_llcm` of
+mangye16/Cross-Modal-Re-ID-baseline and ZYK100/LLCM) visits files, identities
+sorted, then cameras, then file names. Seeding Python's `random` and calling
+`random.choice` per (id, camera) group in that order reproduces its galleries.
+
+A missing, empty or partly copied folder raises `DatasetLayoutError` (a
+ValueError) that lists what was expected, what was found and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterable
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
+
+SYSU_VISIBLE_CAMERAS = (1, 2, 4, 5)
+SYSU_INFRARED_CAMERAS = (3, 6)
+SYSU_ID_FILES = ('exp/train_id.txt', 'exp/val_id.txt', 'exp/test_id.txt')
+REGDB_TRIALS = tuple(range(1, 11))
+LLCM_VISIBLE_CAMERAS = tuple(range(1, 10))
+LLCM_INFRARED_CAMERAS = (1, 2, 4, 5, 6, 7, 8, 9)  # no near-infrared cam3
+
+# The folder names under which the owners distribute each data set; used by
+# `find_root` when given the folder above the data set.
+DISTRIBUTED_NAMES = {'sysu': 'SYSU-MM01', 'regdb': 'RegDB', 'llcm': 'LLCM'}
+TOP_LEVEL = {'sysu': [f'cam{c}/' for c in range(1, 7)] + ['exp/'],
+             'regdb': ['Visible/', 'Thermal/', 'idx/'],
+             'llcm': ['vis/', 'nir/', 'test_vis/', 'test_nir/', 'idx/']}
+_MARKERS = {'sysu': ('cam1', 'exp'), 'regdb': ('Visible', 'idx'),
+            'llcm': ('test_vis', 'idx')}
+_HINTS = {
+    'sysu': 'Unzip the SYSU-MM01 archive as distributed, copy it whole, and '
+            'point manual_dir at the folder holding cam1..cam6 and exp/.',
+    'regdb': 'Unzip RegDB as distributed with its idx/ trial files (the copy '
+             'the AGW authors, mangye16/Cross-Modal-Re-ID-baseline, hand out '
+             'has them), copy it whole, and point manual_dir at the folder '
+             'holding Visible/, Thermal/ and idx/.',
+    'llcm': 'Unzip the LLCM archive as distributed, copy it whole, and point '
+            'manual_dir at the folder holding vis/, nir/, test_vis/, test_nir/ '
+            'and idx/.',
+}
+_LLCM_NAME = re.compile(r'^(\d+)_c(\d+)_')
+_MAX_LISTED = 12
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Record:
+  """One image of a data set, as listed from its folder (no pixels)."""
+  path: str  # relative to the data set root, '/' separators
+  id: int  # the data set's own identity number
+  camera: int  # the data set's own camera number
+  modality: int  # 0 visible, 1 infrared / near-infrared / thermal
+
+
+class DatasetLayoutError(ValueError):
+  """A data set folder is missing, empty, partly copied or not as distributed."""
+
+  def __init__(self, layout: str, root: str, problem: str,
+               expected: Iterable[str], found: Iterable[str]):
+    self.layout, self.root, self.problem = layout, root, problem
+    self.expected, self.found = list(expected), list(found)
+    name = DISTRIBUTED_NAMES.get(layout, layout)
+    super().__init__(
+        f'{name} folder {root!r}: {problem}\n'
+        f'  expected: {_shorten(self.expected)}\n'
+        f'  found:    {_shorten(self.found) or "nothing"}\n'
+        f'  to do:    {_HINTS.get(layout, "")} See docs/data.md.')
+
+
+def _shorten(items: list[str]) -> str:
+  shown = ', '.join(items[:_MAX_LISTED])
+  more = len(items) - _MAX_LISTED
+  return shown + (f', ... ({more} more)' if more > 0 else '')
+
+
+def _entries(folder: str) -> list[str]:
+  """Sorted names in `folder`, folders with a trailing '/'; [] if absent."""
+  if not os.path.isdir(folder):
+    return []
+  return sorted(n + '/' if os.path.isdir(os.path.join(folder, n)) else n
+                for n in os.listdir(folder))
+
+
+def _images_in(folder: str) -> list[str]:
+  return sorted(n for n in os.listdir(folder)
+                if n.lower().endswith(IMAGE_SUFFIXES)
+                and os.path.isfile(os.path.join(folder, n)))
+
+
+def _require(layout: str, root: str, dirs: Iterable[str],
+             files: Iterable[str]) -> None:
+  """Raises unless `root` holds the folders `dirs` and the files `files`."""
+  dirs, files = list(dirs), list(files)
+  missing = [d + '/' for d in dirs if not os.path.isdir(os.path.join(root, d))]
+  missing += [f for f in files if not os.path.isfile(os.path.join(root, f))]
+  if missing:
+    found = _entries(root)
+    problem = ('the folder does not exist' if not os.path.isdir(root) else
+               'it is empty' if not found else
+               'missing ' + ', '.join(missing))
+    raise DatasetLayoutError(layout, root, problem,
+                             [d + '/' for d in dirs] + files, found)
+
+
+def _read_id_line(layout: str, root: str, rel: str) -> list[int]:
+  """Ids of a one-line, comma-separated id file (SYSU exp/, LLCM idx/)."""
+  with open(os.path.join(root, rel), encoding='utf-8') as f:
+    text = f.read().strip()
+  try:
+    ids = [int(x) for x in text.splitlines()[0].split(',') if x.strip()]
+  except (ValueError, IndexError):
+    ids = []
+  if not ids:
+    raise DatasetLayoutError(layout, root, f'{rel} holds no id list',
+                             [f'{rel}: one line of comma-separated ids'],
+                             [repr(text[:80])])
+  return ids
+
+
+def _read_index(layout: str, root: str, rel: str) -> list[str]:
+  """Relative image paths of a `relative/path label` index file, checked."""
+  paths, bad = [], []
+  with open(os.path.join(root, rel), encoding='utf-8') as f:
+    for number, line in enumerate(f, 1):
+      fields = line.split()
+      if not fields:
+        continue
+      if len(fields) != 2:
+        bad.append(f'line {number}: {line.strip()!r}')
+      paths.append(fields[0].replace('\\', '/'))
+  if bad or not paths:
+    raise DatasetLayoutError(layout, root, f'{rel} is not a list of '
+                             '`relative/path label` lines',
+                             [f'{rel}: lines `relative/path label`'],
+                             bad or ['an empty file'])
+  missing = [p for p in paths if not os.path.isfile(os.path.join(root, p))]
+  if missing:
+    raise DatasetLayoutError(
+        layout, root, f'{len(missing)} of the {len(paths)} images listed in '
+        f'{rel} are missing (a partial copy?)',
+        [f'every image listed in {rel}'], ['missing: ' + m for m in missing])
+  return paths
+
+
+def _identity_folder(layout: str, root: str, path: str, depth: int) -> int:
+  """The identity number of the folder `depth` levels into `path`."""
+  parts = path.split('/')
+  try:
+    return int(parts[depth])
+  except (IndexError, ValueError):
+    raise DatasetLayoutError(
+        layout, root, f'cannot read an identity folder in {path!r}',
+        ['paths like ' + ('Visible/<id>/<file>' if layout == 'regdb' else
+                          'cam<k>/<id>/<file>')], [path]) from None
+
+
+def _walk_identities(layout: str, root: str, camera_dirs: dict[str, tuple],
+                     ids: list[int], split_file: str) -> list[Record]:
+  """Records of `ids` under camera folders {rel_dir: (camera, modality)}."""
+  records, empty = [], []
+  for rel_dir, (camera, modality) in camera_dirs.items():
+    for pid in ids:
+      rel = f'{rel_dir}/{pid:04d}'
+      folder = os.path.join(root, rel)
+      if not os.path.isdir(folder):
+        continue  # not every identity passes every camera
+      names = _images_in(folder)
+      if not names:
+        empty.append(rel + '/')
+      records += [Record(f'{rel}/{n}', pid, camera, modality) for n in names]
+  if empty:
+    raise DatasetLayoutError(layout, root, 'identity folders without images '
+                             '(a partial copy?)', ['images in every identity '
+                             'folder'], ['empty: ' + e for e in empty])
+  unseen = sorted(set(ids) - {r.id for r in records})
+  if unseen:
+    raise DatasetLayoutError(
+        layout, root, f'{len(unseen)} identities of {split_file} have no '
+        'image in any camera folder (a partial copy?)',
+        [f'<camera>/{pid:04d}/ for every id of {split_file}' for pid in ids],
+        [f'no folder for id {pid}' for pid in unseen])
+  return records
+
+
+def _sorted(records: list[Record]) -> list[Record]:
+  return sorted(records, key=lambda r: (r.id, r.camera, r.path))
+
+
+def sysu_records(root: str, split: str) -> list[Record]:
+  """SYSU-MM01 (Wu et al., ICCV 2017) images of `split`, see module doc."""
+  cams = [f'cam{c}' for c in range(1, 7)]
+  _require('sysu', root, cams, SYSU_ID_FILES)
+  empty = [c + '/' for c in cams if not _entries(os.path.join(root, c))]
+  if empty:
+    raise DatasetLayoutError('sysu', root, 'empty camera folders '
+                             '(a partial copy?)', ['identity folders in '
+                             'cam1/ .. cam6/'], ['empty: ' + e for e in empty])
+  id_files = SYSU_ID_FILES[:2] if split == 'train' else SYSU_ID_FILES[2:]
+  ids = sorted({i for f in id_files for i in _read_id_line('sysu', root, f)})
+  camera_dirs = {f'cam{c}': (c, int(c in SYSU_INFRARED_CAMERAS))
+                 for c in range(1, 7)}
+  return _sorted(_walk_identities('sysu', root, camera_dirs, ids,
+                                  ' + '.join(id_files)))
+
+
+def regdb_records(root: str, split: str, trial: int) -> list[Record]:
+  """RegDB (Nguyen et al., Sensors 2017) images of `split` in `trial` 1..10."""
+  if trial not in REGDB_TRIALS:
+    raise ValueError(f'RegDB trial must be one of 1..10, got {trial!r}')
+  files = {f'idx/{split}_visible_{trial}.txt': (1, 0),
+           f'idx/{split}_thermal_{trial}.txt': (2, 1)}
+  _require('regdb', root, ['Visible', 'Thermal', 'idx'], files)
+  records = []
+  for rel, (camera, modality) in files.items():
+    for path in _read_index('regdb', root, rel):
+      pid = _identity_folder('regdb', root, path, 1)
+      records.append(Record(path, pid, camera, modality))
+  return _sorted(records)
+
+
+def llcm_records(root: str, split: str) -> list[Record]:
+  """LLCM (Zhang and Wang, CVPR 2023) images of `split`, see module doc."""
+  vis = {f'test_vis/cam{c}': (c, 0) for c in LLCM_VISIBLE_CAMERAS}
+  nir = {f'test_nir/cam{c}': (c, 1) for c in LLCM_INFRARED_CAMERAS}
+  train_files = {'idx/train_vis.txt': 0, 'idx/train_nir.txt': 1}
+  _require('llcm', root, ['idx', *vis, *nir],
+           [*train_files, 'idx/test_id.txt'])
+  if split == 'test':
+    ids = sorted(set(_read_id_line('llcm', root, 'idx/test_id.txt')))
+    return _sorted(_walk_identities('llcm', root, {**vis, **nir}, ids,
+                                    'idx/test_id.txt'))
+  records = []
+  for rel, modality in train_files.items():
+    for path in _read_index('llcm', root, rel):
+      match = _LLCM_NAME.match(path.rsplit('/', 1)[-1])
+      if not match:
+        raise DatasetLayoutError(
+            'llcm', root, f'{rel} lists a file not named as LLCM names them',
+            ['file names <id>_c<camera>_s<seq>_f<frame>_{vis,nir}.jpg'],
+            [path])
+      records.append(Record(path, int(match[1]), int(match[2]), modality))
+  return _sorted(records)
+
+
+LAYOUTS = ('sysu', 'regdb', 'llcm')
+SPLITS = ('train', 'test')
+
+
+def list_records(layout: str, root: str, split: str,
+                 trial: int | None = None) -> list[Record]:
+  """Records of `split` ('train' | 'test') of the `layout` folder at `root`.
+
+  Args:
+    layout: 'sysu', 'regdb' or 'llcm'.
+    root: the data set folder (the one holding cam1/, Visible/ or test_vis/).
+    split: 'train' or 'test'.
+    trial: RegDB trial 1..10 (the idx files to read); must be None otherwise.
+
+  Returns:
+    Records sorted by (id, camera, path).
+
+  Raises:
+    DatasetLayoutError: the folder is missing, empty or partly copied.
+  """
+  root = os.fspath(root)
+  if split not in SPLITS:
+    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+  if layout == 'regdb':
+    if trial is None:
+      raise ValueError('RegDB needs a trial (1..10)')
+    return regdb_records(root, split, trial)
+  if trial is not None:
+    raise ValueError(f'{layout} has no trials; got trial={trial!r}')
+  if layout == 'sysu':
+    return sysu_records(root, split)
+  if layout == 'llcm':
+    return llcm_records(root, split)
+  raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
+
+
+def find_root(layout: str, path: str) -> str:
+  """`path` if it holds the `layout` data set, else its distributed subfolder.
+
+  Lets tfds' default manual directory (one folder for every data set) hold
+  SYSU-MM01/, RegDB/ and LLCM/ side by side. Returns `path` unchanged when
+  neither matches, so that `list_records` reports what it found there.
+  """
+  path = os.fspath(path)
+  markers = _MARKERS[layout]
+  for candidate in (path, os.path.join(path, DISTRIBUTED_NAMES[layout])):
+    if all(os.path.exists(os.path.join(candidate, m)) for m in markers):
+      return candidate
+  return path
