@@ -52,7 +52,8 @@ def _counts(examples):
 def _check_examples(examples, root, expected_counts):
   """Counts per (modality, camera), order, ids and pixels of `examples`."""
   assert _counts(examples) == expected_counts
-  keys = [(int(e['id']), int(e['camera']), e['path'].decode()) for e in examples]
+  keys = [(int(e['id']), int(e['camera']), e['path'].decode())
+          for e in examples]
   assert keys == sorted(keys)
   for e in examples[:: max(1, len(examples) // 7)]:
     path = e['path'].decode()
@@ -93,7 +94,8 @@ def test_sysu_builder_counts(sysu):
     _check_examples(examples, root, expected[split])
     assert {int(e['id']) for e in examples} == (
         train_ids if split == 'train' else test_ids)
-    assert builder.info.splits[split].num_examples == sum(expected[split].values())
+    num_examples = builder.info.splits[split].num_examples
+    assert num_examples == sum(expected[split].values())
   # JPEGs are stored as their own bytes, not re-encoded.
   raw = builder.as_dataset(split='test',
                            decoders={'image': tfds.decode.SkipDecoding()})
@@ -108,7 +110,8 @@ def test_sysu_builder_counts(sysu):
 def test_sysu_some_identities_miss_some_cameras(sysu):
   root, _ = sysu
   ids = set(os.listdir(root / 'cam1')) | set(os.listdir(root / 'cam4'))
-  present = [sum((root / f'cam{c}' / i).is_dir() for c in range(1, 7)) for i in ids]
+  present = [sum((root / f'cam{c}' / i).is_dir() for c in range(1, 7))
+             for i in ids]
   assert min(present) < 6
 
 
@@ -128,6 +131,9 @@ def test_prepared_data_is_reused(sysu, tmp_path):
 def test_regdb_builder_counts(tmp_path):
   root = tmp_path / 'RegDB'
   synthetic.generate('regdb', str(root), num_ids=6, seed=1)
+  # An 8-bit grayscale thermal image must come out as 3 equal channels.
+  grey = _index_lines(root, 'idx/test_thermal_2.txt')[0][0]
+  Image.open(root / grey).convert('L').save(root / grey, format='BMP')
   builder = _build('regdb/trial_2', root, tmp_path / 'tfds')
   for split in ('train', 'test'):
     expected = collections.Counter()
@@ -139,12 +145,14 @@ def test_regdb_builder_counts(tmp_path):
     examples = _examples(builder, split)
     _check_examples(examples, root, expected)
     assert {int(e['id']) for e in examples} == ids
-  thermal = [e for e in examples if e['modality'] == 1][0]
-  assert Image.open(root / thermal['path'].decode()).mode == 'L'
+  thermal = next(e for e in examples if e['path'].decode() == grey)
+  assert Image.open(root / grey).mode == 'L'
   assert np.array_equal(thermal['image'][..., 0], thermal['image'][..., 2])
+  assert np.array_equal(thermal['image'][..., 0],
+                        np.asarray(Image.open(root / grey)))
   # Trials are different splits of the same identities.
-  t1 = {r.id for r in records.list_records('regdb', str(root), 'train', trial=1)}
-  t2 = {r.id for r in records.list_records('regdb', str(root), 'train', trial=2)}
+  t1, t2 = ({r.id for r in records.list_records('regdb', str(root), 'train',
+                                                trial=t)} for t in (1, 2))
   assert t1 != t2 and len(t1) == len(t2) == 3
 
 
@@ -209,7 +217,8 @@ def test_partial_copies_are_layout_errors(tmp_path):
   root = tmp_path / 'LLCM'
   synthetic.generate('llcm', str(root), seed=0, **SMALL)
   shutil.rmtree(root / 'test_nir' / 'cam7')
-  with pytest.raises(records.DatasetLayoutError, match='missing test_nir/cam7/'):
+  with pytest.raises(records.DatasetLayoutError,
+                     match='missing test_nir/cam7/'):
     records.list_records('llcm', str(root), 'train')
 
   root = tmp_path / 'SYSU-MM01'

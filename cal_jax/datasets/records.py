@@ -90,7 +90,10 @@ class Record:
 
 
 class DatasetLayoutError(ValueError):
-  """A data set folder is missing, empty, partly copied or not as distributed."""
+  """A data set folder is missing, empty, partly copied or not as distributed.
+
+  Attributes: layout, root, problem, expected and found (lists of entries).
+  """
 
   def __init__(self, layout: str, root: str, problem: str,
                expected: Iterable[str], found: Iterable[str]):

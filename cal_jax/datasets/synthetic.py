@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 
@@ -54,7 +55,7 @@ def _rng(*keys: int) -> np.random.Generator:
 
 
 def _identities(rng: np.random.Generator, ids: Sequence[int]) -> dict:
-  """Appearances of `ids`; about a quarter copy an earlier one but 1-2 colours."""
+  """Appearances of `ids`; a quarter copy an earlier one but 1-2 colours."""
   apps = {}
   for n, pid in enumerate(ids):
     if n and rng.random() < LOOK_ALIKE_FRACTION:
@@ -69,10 +70,9 @@ def _size(rng: np.random.Generator, height: int) -> tuple:
   return h, round(h * rng.uniform(0.42, 0.55))
 
 
-def _save(image: np.ndarray, path: str, fmt: str, quality: int = 90,
-          grey: bool = False) -> None:
+def _save(image: np.ndarray, path: str, fmt: str, quality: int = 90) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  pil = Image.fromarray(image[..., 0] if grey else image)
+  pil = Image.fromarray(image)
   if fmt == 'JPEG':
     pil.save(path, format='JPEG', quality=quality)
   else:
@@ -125,8 +125,8 @@ def _write_sysu(root: str, num_ids: int, seed: int, per_camera: tuple,
       r = _rng(seed, key, 3, pid, c)
       for n in range(1, int(r.integers(per_camera[0], per_camera[1] + 1)) + 1):
         image = people.render(apps[pid], cams[c], r, _size(r, height))
-        _save(image, os.path.join(root, f'cam{c}', f'{pid:04d}', f'{n:04d}.jpg'),
-              'JPEG', cams[c].quality)
+        rel = f'cam{c}/{pid:04d}/{n:04d}.jpg'
+        _save(image, os.path.join(root, rel), 'JPEG', cams[c].quality)
         count += 1
   return Summary('sysu', root, count, tuple(train + val), tuple(test))
 
@@ -137,35 +137,39 @@ def _write_regdb(root: str, num_ids: int, seed: int, height: int) -> Summary:
   rng = _rng(seed, key, 0)
   ids = list(range(1, num_ids + 1))
   apps = _identities(rng, ids)
-  visible = people.sample_camera(_rng(seed, key, 1, 1), 'visible')
-  thermal = people.sample_camera(_rng(seed, key, 1, 2), 'thermal')
+  sensors = (('Visible', 'v', people.sample_camera(_rng(seed, key, 1, 1),
+                                                   'visible')),
+             ('Thermal', 't', people.sample_camera(_rng(seed, key, 1, 2),
+                                                   'thermal')))
   files = {}
   for pid in ids:
     r = _rng(seed, key, 2, pid)
     sex = 'female' if r.random() < 0.5 else 'male'
     front = bool(r.random() < 0.5)
+    view = 'front' if front else 'back'
     first = int(r.integers(0, 90000))
     files[pid] = []
     for k in range(REGDB_IMAGES):
-      stem = f'{sex}_{"front" if front else "back"}_{{}}_{first + 3 * k:05d}_{pid}'
-      # The dual camera captures both images at once: same pose.
-      for folder, letter, cam in (('Visible', 'v', visible), ('Thermal', 't', thermal)):
-        image = people.render(apps[pid], cam, _rng(seed, key, 3, pid, k, ord(letter)),
-                              (height, height // 2), pose=_rng(seed, key, 4, pid, k),
-                              front=front)
-        rel = f'{folder}/{pid}/{stem.format(letter)}.bmp'
-        _save(image, os.path.join(root, rel), 'BMP', grey=letter == 't')
+      for folder, letter, cam in sensors:
+        # The dual camera takes both images at once: the same pose.
+        image = people.render(
+            apps[pid], cam, _rng(seed, key, 3, pid, k, ord(letter)),
+            (height, height // 2), pose=_rng(seed, key, 4, pid, k), front=front)
+        frame = first + 3 * k
+        rel = f'{folder}/{pid}/{sex}_{view}_{letter}_{frame:05d}_{pid}.bmp'
+        _save(image, os.path.join(root, rel), 'BMP')  # 24-bit, as AGW reads
         files[pid].append(rel)
-  for trial in range(1, 11):
-    perm = [int(i) for i in _rng(seed, key, 5, trial).permutation(ids)]
-    for split, part in (('train', perm[:num_ids // 2]), ('test', perm[num_ids // 2:])):
+  half = num_ids // 2
+  perms = {t: [int(i) for i in _rng(seed, key, 5, t).permutation(ids)]
+           for t in range(1, 11)}
+  for trial, perm in perms.items():
+    for split, part in (('train', perm[:half]), ('test', perm[half:])):
       for folder, kind in (('Visible', 'visible'), ('Thermal', 'thermal')):
         _write_text(root, f'idx/{split}_{kind}_{trial}.txt', [
             f'{rel} {label}' for label, pid in enumerate(part)
             for rel in files[pid] if rel.startswith(folder)])
-    if trial == 1:
-      train, test = sorted(perm[:num_ids // 2]), sorted(perm[num_ids // 2:])
-  return Summary('regdb', root, 2 * REGDB_IMAGES * num_ids, tuple(train), tuple(test))
+  return Summary('regdb', root, 2 * REGDB_IMAGES * num_ids,
+                 tuple(sorted(perms[1][:half])), tuple(sorted(perms[1][half:])))
 
 
 def _write_llcm(root: str, num_ids: int, seed: int, per_camera: tuple,
@@ -178,43 +182,47 @@ def _write_llcm(root: str, num_ids: int, seed: int, per_camera: tuple,
   test = sorted(int(i) for i in rng.choice(ids, num_ids // 3, replace=False))
   test_set = set(test)
   train = sorted(set(ids) - test_set)
+  label = {p: n for part in (train, test) for n, p in enumerate(part)}
   apps = _identities(rng, ids)
-  cams = {(c, m): people.sample_camera(
-      _rng(seed, key, 1, c, m), 'nir' if m else 'visible',
-      low_light=bool(_rng(seed, key, 1, c, 2).random() < 0.7))
-          for c in range(1, 10) for m in (0, 1)}
+  cams = {}
+  for c in range(1, 10):
+    low_light = bool(_rng(seed, key, 1, c, 2).random() < 0.7)
+    for m, sensor in ((0, 'visible'), (1, 'nir')):
+      cams[c, m] = people.sample_camera(_rng(seed, key, 1, c, m), sensor,
+                                        low_light=low_light)
   for m, cam_list in (('vis', range(1, 10)), ('nir', (1, 2, 4, 5, 6, 7, 8, 9))):
-    for c in cam_list:
+    for c in cam_list:  # as distributed, every test camera folder exists
       os.makedirs(os.path.join(root, f'test_{m}', f'cam{c}'), exist_ok=True)
   lines = {'train_vis': [], 'train_nir': [], 'test_vis': [], 'test_nir': []}
-  label = {**{p: n for n, p in enumerate(train)}, **{p: n for n, p in enumerate(test)}}
   count = 0
   for pid in ids:
     r = _rng(seed, key, 2, pid)
-    visits = sorted(int(c) + 1 for c in r.choice(9, int(r.integers(2, 5)), replace=False))
-    counts = {(c, m): 0 if (m and c == 3) else int(r.integers(0, per_camera[1] + 1))
+    visits = sorted(int(c) + 1 for c in
+                    r.choice(9, int(r.integers(2, 5)), replace=False))
+    counts = {(c, m): 0 if (m and c == 3) else
+              int(r.integers(0, per_camera[1] + 1))
               for c in visits for m in (0, 1)}
     for m in (0, 1):  # at least a few images of each modality
       if not any(counts[c, m] for c in visits):
         counts[next(c for c in visits if not (m and c == 3)), m] = per_camera[0]
+    split = 'test' if pid in test_set else 'train'
     for (c, m), n_images in sorted(counts.items()):
       name = ('vis', 'nir')[m]
-      seq = int(r.integers(17, 22)) * 10000 + int(r.integers(60)) * 100 + int(r.integers(60))
+      hhmmss = (int(r.integers(17, 22)) * 10000 + int(r.integers(60)) * 100 +
+                int(r.integers(60)))
       first = int(r.integers(1, 9000))
       for k in range(n_images):
-        image = people.render(apps[pid], cams[c, m], _rng(seed, key, 3, pid, c, m, k),
+        image = people.render(apps[pid], cams[c, m],
+                              _rng(seed, key, 3, pid, c, m, k),
                               _size(r, height))
-        base = f'{pid:04d}_c{c:02d}_s{seq:06d}_f{first + 7 * k}_{name}.jpg'
+        base = f'{pid:04d}_c{c:02d}_s{hhmmss:06d}_f{first + 7 * k}_{name}.jpg'
         rel = f'{name}/{pid:04d}/{base}'
         _save(image, os.path.join(root, rel), 'JPEG', cams[c, m].quality)
         count += 1
-        split = 'test' if pid in test_set else 'train'
-        if split == 'test':  # the test camera folders hold byte-identical copies
+        if split == 'test':  # test camera folders hold byte-identical copies
           copy = f'test_{name}/cam{c}/{pid:04d}/{base}'
           os.makedirs(os.path.dirname(os.path.join(root, copy)), exist_ok=True)
-          with open(os.path.join(root, rel), 'rb') as src, \
-              open(os.path.join(root, copy), 'wb') as dst:
-            dst.write(src.read())
+          shutil.copyfile(os.path.join(root, rel), os.path.join(root, copy))
           rel = copy
         lines[f'{split}_{name}'].append(f'{rel} {label[pid]}')
   for name, idx_lines in lines.items():
@@ -224,9 +232,10 @@ def _write_llcm(root: str, num_ids: int, seed: int, per_camera: tuple,
 
 
 def generate(layout: str, output: str, num_ids: int = DEFAULT_NUM_IDS,
-             seed: int = 0, *, images_per_camera: tuple = DEFAULT_IMAGES_PER_CAMERA,
+             seed: int = 0, *,
+             images_per_camera: tuple = DEFAULT_IMAGES_PER_CAMERA,
              height: int = DEFAULT_HEIGHT) -> Summary:
-  """Writes a synthetic `layout` ('sysu' | 'regdb' | 'llcm') data set at `output`.
+  """Writes a synthetic `layout` ('sysu' | 'regdb' | 'llcm') data set.
 
   Args:
     layout: which data set's layout to write.
@@ -241,7 +250,8 @@ def generate(layout: str, output: str, num_ids: int = DEFAULT_NUM_IDS,
     A `Summary` of what was written.
   """
   if layout not in _LAYOUT_KEY:
-    raise ValueError(f'layout must be one of {sorted(_LAYOUT_KEY)}, got {layout!r}')
+    raise ValueError(
+        f'layout must be one of {sorted(_LAYOUT_KEY)}, got {layout!r}')
   if num_ids < 6:
     raise ValueError(f'num_ids must be at least 6, got {num_ids}')
   if os.path.isdir(output) and os.listdir(output):
@@ -260,9 +270,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--output', required=True, help='data set root to create')
   parser.add_argument('--num-ids', type=int, default=DEFAULT_NUM_IDS)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--min-images', type=int, default=DEFAULT_IMAGES_PER_CAMERA[0],
+  parser.add_argument('--min-images', type=int,
+                      default=DEFAULT_IMAGES_PER_CAMERA[0],
                       help='per identity and camera (not RegDB)')
-  parser.add_argument('--max-images', type=int, default=DEFAULT_IMAGES_PER_CAMERA[1])
+  parser.add_argument('--max-images', type=int,
+                      default=DEFAULT_IMAGES_PER_CAMERA[1])
   parser.add_argument('--height', type=int, default=DEFAULT_HEIGHT)
   args = parser.parse_args(argv)
   start = time.perf_counter()

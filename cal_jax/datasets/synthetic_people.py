@@ -49,7 +49,8 @@ class Garment:
   material: int
   pattern: int  # 0 plain, 1 horizontal stripes, 2 vertical, 3 checks, 4 dots
   period: float  # pattern period, in person heights
-  length: int  # upper: 0 short, 1 long sleeves; lower: 0 trousers, 1 shorts, 2 skirt
+  # Upper: 0 short, 1 long sleeves. Lower: 0 trousers, 1 shorts, 2 skirt.
+  length: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +105,8 @@ def _garment(rng: np.random.Generator, lengths: int) -> Garment:
 def sample_appearance(rng: np.random.Generator) -> Appearance:
   """A new identity."""
   return Appearance(
-      height=float(rng.uniform(0.80, 0.94)), width=float(rng.uniform(0.085, 0.13)),
+      height=float(rng.uniform(0.80, 0.94)),
+      width=float(rng.uniform(0.085, 0.13)),
       head=float(rng.uniform(0.052, 0.068)), hip=float(rng.uniform(0.48, 0.56)),
       hair_length=int(rng.integers(3)),
       hair_colour=tuple(float(c) for c in rng.uniform(0.05, 0.6) *
@@ -119,7 +121,7 @@ def sample_appearance(rng: np.random.Generator) -> Appearance:
 
 
 def look_alike(base: Appearance, rng: np.random.Generator) -> Appearance:
-  """An identity sharing all of `base` but one or two colours (hard negative)."""
+  """An identity sharing all of `base` but one or two colours (hard case)."""
   changes = {}
   for field in rng.choice(['upper', 'lower', 'shoes', 'bag'], size=2,
                           replace=False)[:int(rng.integers(1, 3))]:
@@ -142,7 +144,8 @@ def sample_camera(rng: np.random.Generator, sensor: str,
       horizon=float(rng.uniform(0.45, 0.75)),
       white_balance=tuple(float(x) for x in rng.uniform(0.8, 1.2, size=3)),
       gain=float(rng.uniform(0.3, 0.6) if low_light else rng.uniform(0.8, 1.1)),
-      noise=float(rng.uniform(0.05, 0.09) if dark else rng.uniform(0.015, 0.04)),
+      noise=float(rng.uniform(0.05, 0.09) if dark else
+                  rng.uniform(0.015, 0.04)),
       blur=float(rng.uniform(1.6, 2.4) if sensor != 'visible' else
                  rng.uniform(1.0, 1.4)),
       clutter=int(rng.integers(2, 7)), quality=int(rng.integers(80, 96)))
@@ -150,7 +153,8 @@ def sample_camera(rng: np.random.Generator, sensor: str,
 
 def _nir(rgb: np.ndarray, material: np.ndarray) -> np.ndarray:
   """Near-infrared reflectance of colours [..., 3] of materials [...]."""
-  z = NIR_BASE[material] + np.einsum('...c,...c->...', rgb, NIR_WEIGHTS[material])
+  z = NIR_BASE[material] + np.einsum('...c,...c->...', rgb,
+                                     NIR_WEIGHTS[material])
   return 1.0 / (1.0 + np.exp(-4.0 * (z - 0.5)))
 
 
@@ -183,7 +187,9 @@ def _tables(app: Appearance, cam: Camera) -> np.ndarray:
   return np.repeat(level[:, None], 3, axis=1)
 
 
-def _pattern(kind: int, period: float, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _pattern(kind: int, period: float, u: np.ndarray,
+             v: np.ndarray) -> np.ndarray:
+  """Where a garment shows its second colour, for body coordinates u, v."""
   a, b = np.floor(u / period), np.floor(v / period)
   if kind == 1:
     return b % 2 == 1
@@ -212,19 +218,22 @@ def _label_map(app: Appearance, u: np.ndarray, v: np.ndarray, front: bool,
   if front:
     paint(long_hair, HAIR)  # behind the head and shoulders
   # Legs: two columns with a gap, from the hip to the shoes.
-  legs = (v > hip) & (v < 0.955) & (au < 0.8 * w) & ~((au < 0.012) & (v > hip + 0.06))
+  gap = (au < 0.012) & (v > hip + 0.06)
+  legs = (v > hip) & (v < 0.955) & (au < 0.8 * w) & ~gap
   paint(legs, SKIN)
   lower_end = {0: 0.955, 1: hip + 0.17, 2: hip + 0.24}[app.lower.length]
   lower = legs & (v < lower_end)
   if app.lower.length == 2:  # skirt: a trapezoid over both legs
-    lower = (v > hip - 0.02) & (v < lower_end) & (au < w * (0.8 + 1.2 * (v - hip)))
+    lower = ((v > hip - 0.02) & (v < lower_end) &
+             (au < w * (0.8 + 1.2 * (v - hip))))
   lower |= (v > hip - 0.03) & (v <= hip) & (au < 0.85 * w)
   stripes = _pattern(app.lower.pattern, app.lower.period, u, v)
   paint(lower & ~stripes, LOWER)
   paint(lower & stripes, LOWER2)
   paint((v >= 0.955) & (v < 1.0) & (au < 0.8 * w) & ~(au < 0.012), SHOES)
   # Torso, tapered to the waist; arms hang beside it and swing.
-  torso = (v > 0.165) & (v <= hip) & (au < w * (1.0 - 0.25 * (v - 0.165) / (hip - 0.165)))
+  taper = 1.0 - 0.25 * (v - 0.165) / (hip - 0.165)
+  torso = (v > 0.165) & (v <= hip) & (au < w * taper)
   arm_end = 0.52 + swing
   arms = (au >= w) & (au < w + 0.042) & (v > 0.18) & (v < arm_end)
   sleeve_end = 0.29 if app.upper.length == 0 else arm_end - 0.045
@@ -260,7 +269,8 @@ def _label_map(app: Appearance, u: np.ndarray, v: np.ndarray, front: bool,
   return labels
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple, cells: tuple) -> np.ndarray:
+def _smooth_noise(rng: np.random.Generator, shape: tuple,
+                  cells: tuple) -> np.ndarray:
   """Low-frequency noise in [-1, 1] of `shape` [H, W] (bilinear upsampling)."""
   grid = rng.uniform(-1, 1, size=cells).astype(np.float32)
   return np.asarray(Image.fromarray(grid).resize(
@@ -278,7 +288,8 @@ def _background(cam: Camera, rng: np.random.Generator, shape: tuple,
   image = np.broadcast_to(image, (h, w, 3)).copy()
   for _ in range(int(rng.integers(cam.clutter + 1))):
     y0, x0 = rng.integers(h), rng.integers(w)
-    y1, x1 = y0 + rng.integers(h // 10, h // 3), x0 + rng.integers(w // 8, w // 2)
+    y1 = y0 + rng.integers(h // 10, h // 3)
+    x1 = x0 + rng.integers(w // 8, w // 2)
     image[y0:y1, x0:x1] = tone(_colour(rng))
   return image
 

@@ -23,9 +23,10 @@ class SysuMm01(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  Ask the SYSU-MM01 authors for the data set (https://github.com/wuancong/SYSU-MM01),
-  unzip it and pass the folder that holds cam1/ .. cam6/ and exp/ as manual_dir
-  (or put it at <manual_dir>/SYSU-MM01/). Nothing is downloaded.
+  Ask the SYSU-MM01 authors for the data set
+  (https://github.com/wuancong/SYSU-MM01), unzip it and pass the folder that
+  holds cam1/ .. cam6/ and exp/ as manual_dir (or put it at
+  <manual_dir>/SYSU-MM01/). Nothing is downloaded.
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -35,7 +36,7 @@ class SysuMm01(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = builder_common.manual_root(dl_manager, 'sysu')
-    # Listing both splits first: a partial copy fails before anything is written.
+    # Both splits listed first: a partial copy fails before anything is written.
     splits = {s: records.sysu_records(root, s) for s in records.SPLITS}
     return {s: self._generate_examples(root, r) for s, r in splits.items()}
 
