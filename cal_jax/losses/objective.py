@@ -1,0 +1,88 @@
+"""The total CAL objective (Eq. 20):
+
+  L = L_id + L_pcl + lambda_1 L_kd1 + lambda_2 L_kd2 + lambda_3 L_dis + lambda_4 L_div
+
+L_id is the cross-entropy of the BNNeck classifier on every refined part
+feature (self and cross, all parts) plus, with weight `loss.global_id`, on the
+globally pooled feature map (the AGW baseline's loss). Every term is a mean
+over the samples of the batch (both modalities), so that averaging per-device
+values over devices gives the value of the whole batch.
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from cal_jax.losses import match_distill
+from cal_jax.losses.part_center_loss import part_center_loss
+from cal_jax.losses.region_losses import discriminability_loss, diversity_loss
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean cross-entropy; labels broadcast over the middle axes of logits [B, ..., K]."""
+  labels = jnp.broadcast_to(labels.reshape(labels.shape + (1,) * (logits.ndim - 2)),
+                            logits.shape[:-1])
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def cal_objective(outputs: dict[str, jax.Array], labels_visible: jax.Array,
+                  labels_infrared: jax.Array, partner_of_infrared: jax.Array,
+                  partner_of_visible: jax.Array, weights: ml_collections.ConfigDict,
+                  axis_name: Optional[str] = None
+                  ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+  """Eq. (20) from the outputs of `CAL.__call__`.
+
+  Args:
+    outputs: the model's training outputs.
+    labels_visible, labels_infrared: [B] identity labels of the two halves.
+    partner_of_infrared, partner_of_visible: [B] partner indices (see CAL).
+    weights: `config.loss` (id, global_id, pcl, kd1, kd2, dis, div, pcl_margin).
+    axis_name: mapped axis the batch is split over, or None.
+  Returns:
+    (total loss, dict of each unweighted term and the total, matchings [2B, N_p]
+    as infrared part -> visible part permutations).
+  """
+  labels_both = jnp.concatenate([labels_visible, labels_infrared])
+  loss_global_id = cross_entropy(outputs['global_logits'], labels_both)
+  loss_id = jnp.mean(jnp.stack([
+      cross_entropy(outputs['logits_vv'], labels_visible),
+      cross_entropy(outputs['logits_ii'], labels_infrared),
+      cross_entropy(outputs['logits_vi'], labels_infrared),
+      cross_entropy(outputs['logits_iv'], labels_visible)]))
+
+  loss_pcl = part_center_loss(outputs['f_vv'], outputs['f_ii'], outputs['f_vi'], outputs['f_iv'],
+                              labels_visible, labels_infrared, weights.pcl_margin, axis_name)
+
+  loss_dis = 0.5 * (discriminability_loss(outputs['part_logits_vis'], labels_visible)
+                    + discriminability_loss(outputs['part_logits_ir'], labels_infrared))
+  loss_div = 0.5 * (diversity_loss(outputs['selected_vis'])
+                    + diversity_loss(outputs['selected_ir']))
+
+  # MatchDistill. Visible direction: infrared sample i's queries (k1) against
+  # its visible partner's own queries (k2), on the partner's visible map.
+  w_visible = match_distill.edge_weights(outputs['sim_vi'],
+                                         outputs['sim_vv'][partner_of_infrared])
+  # Infrared direction: visible sample j's queries against its infrared partner's.
+  w_infrared = match_distill.edge_weights(outputs['sim_iv'],
+                                          outputs['sim_ii'][partner_of_visible])
+  weights_both = jnp.concatenate([w_visible, w_infrared])
+  perm = match_distill.match_queries(weights_both)
+  loss_kd1 = match_distill.feature_distill_loss(weights_both, perm)
+  batch = labels_visible.shape[0]
+  cross_logits = jnp.concatenate([outputs['logits_vi'], outputs['logits_iv']])
+  partner_self_logits = jnp.concatenate([outputs['logits_vv'][partner_of_infrared],
+                                         outputs['logits_ii'][partner_of_visible]])
+  loss_kd2 = match_distill.logit_distill_loss(cross_logits, partner_self_logits, perm)
+
+  total = (weights.id * loss_id + weights.global_id * loss_global_id + weights.pcl * loss_pcl
+           + weights.kd1 * loss_kd1 + weights.kd2 * loss_kd2
+           + weights.dis * loss_dis + weights.div * loss_div)
+  terms = {'loss': total, 'id': loss_id, 'global_id': loss_global_id, 'pcl': loss_pcl,
+           'kd1': loss_kd1, 'kd2': loss_kd2, 'dis': loss_dis, 'div': loss_div}
+  # Both directions as infrared part -> visible part: the visible direction
+  # maps k1 (infrared) -> k2 (visible) already; the infrared one is inverted.
+  ir_to_vis = jnp.concatenate([perm[:batch], match_distill.invert_permutations(perm[batch:])])
+  return total, terms, ir_to_vis

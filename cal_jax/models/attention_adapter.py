@@ -1,0 +1,116 @@
+"""Target-aware Style-agnostic Attention Adapter (TSAA, Sec. 3.2.2).
+
+  IN(P) = (P - mu(T_P)) / sigma(T_P),   IN(T) = (T - mu(T)) / sigma(T)     (7)
+  A(T; P) = S(T, P) T  (x)  M(P; theta_3)                                  (8)
+  S(T, P) = softmax(P_hat T_hat^T / sqrt(d))   (softmax over H*W)          (9)
+  T_hat = M(IN(T); theta_1),   P_hat = M(IN(P); theta_2)                   (10)
+
+mu and sigma are per-instance, per-channel statistics over the spatial tokens
+(instance normalisation); a part query is normalised with the statistics of
+the feature map it was aggregated from. (x) is channel-wise multiplication by
+the query-guided channel attention, a sigmoid-gated MLP of the raw query.
+
+The adapter is shared by both modalities. Its pieces are exposed separately so
+that each image's T_hat and each query's P_hat are computed once and reused
+by the self- and cross-refinements of Eqs. (11)-(12).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+INSTANCE_NORM_EPSILON = 1e-5
+
+
+def token_statistics(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """mu(T), sigma(T): per-instance, per-channel over tokens. [B, N, C] -> 2 x [B, 1, C]."""
+  mean = jnp.mean(tokens, axis=1, keepdims=True)
+  var = jnp.var(tokens, axis=1, keepdims=True)
+  return mean, jnp.sqrt(var + INSTANCE_NORM_EPSILON)
+
+
+def instance_normalize(x: jax.Array, source_tokens: jax.Array) -> jax.Array:
+  """Eq. (7): normalise x [B, M, C] with the statistics of source_tokens [B, N, C]."""
+  mean, std = token_statistics(source_tokens)
+  return (x - mean) / std
+
+
+def spatial_similarity(queries_hat: jax.Array, tokens_hat: jax.Array) -> jax.Array:
+  """Eq. (9): softmax over tokens of P_hat T_hat^T / sqrt(d). -> [B, N_p, H*W]."""
+  dim = queries_hat.shape[-1]
+  logits = jnp.einsum('bkd,bnd->bkn', queries_hat, tokens_hat) / jnp.sqrt(float(dim))
+  return jax.nn.softmax(logits, axis=-1)
+
+
+class MLP(nn.Module):
+  """Dense -> ReLU -> Dense, applied to the last axis."""
+  hidden: int
+  out: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.Dense(self.out, name='fc2')(nn.relu(nn.Dense(self.hidden, name='fc1')(x)))
+
+
+class AttentionAdapter(nn.Module):
+  """TSAA parameters (theta_1, theta_2, theta_3) and its steps.
+
+  Attributes:
+    channels: C, the backbone's output channels.
+    hidden: hidden width of the similarity MLPs theta_1 and theta_2.
+    dim: d, their output width.
+    channel_reduction: theta_3's hidden width is C // channel_reduction.
+  """
+  channels: int
+  hidden: int = 512
+  dim: int = 256
+  channel_reduction: int = 16
+
+  def setup(self):
+    self.token_mlp = MLP(self.hidden, self.dim)  # theta_1
+    self.query_mlp = MLP(self.hidden, self.dim)  # theta_2
+    self.channel_mlp = MLP(max(1, self.channels // self.channel_reduction),
+                           self.channels)  # theta_3
+
+  def channel_attention(self, parts: jax.Array) -> jax.Array:
+    """M(P; theta_3) of Eq. (8): [B, N_p, C] -> gates in (0, 1), [B, N_p, C]."""
+    return jax.nn.sigmoid(self.channel_mlp(parts))
+
+  def encode_tokens(self, tokens: jax.Array) -> jax.Array:
+    """T_hat = M(IN(T); theta_1): [B, H*W, C] -> [B, H*W, d]."""
+    return self.token_mlp(instance_normalize(tokens, tokens))
+
+  def encode_queries(self, parts: jax.Array, source_tokens: jax.Array) -> jax.Array:
+    """P_hat = M(IN(P); theta_2), IN with the statistics of T_P: -> [B, N_p, d]."""
+    return self.query_mlp(instance_normalize(parts, source_tokens))
+
+  def __call__(self, tokens: jax.Array, parts: jax.Array,
+               source_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A(T; P) of Eq. (8) in one call.
+
+    Args:
+      tokens: T [B, H*W, C], the map being attended.
+      parts: P [B, N_p, C], the part queries.
+      source_tokens: T_P [B, H*W, C], the map P was aggregated from.
+    Returns:
+      (refined features [B, N_p, C], similarity S [B, N_p, H*W]).
+    """
+    return refine(tokens, self.encode_tokens(tokens),
+                  self.encode_queries(parts, source_tokens), self.channel_attention(parts))
+
+
+def refine(tokens: jax.Array, tokens_hat: jax.Array, queries_hat: jax.Array,
+           channel_gates: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eq. (8) from precomputed pieces: (S(T, P) T) (x) M(P; theta_3).
+
+  Args:
+    tokens: T [B, H*W, C].
+    tokens_hat: T_hat [B, H*W, d].
+    queries_hat: P_hat [B, N_p, d].
+    channel_gates: M(P; theta_3) [B, N_p, C].
+  Returns:
+    (refined features f [B, N_p, C], similarity S [B, N_p, H*W]).
+  """
+  similarity = spatial_similarity(queries_hat, tokens_hat)
+  attended = jnp.einsum('bkn,bnc->bkc', similarity, tokens)
+  return attended * channel_gates, similarity

@@ -1,0 +1,190 @@
+"""The CAL network: backbone, DRM per modality, shared TSAA, and classifiers.
+
+Training (`__call__`) takes the visible and the infrared half of a batch and,
+for each sample, the index of its partner of the same identity in the other
+half, and returns everything the objective of Eq. (20) needs:
+
+  self-refinement  (Eq. 12): f^{V,V}_i = A(T^V_i; P^V_i),  f^{I,I}_i = A(T^I_i; P^I_i)
+  cross-refinement (Eq. 11): f^{V,I}_i = A(T^V_j; P^I_i),  f^{I,V}_i = A(T^I_j; P^V_i)
+
+where j is the partner of i. Cross-refined features are indexed, and
+labelled, by the sample whose queries they use.
+
+Inference (`embed`) needs one modality only: the self-refined part features
+of each image, after the BNNeck, L2-normalised per part, so that the sum over
+parts of cosine similarities (Sec. 3.4) is one dot product of the flattened
+embeddings.
+"""
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cal_jax.models import attention_adapter
+from cal_jax.models import resnet
+from cal_jax.models.batch_norm import BatchNorm
+from cal_jax.models.region_mining import RegionMining
+
+VISIBLE = 0
+INFRARED = 1
+
+classifier_init = nn.initializers.normal(stddev=0.001)  # AGW's classifier init
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, epsilon: float = 1e-12) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True),
+                                       epsilon))
+
+
+class CAL(nn.Module):
+  """Concordant Attention Learning network.
+
+  Attributes: see `configs/default.py`, `config.model`; `num_classes` is the
+  number of training identities.
+  """
+  num_classes: int
+  depth: int = 50
+  width: int = 64
+  last_stride: int = 1
+  modality_specific_stem: bool = True
+  num_parts: int = 4
+  select_ratio: float = 0.6
+  pool_sizes: Sequence[int] = (1, 3, 5)
+  shared_region_mining: bool = False
+  adapter_hidden: int = 512
+  adapter_dim: int = 256
+  channel_reduction: int = 16
+  axis_name: Optional[str] = None
+
+  def setup(self):
+    self.stem_visible = resnet.Stem(self.width, self.axis_name)
+    self.stem_infrared = (resnet.Stem(self.width, self.axis_name)
+                          if self.modality_specific_stem else self.stem_visible)
+    self.stages = resnet.Stages(self.depth, self.width, self.last_stride, self.axis_name)
+    drm = lambda: RegionMining(self.num_parts, self.select_ratio, self.num_classes,
+                               tuple(self.pool_sizes))
+    self.region_mining_visible = drm()
+    self.region_mining_infrared = (self.region_mining_visible if self.shared_region_mining
+                                   else drm())
+    self.adapter = attention_adapter.AttentionAdapter(
+        resnet.output_channels(self.depth, self.width), self.adapter_hidden,
+        self.adapter_dim, self.channel_reduction)
+    # BNNeck (AGW): batch norm without shift before a bias-free classifier.
+    self.global_neck = BatchNorm(use_bias=False, axis_name=self.axis_name)
+    self.global_classifier = nn.Dense(self.num_classes, use_bias=False,
+                                      kernel_init=classifier_init)
+    self.part_neck = BatchNorm(use_bias=False, axis_name=self.axis_name)
+    self.part_classifier = nn.Dense(self.num_classes, use_bias=False,
+                                    kernel_init=classifier_init)
+
+  def feature_maps(self, images_visible: jax.Array, images_infrared: jax.Array,
+                   train: bool) -> tuple[jax.Array, jax.Array]:
+    """Both halves through their stems and the shared stages: 2 x [B, h, w, C]."""
+    x = jnp.concatenate([self.stem_visible(images_visible, train),
+                         self.stem_infrared(images_infrared, train)], axis=0)
+    maps = self.stages(x, train)
+    return maps[:images_visible.shape[0]], maps[images_visible.shape[0]:]
+
+  def __call__(self, images_visible: jax.Array, images_infrared: jax.Array,
+               partner_of_infrared: jax.Array, partner_of_visible: jax.Array,
+               train: bool = True) -> dict[str, jax.Array]:
+    """Training forward pass.
+
+    Args:
+      images_visible: [B, H, W, 3]; images_infrared: [B, H, W, 3].
+      partner_of_infrared: [B] index of a visible sample of the same identity.
+      partner_of_visible: [B] index of an infrared sample of the same identity.
+    Returns:
+      dict with, per modality m in (vis, ir): 'global_logits' [2B, K] (visible
+      first); 'part_logits_m' (Phi_k(P_k), Eq. 4) and 'selected_m' (S_hat,
+      Eq. 5); refined features 'f_vv', 'f_ii', 'f_vi', 'f_iv' [B, N_p, C],
+      their similarity maps 'sim_*' [B, N_p, H*W] and classifier logits
+      'logits_*' [B, N_p, K]. 'f_vi' is f^{V,I}: visible tokens of the partner,
+      infrared queries of sample i.
+    """
+    map_v, map_i = self.feature_maps(images_visible, images_infrared, train)
+
+    pooled = jnp.mean(jnp.concatenate([map_v, map_i], axis=0), axis=(1, 2))
+    global_logits = self.global_classifier(self.global_neck(pooled, not train))
+
+    drm_v = self.region_mining_visible(map_v)
+    drm_i = self.region_mining_infrared(map_i)
+    tokens_v, tokens_i = drm_v['tokens'], drm_i['tokens']
+    tokens_hat_v = self.adapter.encode_tokens(tokens_v)
+    tokens_hat_i = self.adapter.encode_tokens(tokens_i)
+    queries_hat_v = self.adapter.encode_queries(drm_v['parts'], tokens_v)
+    queries_hat_i = self.adapter.encode_queries(drm_i['parts'], tokens_i)
+    gates_v = self.adapter.channel_attention(drm_v['parts'])
+    gates_i = self.adapter.channel_attention(drm_i['parts'])
+
+    refine = attention_adapter.refine
+    f_vv, sim_vv = refine(tokens_v, tokens_hat_v, queries_hat_v, gates_v)
+    f_ii, sim_ii = refine(tokens_i, tokens_hat_i, queries_hat_i, gates_i)
+    f_vi, sim_vi = refine(tokens_v[partner_of_infrared], tokens_hat_v[partner_of_infrared],
+                          queries_hat_i, gates_i)
+    f_iv, sim_iv = refine(tokens_i[partner_of_visible], tokens_hat_i[partner_of_visible],
+                          queries_hat_v, gates_v)
+
+    refined = jnp.concatenate([f_vv, f_ii, f_vi, f_iv], axis=0)  # [4B, N_p, C]
+    logits = self.part_classifier(self.part_neck(refined, not train))
+    logits_vv, logits_ii, logits_vi, logits_iv = jnp.split(logits, 4, axis=0)
+    return {
+        'global_logits': global_logits,
+        'part_logits_vis': drm_v['part_logits'], 'part_logits_ir': drm_i['part_logits'],
+        'selected_vis': drm_v['selected'], 'selected_ir': drm_i['selected'],
+        'f_vv': f_vv, 'f_ii': f_ii, 'f_vi': f_vi, 'f_iv': f_iv,
+        'sim_vv': sim_vv, 'sim_ii': sim_ii, 'sim_vi': sim_vi, 'sim_iv': sim_iv,
+        'logits_vv': logits_vv, 'logits_ii': logits_ii,
+        'logits_vi': logits_vi, 'logits_iv': logits_iv,
+    }
+
+  def embed(self, images: jax.Array, modality: int) -> jax.Array:
+    """Inference embedding of one modality (Sec. 3.4), eval-mode batch norm.
+
+    Args:
+      images: [B, H, W, 3], all of one modality.
+      modality: VISIBLE (0) or INFRARED (1), a Python int.
+    Returns:
+      [B, N_p * C]: per-part self-refined features after the BNNeck, each
+      part L2-normalised, so <e_a, e_b> = sum_p cos(f_a,p, f_b,p).
+    """
+    parts = self.refined_parts(images, modality)['features']
+    return l2_normalize(self.part_neck(parts, True)).reshape(images.shape[0], -1)
+
+  def refined_parts(self, images: jax.Array, modality: int) -> dict[str, jax.Array]:
+    """Self-refinement of one modality in eval mode: the inference path.
+
+    Returns dict with 'features' f [B, N_p, C] (before the BNNeck),
+    'similarity' (TSAA attention, [B, N_p, h*w]), 'scores' (DRM scores S,
+    [B, h*w, N_p]) and 'selected' (S_hat), for pictures and tests.
+    """
+    if modality not in (VISIBLE, INFRARED):
+      raise ValueError(f'modality must be {VISIBLE} (visible) or {INFRARED} (infrared), '
+                       f'got {modality!r}')
+    stem = self.stem_visible if modality == VISIBLE else self.stem_infrared
+    drm = self.region_mining_visible if modality == VISIBLE else self.region_mining_infrared
+    feature_map = self.stages(stem(images, False), False)
+    mined = drm(feature_map)
+    features, similarity = self.adapter(mined['tokens'], mined['parts'], mined['tokens'])
+    return {'features': features, 'similarity': similarity, 'scores': mined['scores'],
+            'selected': mined['selected']}
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int,
+                 axis_name: Optional[str] = None) -> CAL:
+  """Builds the CAL network from `config.model`."""
+  m = config.model
+  resnet.check_depth(m.depth)
+  if m.num_parts < 1:
+    raise ValueError(f'config.model.num_parts must be >= 1, got {m.num_parts}')
+  if not 0.0 < m.select_ratio <= 1.0:
+    raise ValueError(f'config.model.select_ratio (alpha) must be in (0, 1], got {m.select_ratio}')
+  return CAL(num_classes=num_classes, depth=m.depth, width=m.width,
+             last_stride=m.last_stride, modality_specific_stem=m.modality_specific_stem,
+             num_parts=m.num_parts, select_ratio=m.select_ratio,
+             pool_sizes=tuple(m.pool_sizes), shared_region_mining=m.shared_region_mining,
+             adapter_hidden=m.adapter_hidden, adapter_dim=m.adapter_dim,
+             channel_reduction=m.channel_reduction, axis_name=axis_name)
