@@ -10,9 +10,10 @@ and `synthetic.generate` writes small fake data sets in the same layouts.
 from cal_jax.datasets import llcm  # registers 'llcm'
 from cal_jax.datasets import regdb  # registers 'regdb'
 from cal_jax.datasets import sysu_mm01  # registers 'sysu_mm01'
+from cal_jax.datasets.images import CorruptImageError
 from cal_jax.datasets.records import DatasetLayoutError
 from cal_jax.datasets.records import list_records
 from cal_jax.datasets.records import Record
 
-__all__ = ['DatasetLayoutError', 'Record', 'list_records', 'llcm', 'regdb',
-           'sysu_mm01']
+__all__ = ['CorruptImageError', 'DatasetLayoutError', 'Record', 'list_records',
+           'llcm', 'regdb', 'sysu_mm01']

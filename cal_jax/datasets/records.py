@@ -134,7 +134,10 @@ def _require(layout: str, root: str, dirs: Iterable[str],
   missing = [d + '/' for d in dirs if not os.path.isdir(os.path.join(root, d))]
   missing += [f for f in files if not os.path.isfile(os.path.join(root, f))]
   if missing:
-    found = _entries(root)
+    # What is there: the root, and each folder in which something is missing.
+    parents = sorted({os.path.dirname(m.rstrip('/')) for m in missing} | {''})
+    found = [f'{p}/{e}' if p else e for p in parents
+             for e in _entries(os.path.join(root, p))]
     problem = ('the folder does not exist' if not os.path.isdir(root) else
                'it is empty' if not found else
                'missing ' + ', '.join(missing))
