@@ -31,8 +31,10 @@ def _person_like_jpeg(rng: np.random.Generator) -> bytes:
   height = int(rng.integers(150, 500))
   width = max(16, int(height / rng.uniform(2.0, 3.0)))
   coarse = rng.integers(0, 256, (12, 6, 3), dtype=np.uint8)
-  image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR)
-  noisy = np.asarray(image, np.int16) + rng.integers(-12, 13, (height, width, 3))
+  image = Image.fromarray(coarse).resize((width, height),
+                                        Image.Resampling.BILINEAR)
+  noise = rng.integers(-12, 13, (height, width, 3))
+  noisy = np.asarray(image, np.int16) + noise
   buffer = io.BytesIO()
   Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(
       buffer, format="JPEG", quality=95)
@@ -78,8 +80,9 @@ def main() -> None:
   start = time.perf_counter()
   pixels = ip.resize_images(split.image, transform.image_size)
   elapsed = time.perf_counter() - start
-  print(f"decode + resize once (PIL, {cores} threads): {len(split) / elapsed:.0f} "
-        f"images/s, {elapsed:.1f} s, {pixels.nbytes / 2**30:.1f} GiB")
+  print(f"decode + resize once (PIL, {cores} threads): "
+        f"{len(split) / elapsed:.0f} images/s, {elapsed:.1f} s, "
+        f"{pixels.nbytes / 2**30:.1f} GiB")
   iterator = ip.create_train_iterator(
       split, sampler, transform, pixels=pixels,
       num_steps=args.warmup + args.steps)

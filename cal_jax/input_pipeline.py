@@ -1,4 +1,4 @@
-"""tf.data input pipelines: the cross-modal training stream and the evaluation sets.
+"""tf.data pipelines: the cross-modal training stream and the evaluation sets.
 
 As in AGW / CAJ (mangye16/Cross-Modal-Re-ID-baseline: ``pre_process_sysu.py``,
 ``data_loader.py``), every image is decoded and resized once with PIL
@@ -170,7 +170,8 @@ def load_tfds_split(name: str, split: str, *, data_dir: str | None = None,
     The split's columns.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  import cal_jax.datasets  # pylint: disable=g-import-not-at-top,unused-import  # registers the builders
+  # Registers the builders.
+  import cal_jax.datasets  # pylint: disable=g-import-not-at-top,unused-import
   full_name = f"{name}/{builder_config}" if builder_config else name
   builder = tfds.builder(full_name, data_dir=data_dir or None)
   return load_builder_split(builder, split)
@@ -198,10 +199,12 @@ def resize_images(encoded: Sequence[bytes], image_size: tuple[int, int], *,
                                      Image.Resampling.LANCZOS))
 
   out = np.empty((len(encoded), height, width, 3), np.uint8)
+  chunk = 4096  # bounds the finished-but-unread results held by the pool
   with concurrent.futures.ThreadPoolExecutor(
       num_threads or os.cpu_count()) as pool:
-    for i, pixels in enumerate(pool.map(one, encoded, chunksize=64)):
-      out[i] = pixels
+    for start in range(0, len(encoded), chunk):
+      for i, pixels in enumerate(pool.map(one, encoded[start:start + chunk])):
+        out[start + i] = pixels
   return out
 
 
@@ -273,7 +276,7 @@ def erasing_boxes(uniforms: tf.Tensor, probability: float, height: int,
 
 def channel_mixing(modality: tf.Tensor, uniforms: tf.Tensor,
                    visible_prob: float) -> tf.Tensor:
-  """CAJ channel augmentation as [N, 3, 3] matrices M: ``out_d = sum_c x_c M[c, d]``.
+  """CAJ channel augmentation as [N, 3, 3] matrices M (out = x @ M).
 
   Visible: with probability `visible_prob`, ``ChannelExchange(gray=2)``: one of
   R, G, B, uniformly, copied to all channels. Infrared

@@ -1,12 +1,13 @@
 """Cross-modal identity sampler of the AGW/CAJ code family, as pure numpy.
 
-The reference is ``IdentitySampler`` of AGW (mangye16/Cross-Modal-Re-ID-baseline,
-``utils.py``), which CAJ and most VI-ReID code reuse. Per epoch it draws
-``int(N / (P * K)) + 1`` batches, ``N = max(#visible, #infrared)`` training
-images; each batch takes P identities (``np.random.choice(..., replace=False)``,
-so distinct within the batch, drawn afresh for every batch) and, per identity,
-K visible and K infrared images with ``np.random.choice(pos, K)`` (with
-replacement, whatever the identity's image count). The training loop then
+The reference is ``IdentitySampler`` of AGW
+(mangye16/Cross-Modal-Re-ID-baseline, ``utils.py``), which CAJ and most VI-ReID
+code reuse. Per epoch it draws ``int(N / (P * K)) + 1`` batches,
+``N = max(#visible, #infrared)`` training images; each batch takes P
+identities (``np.random.choice(..., replace=False)``, so distinct within the
+batch, drawn afresh for every batch) and, per identity, K visible and K
+infrared images with ``np.random.choice(pos, K)`` (with replacement, whatever
+the identity's image count). The training loop then
 concatenates the visible and the infrared halves.
 
 Two identity/image policies:
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -190,6 +192,30 @@ class CrossModalIdentitySampler:
     self.steps_per_epoch = (steps_per_epoch or
                             largest // (num_ids_per_batch * num_pos) + 1)
     self._cache: tuple[int, _EpochPlan] | None = None
+
+  @classmethod
+  def from_config(
+      cls,
+      config: Any,
+      ids: Sequence[int] | np.ndarray,
+      modality: Sequence[int] | np.ndarray,
+      *,
+      local_devices: int,
+      num_hosts: int = 1,
+      host_index: int = 0,
+  ) -> CrossModalIdentitySampler:
+    """Reads config.seed, config.data.{num_ids_per_batch, num_pos,
+    balanced_sampler (default False)} and config.optim.steps_per_epoch."""
+    return cls(
+        ids, modality,
+        num_ids_per_batch=int(config.data.num_ids_per_batch),
+        num_pos=int(config.data.num_pos),
+        seed=int(config.seed),
+        local_devices=local_devices,
+        num_hosts=num_hosts,
+        host_index=host_index,
+        steps_per_epoch=int(config.optim.get("steps_per_epoch", 0)),
+        balanced=bool(config.data.get("balanced_sampler", False)))
 
   def _plan(self, epoch: int) -> _EpochPlan:
     """The batches of one epoch; a pure function of (seed, epoch)."""

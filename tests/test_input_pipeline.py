@@ -1,4 +1,4 @@
-"""Tests of the tf.data pipelines (cal_jax.input_pipeline) on tiny in-memory data."""
+"""Tests of cal_jax.input_pipeline on tiny in-memory data."""
 
 import numpy as np
 import pytest
@@ -56,7 +56,8 @@ def _batches(split, transform, start_step=0, num_steps=3, seed=1):
       num_steps=num_steps))
 
 
-def _lanczos_reference(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def _lanczos_reference(image: np.ndarray, height: int,
+                       width: int) -> np.ndarray:
   """numpy Lanczos-3 as Pillow: horizontal pass, 8-bit rounding, vertical."""
 
   def resample(a, out_size, axis):

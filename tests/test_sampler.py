@@ -9,7 +9,7 @@ P, K = 4, 3
 
 
 def _toy_split(seed: int = 0):
-  """10 identities with non-contiguous numbers; some have fewer than K images."""
+  """10 identities, non-contiguous numbers, some with fewer than K images."""
   rng = np.random.default_rng(seed)
   ids, modality = [], []
   for number in (3, 8, 11, 20, 21, 34, 50, 51, 77, 90):
@@ -159,3 +159,19 @@ def test_identity_lacking_a_modality_is_named():
   with pytest.raises(ValueError, match=r"no infrared image.*\[2\]"):
     sampler_lib.CrossModalIdentitySampler(
         ids, modality, num_ids_per_batch=1, num_pos=1, seed=0)
+
+
+def test_from_config():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({
+      "seed": 5,
+      "data": {"num_ids_per_batch": P, "num_pos": K},
+      "optim": {"steps_per_epoch": 0}})
+  ids, modality = _toy_split()
+  s = sampler_lib.CrossModalIdentitySampler.from_config(
+      config, ids, modality, local_devices=2)
+  assert (s.num_ids_per_batch, s.num_pos, s.seed) == (P, K, 5)
+  assert not s.balanced
+  assert s.per_device_batch == 2 * K * P // 2
+  np.testing.assert_array_equal(s.global_batch(9)[1],
+                                _sampler(seed=5).global_batch(9)[1])
