@@ -7,7 +7,7 @@ the step's own outputs (flax's `jax_utils.replicate` names its mesh
 differently and costs a second compilation).
 """
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -16,17 +16,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 AXIS = 'batch'
 
 
-def local_sharding() -> NamedSharding:
-  mesh = Mesh(np.array(jax.local_devices()), (AXIS,))
+def local_sharding(devices: Optional[Sequence[jax.Device]] = None) -> NamedSharding:
+  mesh = Mesh(np.array(devices or jax.local_devices()), (AXIS,))
   return NamedSharding(mesh, PartitionSpec(AXIS))
 
 
-def replicate(tree: Any) -> Any:
-  """One copy of every leaf per local device: leaf [...] -> [devices, ...]."""
-  devices = jax.local_device_count()
+def replicate(tree: Any, devices: Optional[Sequence[jax.Device]] = None) -> Any:
+  """One copy of every leaf per device (default: the local ones): [...] -> [devices, ...]."""
+  devices = devices or jax.local_devices()
   stacked = jax.tree_util.tree_map(
-      lambda x: np.broadcast_to(np.asarray(x), (devices,) + np.shape(x)), tree)
-  return jax.device_put(stacked, local_sharding())
+      lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), tree)
+  return jax.device_put(stacked, local_sharding(devices))
 
 
 def unreplicate(tree: Any) -> Any:

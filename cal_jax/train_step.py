@@ -12,7 +12,7 @@ global batch, so N devices give the update of one device on the whole batch.
 
 import functools
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -121,12 +121,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   return new_state, metrics
 
 
-def make_p_train_step(config: ml_collections.ConfigDict):
-  """`train_step` pmapped over the local devices on axis 'batch'.
+def make_p_train_step(config: ml_collections.ConfigDict,
+                      devices: Optional[Sequence[jax.Device]] = None):
+  """`train_step` pmapped over `devices` (default: the local ones) on axis 'batch'.
 
   Call it with a replicated state, a batch of [devices, B, ...] arrays and a
   replicated key [devices, 2]; the state is donated.
   """
   step = functools.partial(train_step, loss_weights=config.loss,
                            num_parts=config.model.num_parts, axis_name=AXIS)
-  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,), devices=devices)

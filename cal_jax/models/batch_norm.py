@@ -53,7 +53,7 @@ class BatchNorm(nn.Module):
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
-      x32 = x.astype(jnp.float32)
+      x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
       # Two passes (mean, then centred second moment) as PyTorch does, so that
       # large activations do not lose the variance to cancellation.
       mean = self._mean_over_batch(x32, reduce_axes)

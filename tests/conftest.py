@@ -1,0 +1,67 @@
+"""Test-wide set-up: two fake CPU devices, so that every pmapped path is split."""
+
+import os
+
+# Must precede the first `import jax` anywhere in the test session.
+_flag = '--xla_force_host_platform_device_count=2'
+if _flag not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+NUM_CLASSES = 8
+
+
+def make_identity_batch(config, devices: int, seed: int = 0) -> dict:
+  """A batch laid out as the sampler lays it out: per device, whole identities,
+  K visible then K infrared images each. Identities are learnable: a fixed
+  random pattern per identity, rendered with a per-modality colour transform,
+  plus noise."""
+  rng = np.random.default_rng(seed)
+  ids, k = config.data.num_ids_per_batch, config.data.num_pos
+  h, w = config.data.image_height, config.data.image_width
+  patterns = rng.normal(size=(NUM_CLASSES, h, w, 3)).astype(np.float32)
+  to_infrared = rng.normal(size=(3, 3)).astype(np.float32)
+  per_device = ids // devices
+  images, labels, modality = [], [], []
+  for d in range(devices):
+    identities = np.arange(d * per_device, (d + 1) * per_device)
+    lab = np.concatenate([np.repeat(identities, k)] * 2)
+    mod = np.repeat([0, 1], per_device * k)
+    img = patterns[lab] + 0.3 * rng.normal(size=(len(lab), h, w, 3)).astype(np.float32)
+    img[mod == 1] = img[mod == 1] @ to_infrared
+    images.append(img)
+    labels.append(lab)
+    modality.append(mod)
+  return {'image': np.stack(images).astype(np.float32),
+          'label': np.stack(labels).astype(np.int32),
+          'modality': np.stack(modality).astype(np.int32)}
+
+
+@pytest.fixture(scope='session')
+def tiny_config():
+  from configs import tiny
+  config = tiny.get_config()
+  # Constant learning rate, no weight decay: a parameter moves iff its gradient is non-zero.
+  config.optim.weight_decay = 0.0
+  config.optim.base_lr = config.optim.warmup_start_lr = config.optim.final_lr = 0.02
+  return config
+
+
+@pytest.fixture(scope='session')
+def tiny_state(tiny_config):
+  """An unreplicated initial train state of the tiny CAL (compiled once per session)."""
+  import jax
+  from cal_jax import train_state
+  from cal_jax.models.cal import create_model
+  model = create_model(tiny_config, NUM_CLASSES, axis_name='batch')
+  return train_state.create_train_state(model, tiny_config, jax.random.key(0),
+                                        steps_per_epoch=4)
+
+
+@pytest.fixture(scope='session')
+def p_train_step(tiny_config):
+  from cal_jax.train_step import make_p_train_step
+  return make_p_train_step(tiny_config)
