@@ -15,12 +15,20 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 1000
+  config.eval_every_steps = 0  # 0: evaluate at the end only
+  config.keep_checkpoints = 3  # the last N, plus the best by evaluation mAP
+  config.profile = False  # a CLU profile of a few steps, in the workdir
 
   # ---------------------------------------------------------------- data ---
   config.data = ml_collections.ConfigDict()
   config.data.name = "sysu_mm01"  # tfds builder: sysu_mm01 | regdb | llcm | ...
   config.data.builder_config = ""  # e.g. "trial_1" for RegDB
   config.data.manual_dir = ""  # the data set's folder as its owners distribute it
+  config.data.synthetic = ""  # "sysu" | "regdb" | "llcm": generate a synthetic set
+  config.data.synthetic_num_ids = 96
+  config.data.synthetic_height = 128
   config.data.data_dir = ""  # tfds data_dir for prepared data ("" = tfds default)
   config.data.image_height = 288
   config.data.image_width = 144
@@ -29,7 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.pad = 10  # pad-and-random-crop padding, pixels
   config.data.flip = True
   config.data.random_erasing = 0.5  # probability, 0 disables
-  config.data.channel_aug = True  # CAJ channel augmentation for visible images
+  config.data.channel_aug = True  # CAJ channel augmentation (see decisions)
+  config.data.channel_aug_prob = 0.5  # share of visible images channel-exchanged
+  config.data.balanced_sampler = False  # True: no identity twice per pass (not AGW)
   config.data.prefetch = 2
   config.data.eval_batch_size = 128
   config.data.eval_flip = True  # average features of the image and its mirror
@@ -72,5 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.num_epochs = 100
   config.optim.warmup_epochs = 10
   config.optim.steps_per_epoch = 0  # 0: as the standard codebases (see decisions)
+
+  # ---------------------------------------------------------- evaluation ---
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_trials = 10  # gallery draws (SYSU-MM01, LLCM)
+  config.eval.rand_perm_path = ""  # SYSU exp/rand_perm_cam.mat: MATLAB galleries
 
   return config
