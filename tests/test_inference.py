@@ -1,0 +1,74 @@
+"""Sec. 3.4: the embedding, the part-cosine similarity, M-hat and prototype reordering."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from cal_jax import inference
+from cal_jax.models.cal import CAL, INFRARED, VISIBLE, create_model
+from conftest import NUM_CLASSES
+
+
+@pytest.fixture(scope='module')
+def eval_setup(tiny_config, tiny_state):
+  model = create_model(tiny_config, NUM_CLASSES)
+  variables = {'params': tiny_state.params, 'batch_stats': tiny_state.batch_stats}
+  rng = np.random.default_rng(0)
+  shape = (3, tiny_config.data.image_height, tiny_config.data.image_width, 3)
+  return model, variables, rng.normal(size=shape).astype(np.float32), \
+      rng.normal(size=shape).astype(np.float32)
+
+
+def test_similarity_is_the_sum_over_parts_of_cosines(eval_setup):
+  model, variables, images_v, images_i = eval_setup
+  e_v = np.asarray(inference.embed(model, variables, images_v, VISIBLE))
+  e_i = np.asarray(inference.embed(model, variables, images_i, INFRARED))
+  parts = model.num_parts
+  assert e_v.shape == (3, parts * 8 * 8 * 4)
+  # Independent: self-refined features, the BNNeck in eval mode by hand, cosine per part.
+  stats = variables['batch_stats']['part_neck']
+  scale = np.asarray(variables['params']['part_neck']['scale'])
+
+  def neck(features):
+    return (features - stats['mean']) / np.sqrt(stats['var'] + 1e-5) * scale
+
+  f_v = neck(np.asarray(model.apply(variables, images_v, VISIBLE,
+                                    method=CAL.refined_parts)['features']))
+  f_i = neck(np.asarray(model.apply(variables, images_i, INFRARED,
+                                    method=CAL.refined_parts)['features']))
+  expected = np.zeros((3, 3))
+  for a, b, p in itertools.product(range(3), range(3), range(parts)):
+    expected[a, b] += f_v[a, p] @ f_i[b, p] / np.linalg.norm(f_v[a, p]) / np.linalg.norm(f_i[b, p])
+  np.testing.assert_allclose(inference.part_cosine_similarity(e_v, e_i), expected,
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_reordering_prototypes_permutes_the_visible_parts_only(eval_setup):
+  model, variables, images_v, images_i = eval_setup
+  m_hat = np.array([2, 0, 3, 1])
+  reordered = {'params': inference.reorder_prototypes(variables['params'], m_hat),
+               'batch_stats': variables['batch_stats']}
+  parts = model.num_parts
+  before = np.asarray(inference.embed(model, variables, images_v, VISIBLE)).reshape(3, parts, -1)
+  after = np.asarray(inference.embed(model, reordered, images_v, VISIBLE)).reshape(3, parts, -1)
+  np.testing.assert_allclose(after, before[:, m_hat], rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(inference.embed(model, reordered, images_i, INFRARED),
+                                inference.embed(model, variables, images_i, INFRARED))
+
+
+def test_most_frequent_assignment():
+  counts = np.zeros(24, np.int64)
+  assert inference.most_frequent_assignment(counts, 4).tolist() == [0, 1, 2, 3]
+  perms = list(itertools.permutations(range(4)))
+  counts[perms.index((1, 3, 0, 2))] = 5
+  counts[perms.index((3, 2, 1, 0))] = 4
+  assert inference.most_frequent_assignment(counts, 4).tolist() == [1, 3, 0, 2]
+  with pytest.raises(ValueError, match='num_parts=3'):
+    inference.most_frequent_assignment(counts, 3)
+
+
+def test_reorder_refuses_a_non_permutation(eval_setup):
+  _, variables, _, _ = eval_setup
+  with pytest.raises(ValueError, match='not a permutation'):
+    inference.reorder_prototypes(variables['params'], np.array([0, 0, 1, 2]))
