@@ -22,6 +22,7 @@ products).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -221,10 +222,11 @@ def evaluate(
   if dataset_name == "regdb":
     splits = _label_regdb(splits, config.data.get("builder_config", ""))
 
+  groups = _by_modalities(splits, table)
   features, row_of = _embed_all(embed_fn, test_split, splits, config,
                                 local_devices, log)
   out = {}
-  for group in _by_modalities(splits, table).values():
+  for group in groups.values():
     start = time.perf_counter()
     distances = _Distances(features, row_of,
                            [s for key in group for s in splits[key]])
@@ -246,11 +248,13 @@ def evaluate(
 
 def _label_regdb(splits: dict[str, list[protocols.Split]],
                  builder_config: str) -> dict[str, list[protocols.Split]]:
-  """Names the RegDB data split in gallery_draw (it is not a gallery draw)."""
+  """Names the RegDB data split ('trial_t') in trial and gallery_draw."""
   if not builder_config:
     return splits
-  return {key: [protocols.Split(s.key, s.trial, s.query, s.gallery, s.metric,
-                                f"{s.gallery_draw} of {builder_config}")
+  number = builder_config.rsplit("_", 1)[-1]
+  return {key: [dataclasses.replace(
+      s, trial=int(number) if number.isdigit() else s.trial,
+      gallery_draw=f"{s.gallery_draw} of {builder_config}")
                 for s in key_splits]
           for key, key_splits in splits.items()}
 

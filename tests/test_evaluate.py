@@ -211,6 +211,7 @@ def test_random_embedding_equals_direct_ranking(split, config, dataset):
     assert any(line.startswith(key) for line in lines)
   if dataset == "regdb":
     assert out["regdb/v2t"]["gallery_draw"] == "whole test split of trial_3"
+    assert out["regdb/t2v"]["per_trial"][0]["trial"] == 3
 
   # Each needed image once per view; the only repeats are the padding of a
   # modality's last batch, which repeats that modality's first image.
@@ -235,6 +236,12 @@ def test_evaluate_checks_keys(split, config):
   with pytest.raises(ValueError, match="only applies to SYSU"):
     evaluate_lib.evaluate(fake, split, "regdb", config=config,
                           rand_perm_path="rand_perm_cam.mat")
+  visible = split.modality == 0
+  only_visible = input_pipeline.SplitArrays(
+      *(getattr(split, f)[visible] for f in ("image", "id", "camera",
+                                              "modality", "path")))
+  with pytest.raises(ValueError, match="is empty"):
+    evaluate_lib.evaluate(fake, only_visible, "regdb", config=config)
   assert not fake.calls
 
 
