@@ -11,7 +11,9 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.data.name = "synthetic_sysu"
+  config.data.synthetic = "sysu"
+  config.data.synthetic_num_ids = 24
+  config.data.synthetic_height = 64
   config.data.image_height = 64
   config.data.image_width = 32
   config.data.num_ids_per_batch = 4
@@ -26,4 +28,8 @@ def get_config():
   config.optim.warmup_epochs = 1
   config.optim.steps_per_epoch = 4
   config.optim.backbone_lr_mult = 1.0
+  config.data.eval_batch_size = 32
+  config.eval.num_trials = 2
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 4
   return config

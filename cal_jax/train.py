@@ -1,0 +1,194 @@
+"""Training and evaluation loop: `train_and_evaluate(config, workdir)`.
+
+The workdir holds the resolved config, Orbax checkpoints, TensorBoard
+summaries and `eval_results.json`. Running again on the same workdir resumes
+from the latest checkpoint: the train state, the data-pipeline position (the
+step: batches and augmentations are functions of (seed, step)) and the
+assignment counts of the current and the last epoch, so a resumed run ends
+exactly where an uninterrupted one does.
+"""
+
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from cal_jax import checkpointing, data, evaluation_run, input_pipeline, parallel, train_state
+from cal_jax import sampler as sampler_lib
+from cal_jax.models.cal import create_model
+from cal_jax.optim import learning_rate_schedule
+from cal_jax.train_step import make_p_train_step
+
+LOSS_TERMS = ('loss', 'id', 'global_id', 'pcl', 'kd1', 'kd2', 'dis', 'div')
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A loss term became NaN or infinite; training stops, checkpoints stay."""
+
+
+class TrainingSetup:
+  """Everything built from the config and the data before the first step."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.splits = data.load_splits(config, workdir)
+    self.sampler = sampler_lib.CrossModalIdentitySampler.from_config(
+        config, self.splits.train.id, self.splits.train.modality,
+        local_devices=jax.local_device_count(), num_hosts=jax.process_count(),
+        host_index=jax.process_index())
+    self.num_classes = self.sampler.num_classes
+    self.steps_per_epoch = self.sampler.steps_per_epoch
+    self.total_steps = config.optim.num_epochs * self.steps_per_epoch
+    self.model = create_model(config, self.num_classes, axis_name=parallel.AXIS)
+    self.checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, 'checkpoints'), config, self.num_classes,
+        keep=config.keep_checkpoints)
+
+
+def initial_state(setup: TrainingSetup) -> train_state.TrainState:
+  config = setup.config
+  state = train_state.create_train_state(setup.model, config, jax.random.key(config.seed),
+                                         setup.steps_per_epoch)
+  if config.model.pretrained:
+    from cal_jax import pretrained  # pylint: disable=g-import-not-at-top
+    backbone = pretrained.load_torchvision_resnet(config.model.pretrained,
+                                                  f'resnet{config.model.depth}')
+    variables = pretrained.apply_to_cal(
+        {'params': state.params, 'batch_stats': state.batch_stats}, backbone,
+        modality_specific_stem=config.model.modality_specific_stem)
+    state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'],
+                          opt_state=state.tx.init(variables['params']))
+  return state
+
+
+def restore_or_initialize(setup: TrainingSetup) -> tuple[train_state.TrainState, dict]:
+  """The latest checkpoint of the workdir, else a fresh state."""
+  template = initial_state(setup)
+  if setup.checkpointer.latest_step() is None:
+    counts = np.zeros(np.prod(np.arange(1, setup.config.model.num_parts + 1)), np.int64)
+    return template, {'epoch_counts': counts.tolist(), 'last_epoch_counts': counts.tolist()}
+  state, extra = setup.checkpointer.restore(template)
+  logging.info('Resumed from step %d.', int(state.step))
+  return state, extra
+
+
+def check_finite(step: int, summary: dict[str, float]) -> None:
+  bad = [term for term in LOSS_TERMS if not np.isfinite(summary[term])]
+  if bad:
+    raise NonFiniteLossError(
+        f'non-finite loss at step {step}: {", ".join(f"{t}={summary[t]}" for t in bad)}. '
+        'Training stopped; the last good checkpoint is kept. Lower config.optim.base_lr or '
+        'check the input data.')
+
+
+def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
+  """Mean of each scalar metric over the steps since the last summary."""
+  host = jax.device_get(history)
+  return {k: float(np.mean([h[k][0] for h in host])) for k in LOSS_TERMS + ('grad_norm',)} | {
+      'bad_pairs': float(np.sum([h['bad_pairs'][0] for h in host]))}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict]:
+  """Trains CAL, then evaluates the final model; returns the evaluation results."""
+  os.makedirs(workdir, exist_ok=True)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  setup = TrainingSetup(config, workdir)
+  state, extra = restore_or_initialize(setup)
+  first_step = int(state.step)
+  epoch_counts = np.asarray(extra['epoch_counts'], np.int64)
+  last_epoch_counts = np.asarray(extra['last_epoch_counts'], np.int64)
+  logging.info('%d training identities, %d steps per epoch, %d steps; %d parameters.',
+               setup.num_classes, setup.steps_per_epoch, setup.total_steps,
+               train_state.count_parameters(state.params))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  report = periodic_actions.ReportProgress(num_train_steps=setup.total_steps, writer=writer,
+                                           every_steps=config.log_every_steps)
+  hooks = [report]
+  if is_chief and config.profile:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+
+  schedule = learning_rate_schedule(config.optim, setup.steps_per_epoch)
+  p_step = make_p_train_step(config)
+  rstate = parallel.replicate(state)
+  key = parallel.replicate(jax.random.key_data(jax.random.key(config.seed)))
+  batches = input_pipeline.create_train_iterator(
+      setup.splits.train, setup.sampler, input_pipeline.TrainTransform.from_config(config.data),
+      seed=config.seed, start_step=first_step, num_steps=setup.total_steps - first_step,
+      prefetch=config.data.prefetch)
+  images_per_step = setup.sampler.num_shards * setup.sampler.per_device_batch
+  history, device_counts = [], jnp.zeros_like(epoch_counts)
+  last_log = time.time()
+
+  if first_step >= setup.total_steps:
+    logging.info('Training already finished at step %d; evaluating it again.', first_step)
+    counts = last_epoch_counts if last_epoch_counts.sum() else epoch_counts
+    return evaluation_run.evaluate_state(config, setup.splits, setup.model, state, counts,
+                                         workdir)
+  results = None
+  for step in range(first_step + 1, setup.total_steps + 1):
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      rstate, metrics = p_step(rstate, next(batches), key)
+    history.append(metrics)
+    device_counts = device_counts + metrics['assignment_counts'][0]
+    for hook in hooks:
+      hook(step)
+    end_of_epoch = step % setup.steps_per_epoch == 0
+    last = step == setup.total_steps
+    evaluate_now = last or (config.eval_every_steps and step % config.eval_every_steps == 0)
+    save_now = evaluate_now or step % config.checkpoint_every_steps == 0
+    if step % config.log_every_steps == 0 or save_now or end_of_epoch:
+      summary = summarize(history)
+      check_finite(step, summary)
+      if summary['bad_pairs']:
+        raise ValueError(f'step {step}: {int(summary["bad_pairs"])} images had no image of the '
+                         'same identity in the other modality on their device; the sampler '
+                         'must keep identities whole per device')
+      now = time.time()
+      summary['learning_rate'] = float(schedule(step - 1))
+      summary['images_per_second'] = len(history) * images_per_step / (now - last_log)
+      writer.write_scalars(step, summary)
+      history, last_log = [], now
+      epoch_counts = epoch_counts + np.asarray(device_counts, np.int64)
+      device_counts = jnp.zeros_like(device_counts)
+    if end_of_epoch:
+      last_epoch_counts, epoch_counts = epoch_counts, np.zeros_like(epoch_counts)
+    if save_now:
+      host_state = parallel.unreplicate(rstate)
+      checkpoint_metrics = None
+      if evaluate_now:
+        with report.timed('eval'):
+          counts = last_epoch_counts if last_epoch_counts.sum() else epoch_counts
+          results = evaluation_run.evaluate_state(config, setup.splits, setup.model, host_state,
+                                                  counts, workdir, writer=writer)
+        checkpoint_metrics = {'mAP': evaluation_run.primary_map(results)}
+      setup.checkpointer.save(step, host_state, {
+          'epoch_counts': epoch_counts.tolist(),
+          'last_epoch_counts': last_epoch_counts.tolist()}, metrics=checkpoint_metrics)
+  setup.checkpointer.close()
+  writer.flush()
+  return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: Optional[int] = None) -> dict:
+  """`--mode eval`: evaluates the latest (or the given) checkpoint of a workdir."""
+  setup = TrainingSetup(config, workdir)
+  if setup.checkpointer.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}: train '
+                            'first, or point --workdir at a training run')
+  state, extra = setup.checkpointer.restore(initial_state(setup), step=step)
+  last, current = (np.asarray(extra[k], np.int64) for k in ('last_epoch_counts', 'epoch_counts'))
+  results = evaluation_run.evaluate_state(config, setup.splits, setup.model, state,
+                                          last if last.sum() else current, workdir)
+  setup.checkpointer.close()
+  return results
