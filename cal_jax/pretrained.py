@@ -3,12 +3,15 @@
 A torchvision state_dict (`.pth`/`.pt`, read with `torch.load(...,
 weights_only=True)`, or `.safetensors`, read without torch) becomes the
 variables of `cal_jax.models.resnet.ResNet`; nothing is downloaded. To get the
-last stage's feature map of an NHWC batch `images` ([B, H, W, 3], RGB in
+last stage's feature map of an NHWC batch `images` ([B, H, W, 3], RGB scaled to
 [0, 1], normalised with the ImageNet mean and std as torchvision expects):
 
   from cal_jax.models.resnet import ResNet
-  variables = load_torchvision_resnet('resnet50-11ad3fa6.pth', 'resnet50')
-  feature_map = ResNet(depth=50, last_stride=1).apply(variables, images)  # [B, H/16, W/16, 2048]
+  from cal_jax.pretrained import load_torchvision_resnet
+
+  variables = load_torchvision_resnet('resnet50.pth', 'resnet50')  # or .safetensors
+  model = ResNet(depth=50, last_stride=1)
+  feature_map = model.apply(variables, images)  # [B, H/16, W/16, 2048]
 
 `apply_to_cal` puts the same weights into the stems and stages of a CAL model.
 
@@ -22,6 +25,7 @@ and every variable of the model filled, with the right shape; otherwise a
 
 import functools
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Optional
@@ -112,7 +116,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
                             "torchvision model's state_dict() there first.")
   suffix = os.path.splitext(path)[1].lower()
   if suffix == '.safetensors':
-    from safetensors.numpy import load_file
+    try:
+      from safetensors.numpy import load_file
+    except ImportError as error:
+      raise ImportError(f"{path}: reading .safetensors needs safetensors (pip install "
+                        "'cal_jax[torch]').") from error
     return {key: np.array(value) for key, value in load_file(path).items()}
   if suffix not in ('.pth', '.pt'):
     raise ValueError(f'{path}: unknown checkpoint format {suffix!r}; expected a torchvision '
@@ -123,7 +131,13 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     raise ImportError(f'{path}: reading a .pth checkpoint needs torch (pip install '
                       "'cal_jax[torch]'); or convert it to .safetensors elsewhere.") from error
   # weights_only: tensors and plain containers only, so no code in the file runs.
-  state = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as error:
+    raise pickle.UnpicklingError(
+        f'{path}: refused to load: the file holds objects other than tensors, whose '
+        'unpickling could run code. Save a bare state_dict, or .safetensors. '
+        f'(torch: {str(error).splitlines()[0]})') from error
   if not isinstance(state, Mapping):
     raise CheckpointMismatchError(f'{path}: holds a {type(state).__name__}, not a state_dict; '
                                   'save model.state_dict() of a torchvision ResNet.')

@@ -197,7 +197,7 @@ def test_pickled_code_is_not_run(tmp_path, zipfile):
   state = dict(reference('resnet18', 2).state_dict(), payload=Payload(marker))
   path = str(tmp_path / 'malicious.pth')
   torch.save(state, path, _use_new_zipfile_serialization=zipfile)
-  with pytest.raises(pickle.UnpicklingError):
+  with pytest.raises(pickle.UnpicklingError, match='malicious.pth: refused'):
     pretrained.load_torchvision_resnet(path, 'resnet18', width=WIDTH)
   assert not os.path.exists(marker)
   # The payload is live: an unrestricted load would have run it.
@@ -205,8 +205,11 @@ def test_pickled_code_is_not_run(tmp_path, zipfile):
   assert os.path.exists(marker)
 
 
-def cal_shapes(modality_specific_stem: bool, depth: int = 18, width: int = WIDTH) -> dict:
-  model = CAL(num_classes=4, depth=depth, width=width, modality_specific_stem=modality_specific_stem,
+def cal_shapes(modality_specific_stem: bool, depth: int = 18,
+               width: int = WIDTH) -> tuple[CAL, dict]:
+  """A small CAL and the shapes of its variables (nothing is computed)."""
+  model = CAL(num_classes=4, depth=depth, width=width,
+              modality_specific_stem=modality_specific_stem,
               adapter_hidden=16, adapter_dim=8, channel_reduction=4)
   images = jnp.zeros((2, 64, 32, 3))
   partners = jnp.zeros((2,), jnp.int32)
