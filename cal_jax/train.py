@@ -69,8 +69,11 @@ def initial_state(setup: TrainingSetup) -> train_state.TrainState:
 
 def restore_or_initialize(setup: TrainingSetup) -> tuple[train_state.TrainState, dict]:
   """The latest checkpoint of the workdir, else a fresh state."""
+  latest = setup.checkpointer.latest_step()
+  if latest is not None:
+    setup.checkpointer.check_compatible(latest)  # before anything is compiled
   template = initial_state(setup)
-  if setup.checkpointer.latest_step() is None:
+  if latest is None:
     counts = np.zeros(np.prod(np.arange(1, setup.config.model.num_parts + 1)), np.int64)
     return template, {'epoch_counts': counts.tolist(), 'last_epoch_counts': counts.tolist()}
   state, extra = setup.checkpointer.restore(template)
@@ -98,11 +101,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   """Trains CAL, then evaluates the final model; returns the evaluation results."""
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
+  setup = TrainingSetup(config, workdir)
+  state, extra = restore_or_initialize(setup)  # refuses an incompatible checkpoint
   if is_chief:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-  setup = TrainingSetup(config, workdir)
-  state, extra = restore_or_initialize(setup)
   first_step = int(state.step)
   epoch_counts = np.asarray(extra['epoch_counts'], np.int64)
   last_epoch_counts = np.asarray(extra['last_epoch_counts'], np.int64)
@@ -129,52 +132,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   history, device_counts = [], jnp.zeros_like(epoch_counts)
   last_log = time.time()
 
-  if first_step >= setup.total_steps:
+  if first_step >= setup.total_steps and config.eval.enabled:
     logging.info('Training already finished at step %d; evaluating it again.', first_step)
     counts = last_epoch_counts if last_epoch_counts.sum() else epoch_counts
     return evaluation_run.evaluate_state(config, setup.splits, setup.model, state, counts,
                                          workdir)
   results = None
-  for step in range(first_step + 1, setup.total_steps + 1):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      rstate, metrics = p_step(rstate, next(batches), key)
-    history.append(metrics)
-    device_counts = device_counts + metrics['assignment_counts'][0]
-    for hook in hooks:
-      hook(step)
-    end_of_epoch = step % setup.steps_per_epoch == 0
-    last = step == setup.total_steps
-    evaluate_now = last or (config.eval_every_steps and step % config.eval_every_steps == 0)
-    save_now = evaluate_now or step % config.checkpoint_every_steps == 0
-    if step % config.log_every_steps == 0 or save_now or end_of_epoch:
-      summary = summarize(history)
-      check_finite(step, summary)
-      if summary['bad_pairs']:
-        raise ValueError(f'step {step}: {int(summary["bad_pairs"])} images had no image of the '
-                         'same identity in the other modality on their device; the sampler '
-                         'must keep identities whole per device')
-      now = time.time()
-      summary['learning_rate'] = float(schedule(step - 1))
-      summary['images_per_second'] = len(history) * images_per_step / (now - last_log)
-      writer.write_scalars(step, summary)
-      history, last_log = [], now
-      epoch_counts = epoch_counts + np.asarray(device_counts, np.int64)
-      device_counts = jnp.zeros_like(device_counts)
-    if end_of_epoch:
-      last_epoch_counts, epoch_counts = epoch_counts, np.zeros_like(epoch_counts)
-    if save_now:
-      host_state = parallel.unreplicate(rstate)
-      checkpoint_metrics = None
-      if evaluate_now:
-        with report.timed('eval'):
-          counts = last_epoch_counts if last_epoch_counts.sum() else epoch_counts
-          results = evaluation_run.evaluate_state(config, setup.splits, setup.model, host_state,
-                                                  counts, workdir, writer=writer)
-        checkpoint_metrics = {'mAP': evaluation_run.primary_map(results)}
-      setup.checkpointer.save(step, host_state, {
-          'epoch_counts': epoch_counts.tolist(),
-          'last_epoch_counts': last_epoch_counts.tolist()}, metrics=checkpoint_metrics)
-  setup.checkpointer.close()
+  try:
+    for step in range(first_step + 1, setup.total_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        rstate, metrics = p_step(rstate, next(batches), key)
+      history.append(metrics)
+      device_counts = device_counts + metrics['assignment_counts'][0]
+      for hook in hooks:
+        hook(step)
+      end_of_epoch = step % setup.steps_per_epoch == 0
+      last = step == setup.total_steps
+      evaluate_now = config.eval.enabled and (
+          last or (config.eval_every_steps and step % config.eval_every_steps == 0))
+      save_now = last or evaluate_now or step % config.checkpoint_every_steps == 0
+      if step % config.log_every_steps == 0 or save_now or end_of_epoch:
+        summary = summarize(history)
+        check_finite(step, summary)
+        if summary['bad_pairs']:
+          raise ValueError(f'step {step}: {int(summary["bad_pairs"])} images had no image of the '
+                           'same identity in the other modality on their device; the sampler '
+                           'must keep identities whole per device')
+        now = time.time()
+        summary['learning_rate'] = float(schedule(step - 1))
+        summary['images_per_second'] = len(history) * images_per_step / (now - last_log)
+        writer.write_scalars(step, summary)
+        history, last_log = [], now
+        epoch_counts = epoch_counts + np.asarray(device_counts, np.int64)
+        device_counts = jnp.zeros_like(device_counts)
+      if end_of_epoch:
+        last_epoch_counts, epoch_counts = epoch_counts, np.zeros_like(epoch_counts)
+      if save_now:
+        host_state = parallel.unreplicate(rstate)
+        checkpoint_metrics = None
+        if evaluate_now:
+          with report.timed('eval'):
+            counts = last_epoch_counts if last_epoch_counts.sum() else epoch_counts
+            results = evaluation_run.evaluate_state(config, setup.splits, setup.model, host_state,
+                                                    counts, workdir, writer=writer)
+          checkpoint_metrics = {'mAP': evaluation_run.primary_map(results)}
+        setup.checkpointer.save(step, host_state, {
+            'epoch_counts': epoch_counts.tolist(),
+            'last_epoch_counts': last_epoch_counts.tolist()}, metrics=checkpoint_metrics)
+  finally:
+    # Also on an error: a checkpoint still being written is committed, not lost.
+    setup.checkpointer.close()
   writer.flush()
   return results
 

@@ -1,0 +1,163 @@
+"""The training loop and the command line, on the tiny config and its synthetic data.
+
+The command-line runs are real subprocesses of `python -m cal_jax.main`;
+the interrupted one is killed with SIGKILL right after a checkpoint commits.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, 'configs', 'tiny.py')
+# Shared by the runs below: the tiny config's data, and no final evaluation.
+COMMON = ['--config.eval.enabled=False']
+
+# Run as `python -c`: cal_jax.main, except that the process kills itself
+# (SIGKILL: no cleanup, no atexit) once the checkpoint of step KILL_AT is on disk.
+KILLING_MAIN = textwrap.dedent('''
+    import os, signal, sys
+    from absl import app
+    from cal_jax import checkpointing, main
+    kill_at = int(os.environ['KILL_AT'])
+    save = checkpointing.Checkpointer.save
+    def save_then_die(self, step, *args, **kwargs):
+      saved = save(self, step, *args, **kwargs)
+      if step == kill_at:
+        self.wait_until_finished()
+        os.kill(os.getpid(), signal.SIGKILL)
+      return saved
+    checkpointing.Checkpointer.save = save_then_die
+    sys.argv[0] = 'cal_jax.main'
+    app.run(main.main)
+''')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Runs share compiled initialisation and embedding (the train step, which calls
+  back to the host, cannot be cached)."""
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
+  yield
+  del os.environ['JAX_COMPILATION_CACHE_DIR'], os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']
+
+
+def run_main(args, *, code=None, env_extra=None, timeout=600):
+  env = dict(os.environ, **(env_extra or {}))
+  command = [sys.executable] + (['-c', code] if code else ['-m', 'cal_jax.main']) + args
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def final_state(workdir, step):
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  return ocp.PyTreeCheckpointer().restore(path)
+
+
+def flat(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope='module')
+def shared_data(tmp_path_factory):
+  """Synthetic data generated once, reused by every run through manual_dir/data_dir."""
+  root = tmp_path_factory.mktemp('tiny_data')
+  return [f'--config.data.manual_dir={root / "synthetic"}',
+          f'--config.data.data_dir={root / "tfds"}']
+
+
+def test_misspelt_override_fails_naming_the_field(tmp_path):
+  result = run_main(['--config', TINY, '--workdir', str(tmp_path),
+                     '--config.model.dept=18'], timeout=120)
+  assert result.returncode != 0
+  assert 'dept' in result.stderr
+  assert not os.listdir(tmp_path)
+
+
+def test_wrong_type_override_fails_naming_the_field(tmp_path):
+  result = run_main(['--config', TINY, '--workdir', str(tmp_path),
+                     '--config.model.depth=fifty'], timeout=120)
+  assert result.returncode != 0
+  assert 'depth' in result.stderr
+
+
+@pytest.fixture(scope='module')
+def uninterrupted_run(tmp_path_factory, shared_data):
+  workdir = str(tmp_path_factory.mktemp('whole'))
+  result = run_main(['--config', TINY, '--workdir', workdir] + COMMON + shared_data)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, shared_data,
+                                                        uninterrupted_run):
+  """8 steps uninterrupted == killed after the step-4 checkpoint, then resumed."""
+  interrupted = str(tmp_path / 'interrupted')
+  args = ['--config', TINY, '--workdir', interrupted] + COMMON + shared_data
+  killed = run_main(args, code=KILLING_MAIN, env_extra={'KILL_AT': '4'})
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  assert sorted(os.listdir(os.path.join(interrupted, 'checkpoints'))) == ['4']
+
+  resumed = run_main(args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from step 4' in resumed.stderr
+
+  expected, got = flat(final_state(uninterrupted_run, 8)), flat(final_state(interrupted, 8))
+  assert expected.keys() == got.keys()
+  for key in expected:
+    np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_incompatible_checkpoint_is_refused_and_nothing_is_lost(tmp_path, shared_data,
+                                                                uninterrupted_run):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(uninterrupted_run, workdir)
+  before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  config_json = open(os.path.join(workdir, 'config.json')).read()
+  other = run_main(['--config', TINY, '--workdir', workdir, '--config.model.num_parts=3']
+                   + COMMON + shared_data)
+  assert other.returncode != 0
+  assert 'num_parts: checkpoint=4, config=3' in other.stderr
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
+  assert open(os.path.join(workdir, 'config.json')).read() == config_json
+
+
+def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data, monkeypatch):
+  """The loop checks every loss before it saves: the NaN step is reported, the last
+  good checkpoint stays and no later one is written."""
+  from cal_jax import train  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data.manual_dir, config.data.data_dir = (a.split('=', 1)[1] for a in shared_data)
+  config.checkpoint_every_steps = 2
+  config.eval.enabled = False
+
+  def fake_p_train_step(config, devices=None):
+    del config, devices
+    calls = []
+
+    def step(state, batch, key):
+      del key
+      calls.append(1)
+      devices = batch['label'].shape[0]
+      metrics = {term: np.ones(devices) for term in train.LOSS_TERMS + ('grad_norm',)}
+      if len(calls) >= 3:
+        metrics['pcl'] = np.full(devices, np.nan)
+      metrics['assignment_counts'] = np.zeros((devices, 24), np.int32)
+      metrics['bad_pairs'] = np.zeros(devices)
+      return state, metrics
+    return step
+
+  monkeypatch.setattr(train, 'make_p_train_step', fake_p_train_step)
+  with pytest.raises(train.NonFiniteLossError, match=r'step 4: pcl=nan'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(os.path.join(tmp_path, 'checkpoints'))) == ['2']
