@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.balanced_sampler = False  # True: no identity twice per pass (not AGW)
   config.data.prefetch = 2
   config.data.eval_batch_size = 128
-  config.data.eval_flip = True  # average features of the image and its mirror
+  config.data.eval_flip = False  # True: average with the mirror (AGW does not)
 
   # --------------------------------------------------------------- model ---
   config.model = ml_collections.ConfigDict()
