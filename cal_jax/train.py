@@ -58,7 +58,8 @@ def initial_state(setup: TrainingSetup) -> train_state.TrainState:
   if config.model.pretrained:
     from cal_jax import pretrained  # pylint: disable=g-import-not-at-top
     backbone = pretrained.load_torchvision_resnet(config.model.pretrained,
-                                                  f'resnet{config.model.depth}')
+                                                  f'resnet{config.model.depth}',
+                                                  width=config.model.width)
     variables = pretrained.apply_to_cal(
         {'params': state.params, 'batch_stats': state.batch_stats}, backbone,
         modality_specific_stem=config.model.modality_specific_stem)

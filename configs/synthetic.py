@@ -23,8 +23,8 @@ def get_config():
   config.model.width = 16  # a quarter of ResNet-50's width: fast on a CPU
   config.model.adapter_hidden = 128
   config.model.adapter_dim = 64
-  config.optim.num_epochs = 30
-  config.optim.warmup_epochs = 3
+  config.optim.num_epochs = 8
+  config.optim.warmup_epochs = 1
   config.optim.backbone_lr_mult = 1.0  # from scratch: no pretrained backbone
   config.eval.num_trials = 10
   config.log_every_steps = 20
