@@ -161,3 +161,23 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data, monke
   with pytest.raises(train.NonFiniteLossError, match=r'step 4: pcl=nan'):
     train.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(os.path.join(tmp_path, 'checkpoints'))) == ['2']
+
+
+def test_eval_mode_writes_results_for_every_protocol(tmp_path, shared_data, uninterrupted_run):
+  """`--mode eval` on a finished run: eval_results.json with every SYSU key and field."""
+  import json  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(uninterrupted_run, workdir)
+  result = run_main(['--config', TINY, '--workdir', workdir, '--mode', 'eval'] + shared_data)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, 'eval_results.json')) as f:
+    written = json.load(f)
+  keys = ['sysu/all/single', 'sysu/all/multi', 'sysu/indoor/single', 'sysu/indoor/multi']
+  for key in keys:
+    entry = written[key]
+    for field in ('R1', 'R5', 'R10', 'R20', 'mAP', 'mINP'):
+      assert 0.0 <= entry[field] <= 100.0, (key, field)
+      assert entry[f'{field}_std'] >= 0.0
+    assert entry['trials'] == 2
+    assert key in result.stdout  # the printed table
+  assert written['meta']['checkpoint_step'] == 8
