@@ -37,9 +37,15 @@ def evaluate_state(config, splits: Splits, model: CAL, state: Any, counts: np.nd
   variables, m_hat = inference_variables(eval_model, state, counts)
   variables = jax.device_put(variables)
 
-  def embed_fn(images: np.ndarray, modality: int) -> np.ndarray:
-    return np.asarray(inference.embed(eval_model, variables, images, modality))
+  kind = config.model.embedding
 
+  def embed_fn(images: np.ndarray, modality: int) -> np.ndarray:
+    return np.asarray(inference.embed(eval_model, variables, images, modality, kind))
+
+  if kind == 'global':  # one "part": the evaluator normalises the whole feature
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.model.num_parts = 1
   results = evaluate.evaluate(embed_fn, splits.test, splits.name, config=config,
                               num_trials=config.eval.num_trials,
                               rand_perm_path=config.eval.rand_perm_path or None,
@@ -48,7 +54,7 @@ def evaluate_state(config, splits: Splits, model: CAL, state: Any, counts: np.nd
   meta = {'checkpoint_step': step, 'dataset': splits.name,
           'builder_config': config.data.builder_config,
           'synthetic': config.data.synthetic,
-          'm_hat': m_hat.tolist(),
+          'm_hat': m_hat.tolist(), 'embedding': kind,
           'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
   if jax.process_index() == 0:
     results_lib.write_results(os.path.join(workdir, 'eval_results.json'), results, meta)

@@ -59,10 +59,18 @@ def reorder_prototypes(params: Any, visible_part_for: np.ndarray) -> Any:
   return params
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'modality'))
-def embed(model: CAL, variables: Any, images: jax.Array, modality: int) -> jax.Array:
-  """Images of one modality [B, H, W, 3] -> embeddings [B, N_p * C] (see `CAL.embed`)."""
-  return model.apply(variables, images, modality, method=CAL.embed)
+@functools.partial(jax.jit, static_argnames=('model', 'modality', 'kind'))
+def embed(model: CAL, variables: Any, images: jax.Array, modality: int,
+          kind: str = 'parts') -> jax.Array:
+  """Images of one modality [B, H, W, 3] -> embeddings.
+
+  kind 'parts' (CAL, Sec. 3.4): [B, N_p * C], see `CAL.embed`; 'global' (the
+  identity-loss baseline): [B, C], see `CAL.embed_global`.
+  """
+  if kind not in ('parts', 'global'):
+    raise ValueError(f"config.model.embedding must be 'parts' or 'global', got {kind!r}")
+  method = CAL.embed if kind == 'parts' else CAL.embed_global
+  return model.apply(variables, images, modality, method=method)
 
 
 def part_cosine_similarity(visible: jax.Array, infrared: jax.Array) -> jax.Array:

@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.adapter_hidden = 512  # width of the TSAA MLPs (Eq. 10)
   config.model.adapter_dim = 256  # d: output width of the similarity MLPs
   config.model.channel_reduction = 16  # TSAA channel-attention MLP: C -> C/16 -> C
+  config.model.embedding = "parts"  # test-time feature: "parts" (CAL) | "global" (baseline)
   config.model.pretrained = ""  # torchvision ResNet checkpoint (.pth / .safetensors)
 
   # ---------------------------------------------------------------- loss ---

@@ -154,6 +154,12 @@ class CAL(nn.Module):
     parts = self.refined_parts(images, modality)['features']
     return l2_normalize(self.part_neck(parts, True)).reshape(images.shape[0], -1)
 
+  def embed_global(self, images: jax.Array, modality: int) -> jax.Array:
+    """The baseline's embedding: pooled map after its BNNeck, L2-normalised. -> [B, C]."""
+    stem = self.stem_visible if modality == VISIBLE else self.stem_infrared
+    pooled = jnp.mean(self.stages(stem(images, False), False), axis=(1, 2))
+    return l2_normalize(self.global_neck(pooled, True))
+
   def refined_parts(self, images: jax.Array, modality: int) -> dict[str, jax.Array]:
     """Self-refinement of one modality in eval mode: the inference path.
 
