@@ -72,3 +72,12 @@ def test_reorder_refuses_a_non_permutation(eval_setup):
   _, variables, _, _ = eval_setup
   with pytest.raises(ValueError, match='not a permutation'):
     inference.reorder_prototypes(variables['params'], np.array([0, 0, 1, 2]))
+
+
+def test_global_embedding_of_the_baseline(eval_setup):
+  model, variables, images_v, _ = eval_setup
+  emb = np.asarray(inference.embed(model, variables, images_v, VISIBLE, 'global'))
+  assert emb.shape == (3, 8 * 8 * 4)
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+  with pytest.raises(ValueError, match='config.model.embedding'):
+    inference.embed(model, variables, images_v, VISIBLE, 'pooled')
