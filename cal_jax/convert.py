@@ -147,6 +147,14 @@ def check_suffix(path: str) -> str:
   return suffix
 
 
+def check_embedding(config: ml_collections.ConfigDict) -> None:
+  """Refuses a run evaluated with another embedding than CAL's parts."""
+  embedding = config.model.get('embedding', 'parts')  # config.json of older runs lack it
+  if embedding != 'parts':
+    raise ValueError(f'config.model.embedding={embedding!r}: only the CAL part embedding '
+                     "('parts', Sec. 3.4) is exported, not the baseline's pooled feature")
+
+
 def export(variables: Any, config: ml_collections.ConfigDict, num_classes: Optional[int],
            path: str, *, m_hat: Optional[np.ndarray] = None,
            extra_metadata: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -167,6 +175,7 @@ def export(variables: Any, config: ml_collections.ConfigDict, num_classes: Optio
     'image_size', and `extra_metadata`.
   """
   suffix = check_suffix(path)
+  check_embedding(config)
   hyper = model_hyperparameters(config)
   num_parts = hyper['num_parts']
   m_hat = np.arange(num_parts) if m_hat is None else np.asarray(m_hat)
@@ -239,6 +248,7 @@ def export_checkpoint(workdir: str, output: str, *, step: Optional[int] = None,
     raise FileNotFoundError(f'no checkpoints in {workdir} (no {directory}): train first, or '
                             'point --workdir at a training run')
   config = load_workdir_config(workdir) if config is None else config
+  check_embedding(config)
   reader = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   steps = sorted(reader.all_steps())
   if not steps:

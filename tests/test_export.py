@@ -305,6 +305,10 @@ def test_clear_errors(tmp_path, tiny_config, trained):
   _, variables, _ = trained
   with pytest.raises(ValueError, match=r"unknown output format '\.onnx'"):
     convert.export(variables, tiny_config, NUM_CLASSES, str(tmp_path / 'cal.onnx'))
+  baseline = tiny_config.copy_and_resolve_references()
+  baseline.model.embedding = 'global'
+  with pytest.raises(ValueError, match="embedding='global'"):
+    convert.export(variables, baseline, NUM_CLASSES, str(tmp_path / 'cal.pt'))
   with pytest.raises(ValueError, match='unknown output format'):
     convert.export_checkpoint(str(tmp_path), str(tmp_path / 'cal.pth'))
   with pytest.raises(FileNotFoundError, match='does not exist'):
