@@ -209,6 +209,24 @@ def test_ranking_matches_jax(trained, torch_models):
                                 np.argsort(-jax_scores, axis=1, kind='stable'))
 
 
+def test_tied_scores_select_the_tokens_lax_top_k_selects():
+  """Equal scores (zero prototypes: a uniform softmax, and ties in blocks) select the
+  lowest token indices in both frameworks."""
+  from cal_jax.models import region_mining  # pylint: disable=g-import-not-at-top
+  drm = torch_model.RegionMining(channels=4, num_parts=3, select_ratio=0.6, pool_sizes=(1, 3))
+  torch.nn.init.zeros_(drm.prototypes.weight)
+  with torch.no_grad():
+    drm.prototypes.bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    feature_map = torch.randn(2, 4, 5, 3, generator=torch.Generator().manual_seed(0))
+    mined = drm(feature_map)
+  scores = mined['scores'].numpy()
+  assert np.all(scores == scores[:, :1])  # every token tied, for every part
+  n_k = region_mining.num_selected_tokens(15, 3, 0.6)
+  expected = np.asarray(region_mining.select_top_tokens(scores, n_k)) > 0
+  np.testing.assert_array_equal(mined['selected'].numpy() > 0, expected)
+  assert expected[:, :n_k].all() and not expected[:, n_k:].any()
+
+
 def test_shared_stem_and_region_mining(tmp_path, tiny_config, trained):
   """One stem and one DRM for both modalities: the trained-like variables without the
   infrared ones are those of that network."""
