@@ -48,7 +48,8 @@ def resolve_paths(data: ml_collections.ConfigDict, workdir: str) -> tuple[str, s
   return data.name, data.manual_dir, data.data_dir
 
 
-def ensure_synthetic(layout: str, root: str, num_ids: int, seed: int, height: int) -> None:
+def ensure_synthetic(layout: str, root: str, num_ids: int, seed: int, height: int,
+                     infrared_gap: float = 1.0) -> None:
   """Generates the synthetic set into `root` unless it is there; atomic (temp dir + rename)."""
   if os.path.isdir(root) and os.listdir(root):
     return
@@ -57,7 +58,7 @@ def ensure_synthetic(layout: str, root: str, num_ids: int, seed: int, height: in
   staging = tempfile.mkdtemp(prefix='.synthetic-', dir=parent)
   try:
     summary = synthetic.generate(layout, os.path.join(staging, 'tree'), num_ids, seed,
-                                 height=height)
+                                 height=height, infrared_gap=infrared_gap)
     if os.path.isdir(root):
       os.rmdir(root)
     os.replace(os.path.join(staging, 'tree'), root)
@@ -73,7 +74,7 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
   name, manual_dir, data_dir = resolve_paths(data, workdir)
   if data.synthetic:
     ensure_synthetic(data.synthetic, manual_dir, data.synthetic_num_ids, config.seed,
-                     data.synthetic_height)
+                     data.synthetic_height, data.synthetic_infrared_gap)
   full_name = f'{name}/{data.builder_config}' if data.builder_config else name
   builder = tfds.builder(full_name, data_dir=data_dir or None)
   builder.download_and_prepare(

@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic = ""  # "sysu" | "regdb" | "llcm": generate a synthetic set
   config.data.synthetic_num_ids = 96
   config.data.synthetic_height = 128
+  config.data.synthetic_infrared_gap = 1.0  # 1: hard cross-modal gap; 0: luminance
   config.data.data_dir = ""  # tfds data_dir for prepared data ("" = tfds default)
   config.data.image_height = 288
   config.data.image_width = 144

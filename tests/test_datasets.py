@@ -282,3 +282,26 @@ def test_cli_writes_a_tree(tmp_path, capsys):
   assert len(records.list_records('llcm', str(tmp_path / 'LLCM'), 'test')) > 0
   with pytest.raises(FileExistsError):
     synthetic.generate('llcm', str(tmp_path / 'LLCM'), num_ids=6)
+
+
+def test_infrared_gap_changes_only_the_infrared_images(tmp_path):
+  """infrared_gap=0 renders near-infrared as the colours' luminance: the visible
+  images stay byte-identical, the infrared ones change, and the gap is checked."""
+  hard = synthetic.generate('sysu', str(tmp_path / 'hard'), num_ids=9, seed=3, height=48)
+  easy = synthetic.generate('sysu', str(tmp_path / 'easy'), num_ids=9, seed=3, height=48,
+                            infrared_gap=0.0)
+  assert hard.num_images == easy.num_images
+  changed = collections.Counter()
+  for cam in range(1, 7):
+    for dirpath, _, files in os.walk(tmp_path / 'hard' / f'cam{cam}'):
+      for name in files:
+        a = os.path.join(dirpath, name)
+        b = a.replace(str(tmp_path / 'hard'), str(tmp_path / 'easy'))
+        same = open(a, 'rb').read() == open(b, 'rb').read()
+        changed[cam in (3, 6), same] += 1
+  assert changed[False, False] == 0 and changed[False, True] > 0  # visible: identical
+  assert changed[True, False] > 0  # infrared: re-rendered
+  with pytest.raises(ValueError, match='infrared_gap must be in'):
+    synthetic.generate('sysu', str(tmp_path / 'bad'), num_ids=9, infrared_gap=1.5)
+  with pytest.raises(ValueError, match='sysu layout only'):
+    synthetic.generate('regdb', str(tmp_path / 'bad2'), num_ids=9, infrared_gap=0.5)

@@ -86,7 +86,7 @@ def _write_text(root: str, rel: str, lines: Sequence[str]) -> None:
 
 
 def _write_sysu(root: str, num_ids: int, seed: int, per_camera: tuple,
-                height: int) -> Summary:
+                height: int, infrared_gap: float = 1.0) -> Summary:
   """SYSU-MM01: cam<c>/<id:04d>/<n:04d>.jpg, exp/{train,val,test}_id.txt."""
   key = _LAYOUT_KEY['sysu']
   rng = _rng(seed, key, 0)
@@ -101,8 +101,9 @@ def _write_sysu(root: str, num_ids: int, seed: int, per_camera: tuple,
   for name, split in (('train', train), ('val', val), ('test', test)):
     _write_text(root, f'exp/{name}_id.txt', [','.join(map(str, split))])
   apps = _identities(rng, ids)
-  cams = {c: people.sample_camera(_rng(seed, key, 1, c), 'nir' if c in (3, 6)
-                                  else 'visible') for c in range(1, 7)}
+  cams = {c: dataclasses.replace(
+      people.sample_camera(_rng(seed, key, 1, c), 'nir' if c in (3, 6) else 'visible'),
+      infrared_gap=infrared_gap) for c in range(1, 7)}
   # Indoor (cam1-3) and outdoor (cam4-6) visits; not every camera sees everyone.
   seen = {}
   for pid in ids:
@@ -234,7 +235,7 @@ def _write_llcm(root: str, num_ids: int, seed: int, per_camera: tuple,
 def generate(layout: str, output: str, num_ids: int = DEFAULT_NUM_IDS,
              seed: int = 0, *,
              images_per_camera: tuple = DEFAULT_IMAGES_PER_CAMERA,
-             height: int = DEFAULT_HEIGHT) -> Summary:
+             height: int = DEFAULT_HEIGHT, infrared_gap: float = 1.0) -> Summary:
   """Writes a synthetic `layout` ('sysu' | 'regdb' | 'llcm') data set.
 
   Args:
@@ -245,6 +246,9 @@ def generate(layout: str, output: str, num_ids: int = DEFAULT_NUM_IDS,
     images_per_camera: (min, max) images per identity and camera (SYSU-MM01,
       LLCM); RegDB has 10 visible and 10 thermal per identity, as the real one.
     height: typical image height in pixels; widths are about half.
+    infrared_gap: SYSU-MM01 layout only: 1 (default) renders each material's
+      own near-infrared reflectance; 0 renders the colour's luminance, an easy
+      cross-modal gap for quick demonstrations; values in between mix the two.
 
   Returns:
     A `Summary` of what was written.
@@ -254,11 +258,16 @@ def generate(layout: str, output: str, num_ids: int = DEFAULT_NUM_IDS,
         f'layout must be one of {sorted(_LAYOUT_KEY)}, got {layout!r}')
   if num_ids < 6:
     raise ValueError(f'num_ids must be at least 6, got {num_ids}')
+  if not 0.0 <= infrared_gap <= 1.0:
+    raise ValueError(f'infrared_gap must be in [0, 1], got {infrared_gap}')
+  if infrared_gap != 1.0 and layout != 'sysu':
+    raise ValueError('infrared_gap is implemented for the sysu layout only')
   if os.path.isdir(output) and os.listdir(output):
     raise FileExistsError(f'{output!r} is not empty; give a new folder')
   os.makedirs(output, exist_ok=True)
   if layout == 'sysu':
-    return _write_sysu(output, num_ids, seed, tuple(images_per_camera), height)
+    return _write_sysu(output, num_ids, seed, tuple(images_per_camera), height,
+                       infrared_gap)
   if layout == 'regdb':
     return _write_regdb(output, num_ids, seed, height)
   return _write_llcm(output, num_ids, seed, tuple(images_per_camera), height)

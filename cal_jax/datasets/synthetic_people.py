@@ -86,6 +86,9 @@ class Camera:
   blur: float  # 1 = sharp; 2 = rendered at half resolution and upsampled
   clutter: int  # max background boxes per image
   quality: int  # JPEG quality when saved as JPEG
+  # Near-infrared only: 1 renders each material's own reflectance (the default,
+  # a hard cross-modal gap); 0 renders the colour's luminance; in between mixes.
+  infrared_gap: float = 1.0
 
 
 def _colour(rng: np.random.Generator) -> tuple:
@@ -179,7 +182,11 @@ def _tables(app: Appearance, cam: Camera) -> np.ndarray:
     rgb[part], mat[part] = colour, material
   if cam.sensor == 'visible':
     return rgb
-  level = _nir(rgb, mat) if cam.sensor == 'nir' else _thermal(rgb, mat)
+  if cam.sensor == 'nir':
+    luminance = rgb @ np.array([0.299, 0.587, 0.114])
+    level = cam.infrared_gap * _nir(rgb, mat) + (1 - cam.infrared_gap) * luminance
+  else:
+    level = _thermal(rgb, mat)
   if cam.sensor == 'thermal':
     level[SKIN], level[HAIR] = 0.95, 0.6
   else:
