@@ -65,3 +65,14 @@ def tiny_state(tiny_config):
 def p_train_step(tiny_config):
   from cal_jax.train_step import make_p_train_step
   return make_p_train_step(tiny_config)
+
+
+@pytest.fixture(scope='module')
+def single_torch_thread():
+  """torch's thread pool is 10-100x slower on tiny maps beside XLA's: one thread
+  for the modules that compare against PyTorch (`pytestmark` in those files)."""
+  import torch
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)

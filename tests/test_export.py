@@ -35,13 +35,7 @@ TOLERANCE = 1e-4  # max abs difference of per-part unit vectors, float32
 TRAINING_ONLY_WORDS = ('classifier', 'global_neck')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_torch_thread():
-  """torch's thread pool is much slower on these tiny maps beside XLA's."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_torch_thread')
 
 
 def trained_like(model: CAL, params, batch_stats, image_size, seed: int = 0) -> dict:

@@ -29,13 +29,7 @@ IMAGE_SIZES = [(64, 32), (67, 29)]  # even, and odd (padding must be symmetric)
 TOLERANCE = 1e-4  # max abs difference in float32; feature maps are O(1)-O(10)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_torch_thread():
-  """torch's thread pool is 10-100x slower on these tiny maps beside XLA's."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_torch_thread')
 
 
 @functools.lru_cache(maxsize=None)
