@@ -248,39 +248,15 @@ def time_jax_resnet_step(config: ml_collections.ConfigDict, batch: dict[str, jax
 
 def torch_resnet_identity(depth: int, width: int, last_stride: int,
                           num_classes: int) -> 'torch.nn.Module':
-  """The torchvision ResNet of `resnet.ARCHITECTURES` with `ResNetIdentity`'s head."""
+  """The torchvision ResNet of `cal_jax.torch_model` with `ResNetIdentity`'s head."""
+  from cal_jax import torch_model  # pylint: disable=g-import-not-at-top
   tnn = torch.nn
   kind, blocks_per_stage = resnet.ARCHITECTURES[depth]
-  expansion = resnet.block_expansion(depth)
-
-  def conv_bn(cin: int, cout: int, kernel: int, stride: int) -> list:
-    return [tnn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, bias=False),
-            tnn.BatchNorm2d(cout)]
-
-  class Block(tnn.Module):
-    def __init__(self, cin: int, features: int, stride: int):
-      super().__init__()
-      cout = features * expansion
-      if kind == 'bottleneck':
-        layers = (conv_bn(cin, features, 1, 1) + [tnn.ReLU(inplace=True)]
-                  + conv_bn(features, features, 3, stride) + [tnn.ReLU(inplace=True)]
-                  + conv_bn(features, cout, 1, 1))
-      else:
-        layers = (conv_bn(cin, features, 3, stride) + [tnn.ReLU(inplace=True)]
-                  + conv_bn(features, features, 3, 1))
-      self.residual = tnn.Sequential(*layers)
-      self.downsample = (tnn.Sequential(*conv_bn(cin, cout, 1, stride))
-                         if stride != 1 or cin != cout else tnn.Identity())
-
-    def forward(self, x: 'torch.Tensor') -> 'torch.Tensor':
-      return torch.relu(self.residual(x) + self.downsample(x))
-
-  layers = conv_bn(3, width, 7, 2) + [tnn.ReLU(inplace=True), tnn.MaxPool2d(3, 2, 1)]
-  channels = width
+  block = torch_model.Bottleneck if kind == 'bottleneck' else torch_model.BasicBlock
+  layers, channels = [torch_model.Stem(width)], width
   for stage, (num_blocks, stride) in enumerate(zip(blocks_per_stage, (1, 2, 2, last_stride))):
-    for index in range(num_blocks):
-      layers.append(Block(channels, width * 2**stage, stride if index == 0 else 1))
-      channels = width * 2**stage * expansion
+    layers.append(torch_model.make_stage(block, channels, width * 2**stage, num_blocks, stride))
+    channels = width * 2**stage * block.expansion
   neck = tnn.BatchNorm1d(channels)
   neck.bias.requires_grad_(False)  # AGW's BNNeck: no shift
   classifier = tnn.Linear(channels, num_classes, bias=False)
