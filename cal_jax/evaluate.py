@@ -23,6 +23,7 @@ products).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,6 +38,9 @@ from cal_jax import results as results_lib
 # Images [B, H, W, 3] (or [L, B / L, H, W, 3] with local devices), modality
 # -> features [B, D] (or [L, B / L, D]).
 EmbedFn = Callable[[np.ndarray, int], Any]
+# (extract: indices [N] -> features [N, D], indices) -> features [N, D].
+Distribute = Callable[[Callable[[np.ndarray], np.ndarray], np.ndarray],
+                      np.ndarray]
 
 DATASET_PREFIX = {"sysu_mm01": "sysu", "regdb": "regdb", "llcm": "llcm"}
 CMC_RANKS = (1, 5, 10, 20)
@@ -160,6 +164,7 @@ def evaluate(
     rand_perm_path: str | None = None,
     llcm_v2n_as_released: bool = False,
     local_devices: int | None = None,
+    distribute: Distribute | None = None,
     log: Callable[[str], Any] = print,
 ) -> dict[str, dict[str, Any]]:
   """Scores a model on the test protocols of a data set.
@@ -186,6 +191,10 @@ def evaluate(
       the galleries then follow it instead of ``random.seed(trial)``.
     llcm_v2n_as_released: see `protocols.build_split`.
     local_devices: see `extract_features`.
+    distribute: ``distribute(extract, indices)`` returns ``extract(indices)``,
+      the features [N, D] of ``indices`` in order, however it shares the work;
+      None calls ``extract`` directly. Multi-host runs pass
+      `cal_jax.distributed.split_and_gather`.
     log: called with one line of progress per step.
 
   Returns:
@@ -224,7 +233,7 @@ def evaluate(
 
   groups = _by_modalities(splits, table)
   features, row_of = _embed_all(embed_fn, test_split, splits, config,
-                                local_devices, log)
+                                local_devices, distribute, log)
   out = {}
   for group in groups.values():
     start = time.perf_counter()
@@ -265,6 +274,7 @@ def _embed_all(
     splits: dict[str, list[protocols.Split]],
     config: Any,
     local_devices: int | None,
+    distribute: Distribute | None,
     log: Callable[[str], Any],
 ) -> tuple[np.ndarray, np.ndarray]:
   """Embeds, once each, the images any split uses, one modality at a time.
@@ -283,14 +293,16 @@ def _embed_all(
   for modality in np.unique(modalities):
     indices = used[modalities == modality]
     start = time.perf_counter()
-    blocks.append(extract_features(
-        embed_fn, split, indices, modality=int(modality),
+    extract = functools.partial(
+        extract_features, embed_fn, split, modality=int(modality),
         image_size=(int(config.data.image_height),
                     int(config.data.image_width)),
         batch_size=int(config.data.eval_batch_size),
         flip=bool(config.data.eval_flip),
         num_parts=int(config.model.num_parts),
-        local_devices=local_devices))
+        local_devices=local_devices)
+    blocks.append(distribute(extract, indices) if distribute
+                  else extract(indices))
     row_of[indices] = num_rows + np.arange(len(indices))
     num_rows += len(indices)
     log(f"embedded {len(indices)} {MODALITY_NAMES.get(int(modality))} images "

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from cal_jax import evaluate, inference, results as results_lib
+from cal_jax import distributed, evaluate, inference, results as results_lib
 from cal_jax.data import Splits
 from cal_jax.models.cal import CAL
 
@@ -49,7 +49,7 @@ def evaluate_state(config, splits: Splits, model: CAL, state: Any, counts: np.nd
   results = evaluate.evaluate(embed_fn, splits.test, splits.name, config=config,
                               num_trials=config.eval.num_trials,
                               rand_perm_path=config.eval.rand_perm_path or None,
-                              log=logging.info)
+                              distribute=distributed.split_and_gather, log=logging.info)
   step = int(state.step) if checkpoint_step is None else checkpoint_step
   meta = {'checkpoint_step': step, 'dataset': splits.name,
           'builder_config': config.data.builder_config,

@@ -5,6 +5,11 @@
       --config.data.manual_dir=/data/SYSU-MM01
   python -m cal_jax.main --mode eval --config configs/sysu.py --workdir DIR [--checkpoint STEP]
 
+Multi-host: every process runs the same command. On a Cloud TPU VM and in a
+SLURM step of several tasks the processes find each other by themselves;
+elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+(`launch/` has the scripts).
+
 Any config field can be overridden with --config.FIELD=VALUE; a misspelt field
 or a value of the wrong type is refused before anything runs. Running the same
 command on the same workdir resumes training from its latest checkpoint.
@@ -22,7 +27,7 @@ from ml_collections import config_flags  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from cal_jax import train  # noqa: E402
+from cal_jax import distributed, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.',
                                           lock_config=True)
@@ -31,6 +36,17 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                           'train: train then evaluate; eval: evaluate a checkpoint.')
 _CHECKPOINT = flags.DEFINE_integer('checkpoint', None,
                                    'eval mode: the checkpoint step (default: the latest).')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', list(distributed.MODES),
+    'Start jax.distributed: auto (when --coordinator_address is given or a SLURM step of several '
+    'tasks or a Cloud TPU VM is detected), always, never.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'Multi-host: HOST:PORT of the coordinator (process 0).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0..N-1.')
+_LOCAL_DEVICE_IDS = flags.DEFINE_list('local_device_ids', None,
+                                      'Multi-host: the devices this process drives (default: '
+                                      "JAX's choice).")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -46,6 +62,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    options = distributed.Options(
+        mode=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+        local_device_ids=tuple(int(i) for i in _LOCAL_DEVICE_IDS.value or ()) or None)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  distributed.initialize(options)  # before anything touches a device
   tfds.disable_progress_bar()
   tf.config.experimental.set_visible_devices([], 'GPU')
   logging.info('JAX process %d of %d, local devices: %s', jax.process_index(),

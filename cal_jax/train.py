@@ -19,7 +19,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from cal_jax import checkpointing, data, evaluation_run, input_pipeline, parallel, train_state
+from cal_jax import (checkpointing, data, distributed, evaluation_run, input_pipeline, parallel,
+                     train_state)
 from cal_jax import sampler as sampler_lib
 from cal_jax.models.cal import create_model
 from cal_jax.optim import learning_rate_schedule
@@ -37,7 +38,7 @@ class TrainingSetup:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
-    self.splits = data.load_splits(config, workdir)
+    self.splits = distributed.primary_first(lambda: data.load_splits(config, workdir), 'data')
     self.sampler = sampler_lib.CrossModalIdentitySampler.from_config(
         config, self.splits.train.id, self.splits.train.modality,
         local_devices=jax.local_device_count(), num_hosts=jax.process_count(),
@@ -113,6 +114,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   logging.info('%d training identities, %d steps per epoch, %d steps; %d parameters.',
                setup.num_classes, setup.steps_per_epoch, setup.total_steps,
                train_state.count_parameters(state.params))
+  logging.info('Step %d: %s.', first_step + 1,
+               distributed.host_share_summary(setup.sampler.batch_indices(first_step).label))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   report = periodic_actions.ReportProgress(num_train_steps=setup.total_steps, writer=writer,
