@@ -70,6 +70,10 @@ if [[ -z $port ]]; then
     port=PORT
   else
     port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    if ! [[ $port =~ ^[1-9][0-9]*$ ]]; then
+      echo "local.sh: could not pick a free port with $python; give one with --port" >&2
+      exit 2
+    fi
   fi
 fi
 if [[ -z $log_dir ]]; then
