@@ -187,16 +187,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   return results
 
 
+def restore_for_evaluation(setup: TrainingSetup, step: Optional[int] = None
+                           ) -> tuple[train_state.TrainState, np.ndarray]:
+  """A checkpoint's state (the latest, or `step`) and the counts M-hat comes from."""
+  if setup.checkpointer.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {setup.checkpointer.directory}: train '
+                            'first, or point --workdir at a training run')
+  state, extra = setup.checkpointer.restore(initial_state(setup), step=step)
+  last, current = (np.asarray(extra[k], np.int64) for k in ('last_epoch_counts', 'epoch_counts'))
+  return state, last if last.sum() else current
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: Optional[int] = None) -> dict:
   """`--mode eval`: evaluates the latest (or the given) checkpoint of a workdir."""
   setup = TrainingSetup(config, workdir)
-  if setup.checkpointer.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}: train '
-                            'first, or point --workdir at a training run')
-  state, extra = setup.checkpointer.restore(initial_state(setup), step=step)
-  last, current = (np.asarray(extra[k], np.int64) for k in ('last_epoch_counts', 'epoch_counts'))
-  results = evaluation_run.evaluate_state(config, setup.splits, setup.model, state,
-                                          last if last.sum() else current, workdir)
+  state, counts = restore_for_evaluation(setup, step)
+  results = evaluation_run.evaluate_state(config, setup.splits, setup.model, state, counts,
+                                          workdir)
   setup.checkpointer.close()
   return results

@@ -90,5 +90,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.enabled = True  # evaluate at the end of training (and every eval_every_steps)
   config.eval.num_trials = 10  # gallery draws (SYSU-MM01, LLCM)
   config.eval.rand_perm_path = ""  # SYSU exp/rand_perm_cam.mat: MATLAB galleries
+  config.eval.pictures = True  # DRM regions, TSAA attention, ranked lists, CMC to TensorBoard
 
   return config
