@@ -12,6 +12,7 @@ command on the same workdir resumes training from its latest checkpoint.
 
 import logging as logging_std
 import os
+import sys
 
 # TensorFlow serves the input pipeline only: keep it off the accelerators.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -33,6 +34,11 @@ _CHECKPOINT = flags.DEFINE_integer('checkpoint', None,
                                    'eval mode: the checkpoint step (default: the latest).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+# What bad input raises (docs/decisions.md, "Pictures and bad input"): data set layout,
+# unreadable images, config values, checkpoints and pretrained files of another network
+# (ValueError), missing files and unwritable or full disks (OSError), non-finite losses.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
 
 class _QuietLibraries(logging_std.Filter):
   """Drops the INFO chatter of Orbax and TensorStore (every save logs ~30 lines)."""
@@ -50,10 +56,14 @@ def main(argv):
   tf.config.experimental.set_visible_devices([], 'GPU')
   logging.info('JAX process %d of %d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
-  if _MODE.value == 'train':
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  else:
-    train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+  try:
+    if _MODE.value == 'train':
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    else:
+      train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+  except USER_ERRORS as error:  # a message naming what to fix, not a traceback (--v=1 logs it)
+    logging.debug('cal_jax.main failed', exc_info=True)
+    sys.exit(f'cal_jax.main: error: {error}')
 
 
 if __name__ == '__main__':

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from cal_jax import workdir as workdir_lib
 
 METRICS = ("R1", "R5", "R10", "R20", "mAP", "mINP")
 TABLE_METRICS = ("R1", "R10", "R20", "mAP", "mINP")
@@ -136,20 +136,7 @@ def write_results(path: str, results: dict[str, dict[str, Any]],
                   {k: r["gallery_draw"] for k, r in results.items()})
   text = json.dumps({**results, "meta": meta}, indent=2, allow_nan=False,
                     default=_to_json)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                             suffix=".tmp", dir=folder)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  workdir_lib.write_text_atomically(path, text + "\n")
 
 
 def read_results(path: str) -> tuple[dict[str, dict[str, Any]],

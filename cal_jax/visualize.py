@@ -26,6 +26,7 @@ import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from cal_jax import evaluation_run, pictures, plots, results as results_lib, train  # noqa: E402
+from cal_jax import workdir as workdir_lib  # noqa: E402
 
 KINDS = ('regions', 'attention', 'ranking', 'cmc')
 
@@ -59,6 +60,7 @@ def draw(config: ml_collections.ConfigDict, workdir: str, what: list[str], outpu
          checkpoint: int | None = None, protocol: str | None = None, trial: int = 0,
          num_ids: int = 4, num_queries: int = 4) -> list[str]:
   """Writes the PNGs of `what` into `output`; returns their paths."""
+  workdir_lib.check_writable(output)  # before the work, not after
   figures = {}
   if 'cmc' in what:
     path = os.path.join(workdir, 'eval_results.json')
@@ -86,7 +88,6 @@ def draw(config: ml_collections.ConfigDict, workdir: str, what: list[str], outpu
       ranked = pictures.ranked_lists(embedder, test, key, num_queries, trial=trial)
       figures[f'ranking_{key.replace("/", "_")}'] = pictures.ranking_figure(
           ranked, test, pictures.image_size(config))
-  os.makedirs(output, exist_ok=True)
   paths = []
   for name, fig in figures.items():
     path = os.path.join(output, f'{name}.png')
@@ -108,7 +109,7 @@ def main(argv):
                  _OUTPUT.value or os.path.join(workdir, 'pictures'),
                  checkpoint=_CHECKPOINT.value, protocol=_PROTOCOL.value, trial=_TRIAL.value,
                  num_ids=_NUM_IDS.value, num_queries=_NUM_QUERIES.value)
-  except (FileNotFoundError, ValueError) as error:  # a message for the user, no traceback
+  except (OSError, ValueError) as error:  # a message for the user, no traceback
     logging.debug('cal_jax.visualize failed', exc_info=True)
     sys.exit(f'cal_jax.visualize: error: {error}')
   for path in paths:

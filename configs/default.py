@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic_height = 128
   config.data.synthetic_infrared_gap = 1.0  # 1: hard cross-modal gap; 0: luminance
   config.data.data_dir = ""  # tfds data_dir for prepared data ("" = tfds default)
+  config.data.skip_corrupt_images = False  # True: leave unreadable images out, logged by name
   config.data.image_height = 288
   config.data.image_width = 144
   config.data.num_ids_per_batch = 8  # P: identities per global batch
