@@ -12,7 +12,6 @@ command on the same workdir resumes training from its latest checkpoint.
 
 import logging as logging_std
 import os
-import sys
 
 # TensorFlow serves the input pipeline only: keep it off the accelerators.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -23,7 +22,7 @@ from ml_collections import config_flags  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from cal_jax import train  # noqa: E402
+from cal_jax import cli, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.',
                                           lock_config=True)
@@ -33,11 +32,6 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
 _CHECKPOINT = flags.DEFINE_integer('checkpoint', None,
                                    'eval mode: the checkpoint step (default: the latest).')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-# What bad input raises (docs/decisions.md, "Pictures and bad input"): data set layout,
-# unreadable images, config values, checkpoints and pretrained files of another network
-# (ValueError), missing files and unwritable or full disks (OSError), non-finite losses.
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -61,10 +55,9 @@ def main(argv):
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     else:
       train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
-  except USER_ERRORS as error:  # a message naming what to fix, not a traceback (--v=1 logs it)
-    logging.debug('cal_jax.main failed', exc_info=True)
-    sys.exit(f'cal_jax.main: error: {error}')
+  except cli.USER_ERRORS as error:  # a message naming what to fix, not a traceback
+    cli.exit_with('cal_jax.main', error)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -17,15 +17,14 @@ restores it, and M-hat is applied. `cmc` needs only eval_results.json.
 
 import json
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cal_jax import evaluation_run, pictures, plots, results as results_lib, train  # noqa: E402
+from cal_jax import cli, evaluation_run, pictures, plots, results as results_lib, train  # noqa: E402
 from cal_jax import workdir as workdir_lib  # noqa: E402
 
 KINDS = ('regions', 'attention', 'ranking', 'cmc')
@@ -109,12 +108,11 @@ def main(argv):
                  _OUTPUT.value or os.path.join(workdir, 'pictures'),
                  checkpoint=_CHECKPOINT.value, protocol=_PROTOCOL.value, trial=_TRIAL.value,
                  num_ids=_NUM_IDS.value, num_queries=_NUM_QUERIES.value)
-  except (OSError, ValueError) as error:  # a message for the user, no traceback
-    logging.debug('cal_jax.visualize failed', exc_info=True)
-    sys.exit(f'cal_jax.visualize: error: {error}')
+  except cli.USER_ERRORS as error:  # a message naming what to fix, not a traceback
+    cli.exit_with('cal_jax.visualize', error)
   for path in paths:
     print(path)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -32,10 +32,13 @@ MIN_FREE_BYTES = 64 * 2**20  # summaries, results and the file system's own slac
 class WorkdirError(OSError):
   """The workdir cannot be written, or its disk is too full for the run."""
 
+  def __str__(self) -> str:
+    return str(self.strerror)  # the message, without OSError's "[Errno N]"
+
 
 def _advice(workdir: str) -> str:
   return (f'Choose another --workdir (on a writable disk with free space), or make '
-          f'{workdir!r} writable; nothing in it has been changed.')
+          f'{workdir!r} writable; nothing has been written.')
 
 
 def check_writable(workdir: str) -> None:
@@ -47,8 +50,9 @@ def check_writable(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
+    where = f' ({e.filename})' if e.filename and e.filename != workdir else ''
     raise WorkdirError(e.errno, f'cannot create the workdir {workdir!r}: '
-                       f'{e.strerror or e} ({e.filename or workdir}). {_advice(workdir)}') from e
+                       f'{e.strerror or e}{where}. {_advice(workdir)}') from e
   probe = None
   try:
     fd, probe = tempfile.mkstemp(prefix='.write-probe-', dir=workdir)
@@ -88,7 +92,7 @@ def check_free_space(workdir: str, needed: int) -> None:
                        f'{free / 2**20:.1f} MiB free; this run needs about '
                        f'{needed / 2**20:.1f} MiB (its checkpoints). Free some space, '
                        'lower config.keep_checkpoints, or choose another --workdir; '
-                       'nothing in it has been changed.')
+                       'nothing has been written.')
 
 
 def write_text_atomically(path: str, text: str) -> None:
