@@ -53,6 +53,7 @@ class Embedder:
 
 
 def make_embedder(config, model: CAL, state: Any, counts: np.ndarray) -> Embedder:
+  """The `Embedder` of a (restored or trained) state and its assignment counts."""
   eval_model = model.clone(axis_name=None)
   variables, m_hat = inference_variables(eval_model, state, counts)
   if config.model.embedding == 'global':
@@ -91,7 +92,10 @@ def evaluate_state(config, splits: Splits, model: CAL, state: Any, counts: np.nd
                                 for name, value in fields.items()
                                 if name in ('R1', 'R10', 'R20', 'mAP', 'mINP')})
     writer.write_texts(step, {'eval/table': f'<pre>{table}</pre>'})
-    if config.eval.get('pictures', False):
+    if config.eval.get('pictures', False) and jax.process_index() == 0:
       from cal_jax import pictures  # pylint: disable=g-import-not-at-top  (matplotlib)
-      writer.write_images(step, pictures.evaluation_images(embedder, splits, results))
+      try:
+        writer.write_images(step, pictures.evaluation_images(embedder, splits, results))
+      except ValueError as error:  # e.g. a test split too small to draw; not worth the run
+        logging.warning('No pictures at step %d: %s', step, error)
   return results
