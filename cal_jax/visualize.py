@@ -24,7 +24,8 @@ from absl import app, flags  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cal_jax import cli, evaluation_run, pictures, plots, results as results_lib, train  # noqa: E402
+from cal_jax import cli, evaluate, evaluation_run, pictures, plots, train  # noqa: E402
+from cal_jax import results as results_lib  # noqa: E402
 from cal_jax import workdir as workdir_lib  # noqa: E402
 
 KINDS = ('regions', 'attention', 'ranking', 'cmc')
@@ -34,7 +35,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run to draw.')
 _WHAT = flags.DEFINE_multi_enum('what', list(KINDS), KINDS, 'Pictures to draw (repeatable).')
-_OUTPUT = flags.DEFINE_string('output', None, 'Folder for the PNG files (default WORKDIR/pictures).')
+_OUTPUT = flags.DEFINE_string('output', None,
+                              'Folder for the PNG files (default WORKDIR/pictures).')
 _CHECKPOINT = flags.DEFINE_integer('checkpoint', None, 'Checkpoint step (default: the latest).')
 _PROTOCOL = flags.DEFINE_string('protocol', None,
                                 'ranking: protocol key, e.g. sysu/all/single (default: the '
@@ -82,8 +84,11 @@ def draw(config: ml_collections.ConfigDict, workdir: str, what: list[str], outpu
       maps = pictures.part_map_figures(embedder, test, num_ids)
       figures.update({k: v for k, v in maps.items() if k in what})
     if 'ranking' in what:
-      from cal_jax import evaluate  # pylint: disable=g-import-not-at-top
-      key = protocol or evaluate.protocol_keys(setup.splits.name)[0]
+      keys = evaluate.protocol_keys(setup.splits.name)
+      key = protocol or keys[0]
+      if key not in keys:
+        raise ValueError(f'--protocol={key!r} is not a protocol of {setup.splits.name}; '
+                         f'choose one of {keys}')
       ranked = pictures.ranked_lists(embedder, test, key, num_queries, trial=trial)
       figures[f'ranking_{key.replace("/", "_")}'] = pictures.ranking_figure(
           ranked, test, pictures.image_size(config))

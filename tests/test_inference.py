@@ -85,7 +85,7 @@ def test_global_embedding_of_the_baseline(eval_setup):
 
 def test_part_maps_are_the_drm_selection_and_the_tsaa_attention(eval_setup, tiny_config):
   """What the pictures draw (Fig. 4): S_hat keeps N_k tokens per part, S sums to 1."""
-  from cal_jax.models.region_mining import num_selected_tokens  # pylint: disable=g-import-not-at-top
+  from cal_jax.models import region_mining  # pylint: disable=g-import-not-at-top
   model, variables, images_v, _ = eval_setup
   maps = inference.part_maps(model, variables, images_v, VISIBLE)
   parts = model.apply(variables, images_v, VISIBLE, method=CAL.refined_parts)
@@ -99,6 +99,6 @@ def test_part_maps_are_the_drm_selection_and_the_tsaa_attention(eval_setup, tiny
                              rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(np.asarray(maps['attention']).reshape(batch, num_parts, -1),
                              np.asarray(parts['similarity']), rtol=1e-5, atol=1e-7)
-  n_k = num_selected_tokens(height * width, num_parts, tiny_config.model.select_ratio)
+  n_k = region_mining.num_selected_tokens(height * width, num_parts, tiny_config.model.select_ratio)
   assert (np.count_nonzero(np.asarray(maps['selected']), axis=(2, 3)) == n_k).all()
   np.testing.assert_allclose(np.asarray(maps['attention']).sum(axis=(2, 3)), 1.0, rtol=1e-5)

@@ -137,6 +137,7 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data, monke
 def test_eval_mode_writes_results_for_every_protocol(tmp_path, shared_data, uninterrupted_run):
   """`--mode eval` on a finished run: eval_results.json with every SYSU key and field."""
   import json  # pylint: disable=g-import-not-at-top
+  from cal_jax.results import MODE_NAMES  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   shutil.copytree(uninterrupted_run, workdir)
   result = run_main(['--config', TINY, '--workdir', workdir, '--mode', 'eval'] + shared_data)
@@ -150,5 +151,6 @@ def test_eval_mode_writes_results_for_every_protocol(tmp_path, shared_data, unin
       assert 0.0 <= entry[field] <= 100.0, (key, field)
       assert entry[f'{field}_std'] >= 0.0
     assert entry['trials'] == 2
-    assert key in result.stdout  # the printed table
+    mode = MODE_NAMES[key].split(' ', 1)[1]  # 'all-search single-shot'
+    assert f'{mode}, 2 trials' in result.stdout  # the printed table
   assert written['meta']['checkpoint_step'] == 8
