@@ -91,7 +91,8 @@ def evaluate_state(config, splits: Splits, model: CAL, state: Any, counts: np.nd
                                 for key, fields in results.items()
                                 for name, value in fields.items()
                                 if name in ('R1', 'R10', 'R20', 'mAP', 'mINP')})
-    writer.write_texts(step, {'eval/table': f'<pre>{table}</pre>'})
+    # Indented: a Markdown code block, so TensorBoard keeps the columns.
+    writer.write_texts(step, {'eval/table': '\n'.join('    ' + line for line in table.splitlines())})
     if config.eval.get('pictures', False) and jax.process_index() == 0:
       from cal_jax import pictures  # pylint: disable=g-import-not-at-top  (matplotlib)
       try:

@@ -89,15 +89,18 @@ def test_cmc_curves_of_an_old_results_file_say_what_to_do():
     pictures.cmc_curves({'sysu/all/single': {'R1': 1.0, 'mAP': 2.0}})
 
 
-def test_periodic_evaluation_writes_the_pictures_to_tensorboard(tiny_run):
+def test_periodic_evaluation_writes_the_pictures_and_table_to_tensorboard(tiny_run):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   _, workdir = tiny_run
-  images = {}
+  images, texts = {}, {}
   for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
         if value.metadata.plugin_data.plugin_name == 'images':
           images[value.tag] = value.tensor.string_val[2]
+        if value.metadata.plugin_data.plugin_name == 'text':
+          texts[value.tag] = value.tensor.string_val[0].decode()
+  assert "    SYSU-MM01 (as the paper's Table 1)\n" in texts['eval/table']
   assert sorted(images) == ['pictures/attention', 'pictures/cmc', 'pictures/ranking',
                             'pictures/regions']
   for png in images.values():
