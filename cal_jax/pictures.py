@@ -109,7 +109,7 @@ def ranked_lists(embedder: Any, test_split: input_pipeline.SplitArrays, key: str
 
   The features, the similarity (their dot product) and the gallery images a
   protocol removes (`metrics.removed_from_gallery`) are the evaluator's. The
-  queries are spread evenly over those whose identity is in the gallery.
+  queries are spread evenly over those with a match left in the gallery.
   """
   table = protocols.RecordTable(
       paths=np.asarray(test_split.path, dtype=object),
@@ -117,7 +117,14 @@ def ranked_lists(embedder: Any, test_split: input_pipeline.SplitArrays, key: str
       cameras=np.asarray(test_split.camera, np.int64),
       modalities=np.asarray(test_split.modality, np.int64))
   split = protocols.build_split(table, key, trial)
-  valid = split.query[np.isin(table.ids[split.query], table.ids[split.gallery])]
+  removed = lambda q: metrics.removed_from_gallery(
+      split.metric, table.ids[q], table.cameras[q], table.ids[split.gallery],
+      table.cameras[split.gallery])
+  matches = table.ids[split.query][:, None] == table.ids[split.gallery][None, :]
+  removed_for_all = removed(split.query)
+  if removed_for_all is not None:
+    matches &= ~removed_for_all
+  valid = split.query[matches.any(axis=1)]
   if not valid.size:
     raise ValueError(f'no query of {key} has its identity in the gallery')
   query = valid[np.unique(np.linspace(0, valid.size - 1, min(num_queries, valid.size))
@@ -129,12 +136,10 @@ def ranked_lists(embedder: Any, test_split: input_pipeline.SplitArrays, key: str
       flip=bool(config.data.eval_flip), num_parts=int(config.model.num_parts))
               for indices in (query, split.gallery)]
   distances = -(features[0] @ features[1].T)
-  removed = metrics.removed_from_gallery(split.metric, table.ids[query], table.cameras[query],
-                                         table.ids[split.gallery],
-                                         table.cameras[split.gallery])
-  if removed is not None:
-    distances[removed] = np.inf
-  kept = len(split.gallery) - (0 if removed is None else int(removed.sum(axis=1).max()))
+  dropped = removed(query)
+  if dropped is not None:
+    distances[dropped] = np.inf
+  kept = len(split.gallery) - (0 if dropped is None else int(dropped.sum(axis=1).max()))
   order = np.argsort(distances, axis=1, kind='stable')[:, :min(top_k, kept)]
   gallery = split.gallery[order]
   return RankedLists(split, query, gallery, table.ids[gallery] == table.ids[query][:, None])
