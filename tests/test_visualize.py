@@ -124,9 +124,14 @@ def test_ranked_lists_are_the_evaluators_ranking(restored):
   assert ranked.query.shape == (4,) and ranked.gallery.shape == (4, 10)
   assert (test.modality[ranked.query] == 1).all() and (test.modality[ranked.gallery] == 0).all()
   size = pictures.image_size(embedder.config)
-  embed = lambda idx, m: np.asarray(inference.embed(
-      embedder.model, embedder.variables,
-      pictures.network_input(input_pipeline.resize_images(test.image[idx], size)), m))
+  batch = embedder.config.data.eval_batch_size
+
+  def embed(indices, modality):  # padded to the evaluation's batch: its compiled embedding
+    assert len(indices) <= batch
+    padded = np.resize(np.asarray(indices), batch)
+    images = pictures.network_input(input_pipeline.resize_images(test.image[padded], size))
+    return np.asarray(inference.embed(embedder.model, embedder.variables, images,
+                                      modality))[:len(indices)]
   similarity = embed(ranked.query, 1) @ embed(ranked.split.gallery, 0).T
   for q, query in enumerate(ranked.query):
     allowed = ~((test.camera[query] == 3) & (test.camera[ranked.split.gallery] == 2))
