@@ -76,9 +76,15 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
     ensure_synthetic(data.synthetic, manual_dir, data.synthetic_num_ids, config.seed,
                      data.synthetic_height, data.synthetic_infrared_gap)
   full_name = f'{name}/{data.builder_config}' if data.builder_config else name
-  builder = tfds.builder(full_name, data_dir=data_dir or None)
+  builder = tfds.builder(full_name, data_dir=data_dir or None,
+                         skip_corrupt_images=data.get('skip_corrupt_images', False))
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  skipped = (builder.info.metadata or {}).get('skipped_images', [])
+  if skipped:
+    logging.warning('%d unreadable images were left out when %s was prepared '
+                    '(config.data.skip_corrupt_images): %s', len(skipped), full_name,
+                    ', '.join(skipped))
   return Splits(name=name,
                 train=input_pipeline.load_builder_split(builder, 'train'),
                 test=input_pipeline.load_builder_split(builder, 'test'))

@@ -355,7 +355,7 @@ class _Distances:
 
 
 def _score(distances: _Distances, table: protocols.RecordTable,
-           split: protocols.Split) -> dict[str, float]:
+           split: protocols.Split) -> dict[str, Any]:
   """Metrics of one trial, in percent (see `cal_jax.results.summarize`)."""
   scores = metrics.evaluate_ranking(
       distances.of(split),
@@ -370,4 +370,5 @@ def _score(distances: _Distances, table: protocols.RecordTable,
   out["mINP"] = 100.0 * scores["mINP"]
   out["num_valid_queries"] = scores["num_valid_queries"]
   out["num_gallery"] = int(len(split.gallery))
+  out["cmc"] = [100.0 * float(v) for v in cmc]
   return out

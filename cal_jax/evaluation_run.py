@@ -3,6 +3,7 @@
 Shared by the end of training and by `--mode eval`.
 """
 
+import dataclasses
 import datetime
 import os
 from typing import Any, Optional
@@ -29,24 +30,49 @@ def inference_variables(model: CAL, state: Any, counts: np.ndarray) -> tuple[dic
   return {'params': params, 'batch_stats': state.batch_stats}, m_hat
 
 
-def evaluate_state(config, splits: Splits, model: CAL, state: Any, counts: np.ndarray,
-                   workdir: str, writer: Optional[Any] = None,
-                   checkpoint_step: Optional[int] = None) -> dict[str, dict]:
-  """Evaluates `state` on every protocol of the data set; writes DIR/eval_results.json."""
+@dataclasses.dataclass(frozen=True)
+class Embedder:
+  """A state made ready for evaluation: what the evaluator and the pictures use.
+
+  Attributes:
+    config: the run's config; for the baseline's global embedding a copy with
+      num_parts = 1 (one "part": the evaluator normalises the whole feature).
+    model: the network without a pmap axis.
+    variables: eval variables, visible prototypes reordered by M-hat.
+    m_hat: M-hat, [N_p].
+  """
+  config: Any
+  model: CAL
+  variables: Any
+  m_hat: np.ndarray
+
+  def __call__(self, images: np.ndarray, modality: int) -> np.ndarray:
+    """`evaluate.EmbedFn`: images [B, H, W, 3] -> embeddings [B, D]."""
+    return np.asarray(inference.embed(self.model, self.variables, images, modality,
+                                      self.config.model.embedding))
+
+
+def make_embedder(config, model: CAL, state: Any, counts: np.ndarray) -> Embedder:
+  """The `Embedder` of a (restored or trained) state and its assignment counts."""
   eval_model = model.clone(axis_name=None)
   variables, m_hat = inference_variables(eval_model, state, counts)
-  variables = jax.device_put(variables)
-
-  kind = config.model.embedding
-
-  def embed_fn(images: np.ndarray, modality: int) -> np.ndarray:
-    return np.asarray(inference.embed(eval_model, variables, images, modality, kind))
-
-  if kind == 'global':  # one "part": the evaluator normalises the whole feature
+  if config.model.embedding == 'global':
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.model.num_parts = 1
-  results = evaluate.evaluate(embed_fn, splits.test, splits.name, config=config,
+  return Embedder(config, eval_model, jax.device_put(variables), m_hat)
+
+
+def evaluate_state(config, splits: Splits, model: CAL, state: Any, counts: np.ndarray,
+                   workdir: str, writer: Optional[Any] = None,
+                   checkpoint_step: Optional[int] = None) -> dict[str, dict]:
+  """Evaluates `state` on every protocol of the data set; writes DIR/eval_results.json.
+
+  With a `writer` (periodic evaluation during training), also the metrics,
+  the table and, with config.eval.pictures, the pictures of `cal_jax.pictures`.
+  """
+  embedder = make_embedder(config, model, state, counts)
+  results = evaluate.evaluate(embedder, splits.test, splits.name, config=embedder.config,
                               num_trials=config.eval.num_trials,
                               rand_perm_path=config.eval.rand_perm_path or None,
                               distribute=distributed.split_and_gather, log=logging.info)
@@ -54,14 +80,23 @@ def evaluate_state(config, splits: Splits, model: CAL, state: Any, counts: np.nd
   meta = {'checkpoint_step': step, 'dataset': splits.name,
           'builder_config': config.data.builder_config,
           'synthetic': config.data.synthetic,
-          'm_hat': m_hat.tolist(), 'embedding': kind,
+          'm_hat': embedder.m_hat.tolist(), 'embedding': config.model.embedding,
           'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
+  table = results_lib.format_table(results)
   if jax.process_index() == 0:
     results_lib.write_results(os.path.join(workdir, 'eval_results.json'), results, meta)
-    print(results_lib.format_table(results), flush=True)
+    print(table, flush=True)
   if writer is not None:
     writer.write_scalars(step, {f'eval/{key}/{name}': value
                                 for key, fields in results.items()
                                 for name, value in fields.items()
                                 if name in ('R1', 'R10', 'R20', 'mAP', 'mINP')})
+    # Indented: a Markdown code block, so TensorBoard keeps the columns.
+    writer.write_texts(step, {'eval/table': '\n'.join('    ' + line for line in table.splitlines())})
+    if config.eval.get('pictures', False) and jax.process_index() == 0:
+      from cal_jax import pictures  # pylint: disable=g-import-not-at-top  (matplotlib)
+      try:
+        writer.write_images(step, pictures.evaluation_images(embedder, splits, results))
+      except ValueError as error:  # e.g. a test split too small to draw; not worth the run
+        logging.warning('No pictures at step %d: %s', step, error)
   return results

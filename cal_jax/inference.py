@@ -76,3 +76,11 @@ def embed(model: CAL, variables: Any, images: jax.Array, modality: int,
 def part_cosine_similarity(visible: jax.Array, infrared: jax.Array) -> jax.Array:
   """sum_p cos(f_v,p, f_i,p) for all pairs: [Nv, N_p*C] x [Ni, N_p*C] -> [Nv, Ni]."""
   return jnp.matmul(visible, infrared.T)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'modality'))
+def part_maps(model: CAL, variables: Any, images: jax.Array, modality: int
+              ) -> dict[str, jax.Array]:
+  """Images of one modality [B, H, W, 3] -> DRM's S_hat and TSAA's S as
+  [B, N_p, h, w] maps ('selected', 'attention'), see `CAL.part_maps`."""
+  return model.apply(variables, images, modality, method=CAL.part_maps)

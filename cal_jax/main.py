@@ -27,7 +27,7 @@ from ml_collections import config_flags  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from cal_jax import distributed, train  # noqa: E402
+from cal_jax import cli, distributed, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.',
                                           lock_config=True)
@@ -74,11 +74,14 @@ def main(argv):
   tf.config.experimental.set_visible_devices([], 'GPU')
   logging.info('JAX process %d of %d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
-  if _MODE.value == 'train':
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  else:
-    train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+  try:
+    if _MODE.value == 'train':
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    else:
+      train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+  except cli.USER_ERRORS as error:  # a message naming what to fix, not a traceback
+    cli.exit_with('cal_jax.main', error)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -158,6 +158,28 @@ def _rank(d: np.ndarray) -> np.ndarray:
   return order
 
 
+def removed_from_gallery(protocol: str, q_pids: np.ndarray, q_cams: np.ndarray,
+                         g_pids: np.ndarray, g_cams: np.ndarray
+                         ) -> np.ndarray | None:
+  """Which gallery images a protocol removes for each query (module doc).
+
+  Args:
+    protocol: "sysu", "regdb" or "llcm".
+    q_pids, q_cams: [Q] query identities and cameras.
+    g_pids, g_cams: [G] gallery identities and cameras.
+
+  Returns:
+    [Q, G] bool, True where gallery image g does not count for query q, in
+    gallery order; None when the protocol removes nothing ("regdb").
+  """
+  if protocol == "sysu":
+    return (np.asarray(q_cams) == 3)[:, None] & (np.asarray(g_cams) == 2)[None, :]
+  if protocol == "llcm":
+    return ((np.asarray(g_pids)[None, :] == np.asarray(q_pids)[:, None])
+            & (np.asarray(g_cams)[None, :] == np.asarray(q_cams)[:, None]))
+  return None
+
+
 def _score_chunk(
     d: np.ndarray,
     q_dense: np.ndarray,
@@ -184,12 +206,9 @@ def _score_chunk(
   order = _rank(d)
   ranked_ids = g_dense[order]
   match = ranked_ids == q_dense[:, None]
-  if protocol == "sysu":
-    removed = (q_cam == 3)[:, None] & (g_cam == 2)[order]
-  elif protocol == "llcm":
-    removed = match & (g_cam[order] == q_cam[:, None])
-  else:
-    removed = None
+  removed = removed_from_gallery(protocol, q_dense, q_cam, g_dense, g_cam)
+  if removed is not None:
+    removed = np.take_along_axis(removed, order, axis=1)
   del order
 
   if removed is not None:

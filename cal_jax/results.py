@@ -5,8 +5,10 @@ A result (one protocol key) is a dict:
   R1_std, ..., mINP_std         standard deviation over trials (0 for one)
   trials                        number of trials averaged
   gallery_draw                  how the galleries were drawn (first .. last)
+  cmc                           the mean CMC curve, percent at ranks 1..20
+                                (absent in files of older versions)
   per_trial                     [trials] dicts: trial, the six metrics,
-                                num_valid_queries, num_gallery
+                                num_valid_queries, num_gallery, cmc
 A results dict maps protocol keys (`cal_jax.protocols.PROTOCOL_KEYS`) to
 results; the JSON file written by `write_results` adds a 'meta' entry.
 """
@@ -15,12 +17,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from cal_jax import workdir as workdir_lib
 
 METRICS = ("R1", "R5", "R10", "R20", "mAP", "mINP")
 TABLE_METRICS = ("R1", "R10", "R20", "mAP", "mINP")
@@ -62,10 +64,22 @@ def summarize(per_trial: Sequence[dict[str, Any]],
     out[name] = float(values.mean())
     out[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
   out["trials"] = len(per_trial)
+  curves = [t["cmc"] for t in per_trial if "cmc" in t]
+  if curves and len(curves) == len(per_trial):
+    out["cmc"] = mean_curve(curves)
   out["gallery_draw"] = (gallery_draws[0] if len(gallery_draws) == 1 else
                          f"{gallery_draws[0]} .. {gallery_draws[-1]}")
   out["per_trial"] = [dict(t) for t in per_trial]
   return out
+
+
+def mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
+  """Mean of CMC curves; a shorter curve (a gallery under 20 images) keeps its
+  last value, as `cal_jax.metrics.evaluate_ranking` extends its own."""
+  length = max(len(c) for c in curves)
+  padded = np.array([list(c) + [c[-1]] * (length - len(c)) for c in curves],
+                    np.float64)
+  return padded.mean(axis=0).tolist()
 
 
 def combine_runs(runs: Sequence[dict[str, dict[str, Any]]]
@@ -122,20 +136,7 @@ def write_results(path: str, results: dict[str, dict[str, Any]],
                   {k: r["gallery_draw"] for k, r in results.items()})
   text = json.dumps({**results, "meta": meta}, indent=2, allow_nan=False,
                     default=_to_json)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                             suffix=".tmp", dir=folder)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  workdir_lib.write_text_atomically(path, text + "\n")
 
 
 def read_results(path: str) -> tuple[dict[str, dict[str, Any]],
@@ -156,31 +157,46 @@ def _to_json(value: Any) -> Any:
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-  """A Markdown table in the layout of the paper's Tables 1 and 2.
+  """Fixed-width text tables in the layout of the paper's Tables 1 and 2.
 
-  One row per protocol key (SYSU-MM01 modes, then RegDB, then LLCM
-  directions), columns R1, R10, R20, mAP, mINP in percent, "mean ± std" when
-  a key averages more than one trial, and the number of trials.
+  One table per data set (SYSU-MM01 as Table 1, RegDB as Table 2, then LLCM),
+  one column group per protocol mode with R1, R10, R20, mAP and mINP in
+  percent, a row of means and a row of standard deviations over the trials
+  ("-" for a mode of one trial, so that one trial cannot pass for ten).
   """
   keys = [k for k in MODE_NAMES if k in results]
   keys += sorted(k for k in results if k not in MODE_NAMES and k != "meta")
-  header = ["key", "protocol and mode"] + list(TABLE_METRICS) + ["trials"]
-  rows = []
+  by_dataset: dict[str, list[str]] = {}
+  for key in keys:
+    by_dataset.setdefault(key.split("/", 1)[0], []).append(key)
+  return "\n\n".join(_dataset_table(prefix, group, results)
+                      for prefix, group in by_dataset.items())
+
+
+def _dataset_table(prefix: str, keys: Sequence[str],
+                   results: dict[str, dict[str, Any]]) -> str:
+  width = _CELL * len(TABLE_METRICS) + len(TABLE_METRICS) - 1
+  groups, metrics, means, stds = [], [], [], []
   for key in keys:
     result = results[key]
     trials = int(result.get("trials", 1))
-    cells = []
-    for name in TABLE_METRICS:
-      cell = f"{result[name]:.2f}"
-      if trials > 1:
-        cell += f" ± {result.get(name + '_std', 0.0):.2f}"
-      cells.append(cell)
-    rows.append([key, MODE_NAMES.get(key, key)] + cells + [str(trials)])
-  widths = [max(len(r[i]) for r in [header] + rows)
-            for i in range(len(header))]
+    label = f"{_MODE_LABELS.get(key, key)}, {trials} trial{'s' * (trials > 1)}"
+    groups.append(label.ljust(width))
+    metrics.append(" ".join(name.rjust(_CELL) for name in TABLE_METRICS))
+    means.append(" ".join(f"{result[name]:{_CELL}.2f}" for name in TABLE_METRICS))
+    stds.append(" ".join(
+        (f"{result.get(name + '_std', 0.0):{_CELL}.2f}" if trials > 1 else
+         "-".rjust(_CELL)) for name in TABLE_METRICS))
+  lines = [_TITLES.get(prefix, prefix)]
+  for label, cells in (("", groups), ("", metrics), ("mean", means),
+                       ("std", stds)):
+    lines.append((label.ljust(4) + "  " + "  ".join(cells)).rstrip())
+  return "\n".join(lines)
 
-  def line(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
 
-  rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-  return "\n".join([line(header), rule] + [line(r) for r in rows])
+_CELL = 7
+_TITLES = {"sysu": "SYSU-MM01 (as the paper's Table 1)",
+           "regdb": "RegDB (as the paper's Table 2)",
+           "llcm": "LLCM"}
+# Column-group labels: the mode, in the words of the paper's table headers.
+_MODE_LABELS = {key: name.split(" ", 1)[1] for key, name in MODE_NAMES.items()}

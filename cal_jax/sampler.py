@@ -171,7 +171,10 @@ class CrossModalIdentitySampler:
       if missing.size:
         raise ValueError(
             f"{missing.size} training identities have no {name} image, so no "
-            f"cross-modal batch can hold them: {missing.tolist()}")
+            f"cross-modal batch can hold them: {missing.tolist()}. Every "
+            "training identity needs images of both modalities: restore the "
+            f"missing {name} images, or remove these identities from the "
+            "data set's training list")
       self._by_modality.append(index)
     if num_ids_per_batch > self.num_classes:
       raise ValueError(

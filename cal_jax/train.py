@@ -22,6 +22,7 @@ from clu import metric_writers, periodic_actions
 from cal_jax import (checkpointing, data, distributed, evaluation_run, input_pipeline, parallel,
                      train_state)
 from cal_jax import sampler as sampler_lib
+from cal_jax import workdir as workdir_lib
 from cal_jax.models.cal import create_model
 from cal_jax.optim import learning_rate_schedule
 from cal_jax.train_step import make_p_train_step
@@ -101,13 +102,14 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict]:
   """Trains CAL, then evaluates the final model; returns the evaluation results."""
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_writable(workdir)
   is_chief = jax.process_index() == 0
   setup = TrainingSetup(config, workdir)
   state, extra = restore_or_initialize(setup)  # refuses an incompatible checkpoint
+  workdir_lib.check_free_space(workdir, workdir_lib.run_bytes(state, config.keep_checkpoints))
   if is_chief:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdir_lib.write_text_atomically(os.path.join(workdir, 'config.json'),
+                                      config.to_json_best_effort(indent=2))
   first_step = int(state.step)
   epoch_counts = np.asarray(extra['epoch_counts'], np.int64)
   last_epoch_counts = np.asarray(extra['last_epoch_counts'], np.int64)
@@ -190,16 +192,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   return results
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: Optional[int] = None) -> dict:
-  """`--mode eval`: evaluates the latest (or the given) checkpoint of a workdir."""
-  setup = TrainingSetup(config, workdir)
+def restore_for_evaluation(setup: TrainingSetup, step: Optional[int] = None
+                           ) -> tuple[train_state.TrainState, np.ndarray]:
+  """A checkpoint's state (the latest, or `step`) and the counts M-hat comes from."""
   if setup.checkpointer.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}: train '
+    raise FileNotFoundError(f'no checkpoint in {setup.checkpointer.directory}: train '
                             'first, or point --workdir at a training run')
   state, extra = setup.checkpointer.restore(initial_state(setup), step=step)
   last, current = (np.asarray(extra[k], np.int64) for k in ('last_epoch_counts', 'epoch_counts'))
-  results = evaluation_run.evaluate_state(config, setup.splits, setup.model, state,
-                                          last if last.sum() else current, workdir)
+  return state, last if last.sum() else current
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: Optional[int] = None) -> dict:
+  """`--mode eval`: evaluates the latest (or the given) checkpoint of a workdir."""
+  workdir_lib.check_writable(workdir)
+  setup = TrainingSetup(config, workdir)
+  state, counts = restore_for_evaluation(setup, step)
+  results = evaluation_run.evaluate_state(config, setup.splits, setup.model, state, counts,
+                                          workdir)
   setup.checkpointer.close()
   return results

@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic_height = 128
   config.data.synthetic_infrared_gap = 1.0  # 1: hard cross-modal gap; 0: luminance
   config.data.data_dir = ""  # tfds data_dir for prepared data ("" = tfds default)
+  config.data.skip_corrupt_images = False  # True: leave unreadable images out, logged by name
   config.data.image_height = 288
   config.data.image_width = 144
   config.data.num_ids_per_batch = 8  # P: identities per global batch
@@ -90,5 +91,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.enabled = True  # evaluate at the end of training (and every eval_every_steps)
   config.eval.num_trials = 10  # gallery draws (SYSU-MM01, LLCM)
   config.eval.rand_perm_path = ""  # SYSU exp/rand_perm_cam.mat: MATLAB galleries
+  config.eval.pictures = True  # DRM regions, TSAA attention, ranked lists, CMC to TensorBoard
 
   return config

@@ -76,3 +76,29 @@ def single_torch_thread():
   torch.set_num_threads(1)
   yield
   torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  """(config, workdir) of a tiny run as training leaves it, without compiling a train
+  step: config.json, the initial state saved as the checkpoint of step 0, and the
+  periodic evaluation of it (eval_results.json, TensorBoard metrics and pictures).
+  Shared: copy the workdir before changing anything in it."""
+  import numpy as np
+  from clu import metric_writers
+  from cal_jax import evaluation_run, train
+  from configs import tiny
+  config = tiny.get_config()
+  workdir = str(tmp_path_factory.mktemp('tiny_run'))
+  setup = train.TrainingSetup(config, workdir)
+  state = train.initial_state(setup)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  counts = np.zeros(24, np.int64)  # 4! assignments, none counted: M-hat = identity
+  with setup.checkpointer:
+    setup.checkpointer.save(0, state, {'epoch_counts': counts, 'last_epoch_counts': counts})
+  writer = metric_writers.create_default_writer(workdir)
+  evaluation_run.evaluate_state(config, setup.splits, setup.model, state, counts, workdir,
+                                writer=writer)
+  writer.flush()
+  return config, workdir

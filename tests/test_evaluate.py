@@ -127,7 +127,8 @@ def _direct(features, split, key, trial):
   return {"R1": 100 * cmc[0], "R5": 100 * cmc[min(5, len(cmc)) - 1],
           "R10": 100 * cmc[min(10, len(cmc)) - 1],
           "R20": 100 * cmc[min(20, len(cmc)) - 1],
-          "mAP": 100 * out["mAP"], "mINP": 100 * out["mINP"]}, s
+          "mAP": 100 * out["mAP"], "mINP": 100 * out["mINP"],
+          "cmc": 100 * np.asarray(cmc)}, s
 
 
 def test_protocol_keys():
@@ -202,12 +203,15 @@ def test_random_embedding_equals_direct_ranking(split, config, dataset):
       per_trial.append(want)
       for name, value in want.items():
         assert r["per_trial"][t][name] == pytest.approx(value, abs=1e-9)
+      assert r["per_trial"][t]["cmc"][0] == r["per_trial"][t]["R1"]
       assert r["per_trial"][t]["num_gallery"] == len(s.gallery)
     for name in results_lib.METRICS:
       values = [p[name] for p in per_trial]
       assert r[name] == pytest.approx(np.mean(values), abs=1e-9)
       want_std = np.std(values, ddof=1) if trials > 1 else 0.0
       assert r[name + "_std"] == pytest.approx(want_std, abs=1e-9)
+    np.testing.assert_allclose(
+        r["cmc"], np.mean([p["cmc"] for p in per_trial], axis=0), atol=1e-9)
     assert any(line.startswith(key) for line in lines)
   if dataset == "regdb":
     assert out["regdb/v2t"]["gallery_draw"] == "whole test split of trial_3"
@@ -283,16 +287,26 @@ def test_write_results_atomic_and_readable(tmp_path, monkeypatch):
 
 
 def test_format_table():
+  """The paper's layout: a table per data set, a column group per mode."""
   results = _results()
-  table = results_lib.format_table(results)
-  lines = table.splitlines()
-  assert len(lines) == 4 and "R1" in lines[0] and "mINP" in lines[0]
-  sysu = next(line for line in lines if "sysu/all/single" in line)
-  assert "SYSU-MM01 all-search single-shot" in sysu
-  assert "71.00 ± 1.00" in sysu and "91.50 ± 1.00" in sysu
-  assert "65.00 ± 1.00" in sysu and sysu.rstrip(" |").endswith("3")
-  regdb = next(line for line in lines if "regdb/v2t" in line)
-  assert "94.51" in regdb and "88.67" in regdb and "±" not in regdb
+  results["sysu/indoor/multi"] = results_lib.summarize(
+      [dict(t, R1=t["R1"] + 10) for t in results["sysu/all/single"]["per_trial"]],
+      ["random.seed(0)"] * 3)
+  expected = """\
+SYSU-MM01 (as the paper's Table 1)
+      all-search single-shot, 3 trials         indoor-search multi-shot, 3 trials
+           R1     R10     R20     mAP    mINP       R1     R10     R20     mAP    mINP
+mean    71.00   91.50   95.00   65.00   42.00    81.00   91.50   95.00   65.00   42.00
+std      1.00    1.00    0.00    1.00    2.00     1.00    1.00    0.00    1.00    2.00
+
+RegDB (as the paper's Table 2)
+      visible to infrared, 1 trial
+           R1     R10     R20     mAP    mINP
+mean    94.51   90.50   95.00   88.67   40.00
+std         -       -       -       -       -"""
+  assert results_lib.format_table(results) == expected
+  # The order of the paper, whatever the order of the results.
+  assert results_lib.format_table(dict(reversed(results.items()))) == expected
 
 
 def test_combine_runs():

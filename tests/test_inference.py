@@ -81,3 +81,24 @@ def test_global_embedding_of_the_baseline(eval_setup):
   np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
   with pytest.raises(ValueError, match='config.model.embedding'):
     inference.embed(model, variables, images_v, VISIBLE, 'pooled')
+
+
+def test_part_maps_are_the_drm_selection_and_the_tsaa_attention(eval_setup, tiny_config):
+  """What the pictures draw (Fig. 4): S_hat keeps N_k tokens per part, S sums to 1."""
+  from cal_jax.models import region_mining  # pylint: disable=g-import-not-at-top
+  model, variables, images_v, _ = eval_setup
+  maps = inference.part_maps(model, variables, images_v, VISIBLE)
+  parts = model.apply(variables, images_v, VISIBLE, method=CAL.refined_parts)
+  batch, num_parts, height, width = maps['selected'].shape
+  assert (batch, num_parts) == (3, tiny_config.model.num_parts)
+  assert (height, width) == (tiny_config.data.image_height // 16,
+                             tiny_config.data.image_width // 16)
+  # jit (part_maps) and op-by-op (refined_parts) differ by float rounding only.
+  np.testing.assert_allclose(np.asarray(maps['selected']).reshape(batch, num_parts, -1),
+                             np.swapaxes(np.asarray(parts['selected']), 1, 2),
+                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(maps['attention']).reshape(batch, num_parts, -1),
+                             np.asarray(parts['similarity']), rtol=1e-5, atol=1e-7)
+  n_k = region_mining.num_selected_tokens(height * width, num_parts, tiny_config.model.select_ratio)
+  assert (np.count_nonzero(np.asarray(maps['selected']), axis=(2, 3)) == n_k).all()
+  np.testing.assert_allclose(np.asarray(maps['attention']).sum(axis=(2, 3)), 1.0, rtol=1e-5)

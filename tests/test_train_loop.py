@@ -75,21 +75,6 @@ def shared_data(tmp_path_factory):
           f'--config.data.data_dir={root / "tfds"}']
 
 
-def test_misspelt_override_fails_naming_the_field(tmp_path):
-  result = run_main(['--config', TINY, '--workdir', str(tmp_path),
-                     '--config.model.dept=18'], timeout=120)
-  assert result.returncode != 0
-  assert 'dept' in result.stderr
-  assert not os.listdir(tmp_path)
-
-
-def test_wrong_type_override_fails_naming_the_field(tmp_path):
-  result = run_main(['--config', TINY, '--workdir', str(tmp_path),
-                     '--config.model.depth=fifty'], timeout=120)
-  assert result.returncode != 0
-  assert 'depth' in result.stderr
-
-
 @pytest.fixture(scope='module')
 def uninterrupted_run(tmp_path_factory, shared_data):
   workdir = str(tmp_path_factory.mktemp('whole'))
@@ -115,20 +100,6 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, shared_data,
   assert expected.keys() == got.keys()
   for key in expected:
     np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
-
-
-def test_incompatible_checkpoint_is_refused_and_nothing_is_lost(tmp_path, shared_data,
-                                                                uninterrupted_run):
-  workdir = str(tmp_path / 'run')
-  shutil.copytree(uninterrupted_run, workdir)
-  before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
-  config_json = open(os.path.join(workdir, 'config.json')).read()
-  other = run_main(['--config', TINY, '--workdir', workdir, '--config.model.num_parts=3']
-                   + COMMON + shared_data)
-  assert other.returncode != 0
-  assert 'num_parts: checkpoint=4, config=3' in other.stderr
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
-  assert open(os.path.join(workdir, 'config.json')).read() == config_json
 
 
 def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data, monkeypatch):
@@ -166,6 +137,7 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data, monke
 def test_eval_mode_writes_results_for_every_protocol(tmp_path, shared_data, uninterrupted_run):
   """`--mode eval` on a finished run: eval_results.json with every SYSU key and field."""
   import json  # pylint: disable=g-import-not-at-top
+  from cal_jax.results import MODE_NAMES  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   shutil.copytree(uninterrupted_run, workdir)
   result = run_main(['--config', TINY, '--workdir', workdir, '--mode', 'eval'] + shared_data)
@@ -179,5 +151,6 @@ def test_eval_mode_writes_results_for_every_protocol(tmp_path, shared_data, unin
       assert 0.0 <= entry[field] <= 100.0, (key, field)
       assert entry[f'{field}_std'] >= 0.0
     assert entry['trials'] == 2
-    assert key in result.stdout  # the printed table
+    mode = MODE_NAMES[key].split(' ', 1)[1]  # 'all-search single-shot'
+    assert f'{mode}, 2 trials' in result.stdout  # the printed table
   assert written['meta']['checkpoint_step'] == 8

@@ -88,3 +88,16 @@ def test_missing_partner_is_reported(tiny_config, tiny_state, p_train_step):
   batch['label'][0, -1] = 7  # an infrared image whose identity has no visible image here
   _, (metrics,) = run_steps(p_train_step, tiny_state, [batch])
   assert metrics['bad_pairs'] >= 1
+
+
+def test_modality_specific_stems_start_equal_and_then_learn_apart(tiny_config, tiny_state,
+                                                                  p_train_step):
+  for collection in (tiny_state.params, tiny_state.batch_stats):
+    pairs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda v, i: (np.asarray(v), np.asarray(i)), collection['stem_visible'],
+        collection['stem_infrared']), is_leaf=lambda x: isinstance(x, tuple))
+    assert pairs and all(np.array_equal(v, i) for v, i in pairs)
+  new_state, _ = run_steps(p_train_step, tiny_state, [make_identity_batch(tiny_config, 2)])
+  visible = np.asarray(new_state.params['stem_visible']['conv1']['kernel'])
+  infrared = np.asarray(new_state.params['stem_infrared']['conv1']['kernel'])
+  assert not np.allclose(visible, infrared)  # two stems, not one shared

@@ -8,6 +8,12 @@ Every example of `sysu_mm01`, `regdb` and `llcm` has the same features:
   path      text, the image's path relative to the data set root ('/')
 Examples keep the order of `records.list_records` (sorted by id, camera, path):
 shuffling is disabled, so reading a split in order gives that listing.
+
+An image that cannot be decoded stops the preparation naming the file, unless
+the builder is made with `skip_corrupt_images=True` (config.data.
+skip_corrupt_images): then each such image is logged and left out, and the
+list of skipped paths is kept in the prepared data set's metadata
+(`skipped_images`), so that every later run can report it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from cal_jax.datasets import images
 from cal_jax.datasets import records as records_lib
@@ -38,7 +45,22 @@ def dataset_info(builder: tfds.core.DatasetBuilder, description: str,
                  homepage: str, citation: str) -> tfds.core.DatasetInfo:
   return tfds.core.DatasetInfo(
       builder=builder, description=description, features=features(),
-      homepage=homepage, citation=citation, disable_shuffling=True)
+      homepage=homepage, citation=citation, disable_shuffling=True,
+      metadata=tfds.core.MetadataDict())
+
+
+class SkipsCorruptImages:
+  """Builder mixin: the `skip_corrupt_images` keyword of `tfds.builder(...)`."""
+
+  def __init__(self, *, skip_corrupt_images: bool = False, **kwargs):
+    self.skip_corrupt_images = bool(skip_corrupt_images)
+    super().__init__(**kwargs)
+
+  def skipped_images(self) -> list[str] | None:
+    """The list skipped paths are appended to, or None when not skipping."""
+    if not self.skip_corrupt_images:
+      return None
+    return self.info.metadata.setdefault('skipped_images', [])
 
 
 def manual_root(dl_manager: tfds.download.DownloadManager, layout: str) -> str:
@@ -54,18 +76,36 @@ def manual_root(dl_manager: tfds.download.DownloadManager, layout: str) -> str:
   return records_lib.find_root(layout, manual_dir)
 
 
-def generate_examples(root: str, split_records: Sequence[records_lib.Record]
-                      ) -> Iterator[tuple[str, dict]]:
+def generate_examples(root: str, split_records: Sequence[records_lib.Record],
+                      skipped: list[str] | None = None) -> Iterator[tuple[str, dict]]:
   """(key, example) pairs of `split_records`, the image read from `root`.
 
+  Args:
+    root: the data set folder.
+    split_records: the records of one split.
+    skipped: None to fail on an unreadable image; else a list to which the
+      path of each unreadable image is appended instead.
   Raises:
     images.CorruptImageError: an image cannot be decoded (its path is named).
   """
+  bad = 0
   for record in split_records:
+    try:
+      image = images.tfds_image(os.path.join(root, record.path))
+    except images.CorruptImageError as error:
+      if skipped is None:
+        raise
+      logging.warning('config.data.skip_corrupt_images: leaving out %s', error.path)
+      skipped.append(record.path)
+      bad += 1
+      continue
     yield record.path, {
-        'image': images.tfds_image(os.path.join(root, record.path)),
+        'image': image,
         'id': record.id,
         'camera': record.camera,
         'modality': record.modality,
         'path': record.path,
     }
+  if bad:
+    logging.warning('Skipped %d unreadable of %d images of the split in %s.', bad,
+                    len(split_records), root)

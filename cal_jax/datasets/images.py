@@ -22,7 +22,8 @@ class CorruptImageError(ValueError):
   def __init__(self, path: str, reason: str):
     self.path = path
     super().__init__(f'cannot decode image {path!r}: {reason}. Copy this file '
-                     'again from the original archive.')
+                     'again from the original archive, or leave such files out with '
+                     '--config.data.skip_corrupt_images=True (they are counted and named).')
 
 
 def _open(path: str) -> tuple[bytes, Image.Image]:

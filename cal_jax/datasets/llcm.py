@@ -14,7 +14,7 @@ _CITATION = """@inproceedings{zhang2023diverse,
   booktitle={CVPR}, year={2023}}"""
 
 
-class Llcm(tfds.core.GeneratorBasedBuilder):
+class Llcm(builder_common.SkipsCorruptImages, tfds.core.GeneratorBasedBuilder):
   """LLCM (low-light cross-modality): 1,064 identities, 9 cameras, visible and
   near-infrared images. train = idx/train_vis.txt + idx/train_nir.txt (713 ids),
   test = test_vis/ and test_nir/ images of idx/test_id.txt (351 ids); see
@@ -40,4 +40,4 @@ class Llcm(tfds.core.GeneratorBasedBuilder):
     return {s: self._generate_examples(root, r) for s, r in splits.items()}
 
   def _generate_examples(self, root: str, split_records: list[records.Record]):
-    return builder_common.generate_examples(root, split_records)
+    return builder_common.generate_examples(root, split_records, self.skipped_images())

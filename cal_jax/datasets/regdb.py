@@ -27,7 +27,7 @@ class RegdbConfig(tfds.core.BuilderConfig):
   trial: int = 1
 
 
-class Regdb(tfds.core.GeneratorBasedBuilder):
+class Regdb(builder_common.SkipsCorruptImages, tfds.core.GeneratorBasedBuilder):
   """RegDB: 412 identities, 10 visible and 10 thermal images each, from one
   visible (camera 1) and one thermal (camera 2) camera. Each trial splits the
   identities in half (206 train, 206 test); see `records.regdb_records`."""
@@ -60,4 +60,4 @@ class Regdb(tfds.core.GeneratorBasedBuilder):
     return {s: self._generate_examples(root, r) for s, r in splits.items()}
 
   def _generate_examples(self, root: str, split_records: list[records.Record]):
-    return builder_common.generate_examples(root, split_records)
+    return builder_common.generate_examples(root, split_records, self.skipped_images())

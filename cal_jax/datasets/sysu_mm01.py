@@ -14,7 +14,7 @@ _CITATION = """@inproceedings{wu2017rgb,
   booktitle={ICCV}, year={2017}}"""
 
 
-class SysuMm01(tfds.core.GeneratorBasedBuilder):
+class SysuMm01(builder_common.SkipsCorruptImages, tfds.core.GeneratorBasedBuilder):
   """SYSU-MM01: 491 identities, 4 visible (cam1, 2, 4, 5) and 2 infrared
   (cam3, 6) cameras. train = exp/train_id.txt + exp/val_id.txt (395 ids),
   test = exp/test_id.txt (96 ids), all cameras; see `records.sysu_records`."""
@@ -41,4 +41,4 @@ class SysuMm01(tfds.core.GeneratorBasedBuilder):
     return {s: self._generate_examples(root, r) for s, r in splits.items()}
 
   def _generate_examples(self, root: str, split_records: list[records.Record]):
-    return builder_common.generate_examples(root, split_records)
+    return builder_common.generate_examples(root, split_records, self.skipped_images())

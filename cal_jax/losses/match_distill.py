@@ -11,9 +11,10 @@ both attending the visible map of j):
 
 and symmetrically in the infrared direction. Eq. (17) is solved on the host
 with scipy's Hungarian solver, once per step for the whole batch, through
-`jax.pure_callback`; no gradient flows through the assignment. In Eq. (19)
-the cross-refined distribution is the teacher (its gradient is stopped) and
-the self-refined one, the inference path, the student.
+`jax.pure_callback`; no gradient flows through the assignment. In Eqs. (18)
+and (19) the cross-refined attention map and distribution are the teachers
+(their gradients are stopped) and the self-refined ones, the inference path,
+the students.
 """
 
 import math
@@ -27,6 +28,19 @@ from scipy.optimize import linear_sum_assignment
 def edge_weights(cross_similarity: jax.Array, partner_self_similarity: jax.Array) -> jax.Array:
   """Eq. (16). [B, N_p, H*W] x [B, N_p, H*W] -> W [B, N_p (k1), N_p (k2)]."""
   return jnp.einsum('bkn,bln->bkl', cross_similarity, partner_self_similarity)
+
+
+def distillation_edge_weights(cross_similarity: jax.Array,
+                              partner_self_similarity: jax.Array) -> jax.Array:
+  """Eq. (16) as L_kd1 optimises it: the cross-refined map is the teacher.
+
+  Same values as `edge_weights`; the gradient reaches only the self-refined
+  (student, inference-path) maps, as the teacher of L_kd2 is stopped too.
+  Letting it reach both lets the two maps agree on a trivial target: from
+  scratch both collapsed onto one token that carries no identity (see
+  docs/decisions.md).
+  """
+  return edge_weights(jax.lax.stop_gradient(cross_similarity), partner_self_similarity)
 
 
 def solve_assignments_on_host(weights: np.ndarray) -> np.ndarray:

@@ -62,12 +62,13 @@ def cal_objective(outputs: dict[str, jax.Array], labels_visible: jax.Array,
                     + diversity_loss(outputs['selected_ir']))
 
   # MatchDistill. Visible direction: infrared sample i's queries (k1) against
-  # its visible partner's own queries (k2), on the partner's visible map.
-  w_visible = match_distill.edge_weights(outputs['sim_vi'],
-                                         outputs['sim_vv'][partner_of_infrared])
+  # its visible partner's own queries (k2), on the partner's visible map. The
+  # cross-refined map is the teacher of both distillation levels.
+  w_visible = match_distill.distillation_edge_weights(outputs['sim_vi'],
+                                                      outputs['sim_vv'][partner_of_infrared])
   # Infrared direction: visible sample j's queries against its infrared partner's.
-  w_infrared = match_distill.edge_weights(outputs['sim_iv'],
-                                          outputs['sim_ii'][partner_of_visible])
+  w_infrared = match_distill.distillation_edge_weights(outputs['sim_iv'],
+                                                       outputs['sim_ii'][partner_of_visible])
   weights_both = jnp.concatenate([w_visible, w_infrared])
   perm = match_distill.match_queries(weights_both)
   loss_kd1 = match_distill.feature_distill_loss(weights_both, perm)

@@ -167,6 +167,24 @@ class CAL(nn.Module):
     'similarity' (TSAA attention, [B, N_p, h*w]), 'scores' (DRM scores S,
     [B, h*w, N_p]) and 'selected' (S_hat), for pictures and tests.
     """
+    return self._self_refinement(images, modality)[0]
+
+  def part_maps(self, images: jax.Array, modality: int) -> dict[str, jax.Array]:
+    """What Fig. 4 draws, as maps over the feature map: [B, N_p, h, w] each.
+
+    'selected': S_hat of Eq. (3), each part's kept DRM scores (0 elsewhere);
+    'attention': S of Eq. (9) in the self-refinement, A(T; P) of the image's
+    own part queries. Eval mode; part k is the part the variables' prototype k
+    mines (evaluation reorders the visible prototypes by M-hat first).
+    """
+    out, (batch, height, width) = self._self_refinement(images, modality)
+    as_maps = lambda x: x.reshape(batch, -1, height, width)
+    return {'selected': as_maps(jnp.swapaxes(out['selected'], 1, 2)),
+            'attention': as_maps(out['similarity'])}
+
+  def _self_refinement(self, images: jax.Array, modality: int
+                       ) -> tuple[dict[str, jax.Array], tuple[int, int, int]]:
+    """`refined_parts` and the feature map's (B, h, w)."""
     if modality not in (VISIBLE, INFRARED):
       raise ValueError(f'modality must be {VISIBLE} (visible) or {INFRARED} (infrared), '
                        f'got {modality!r}')
@@ -175,8 +193,8 @@ class CAL(nn.Module):
     feature_map = self.stages(stem(images, False), False)
     mined = drm(feature_map)
     features, similarity = self.adapter(mined['tokens'], mined['parts'], mined['tokens'])
-    return {'features': features, 'similarity': similarity, 'scores': mined['scores'],
-            'selected': mined['selected']}
+    return ({'features': features, 'similarity': similarity, 'scores': mined['scores'],
+             'selected': mined['selected']}, feature_map.shape[:3])
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,

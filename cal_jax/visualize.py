@@ -1,0 +1,123 @@
+"""Command line: pictures of a trained run, as PNG files.
+
+  python -m cal_jax.visualize --workdir DIR --what regions|attention|ranking|cmc \
+      [--what ...] [--output DIR/pictures] [--checkpoint STEP] [--protocol KEY]
+
+  regions    the regions DRM selects (S-hat, Eq. 3), per part, over a visible
+             and an infrared test image of a few identities (the paper's Fig. 4)
+  attention  the TSAA spatial attention (S, Eq. 9) of each part query, same images
+  ranking    queries of a protocol and their top-10 gallery images, framed green
+             (same identity) or red
+  cmc        the CMC curves of DIR/eval_results.json, one per protocol and mode
+
+The run's config is read from DIR/config.json (or give --config and
+overrides, as to cal_jax.main); the checkpoint is restored as `--mode eval`
+restores it, and M-hat is applied. `cmc` needs only eval_results.json.
+"""
+
+import json
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags  # noqa: E402
+import ml_collections  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from cal_jax import cli, evaluate, evaluation_run, pictures, plots, train  # noqa: E402
+from cal_jax import results as results_lib  # noqa: E402
+from cal_jax import workdir as workdir_lib  # noqa: E402
+
+KINDS = ('regions', 'attention', 'ranking', 'cmc')
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Configuration file (default: the config.json the run wrote in --workdir).',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The training run to draw.')
+_WHAT = flags.DEFINE_multi_enum('what', list(KINDS), KINDS, 'Pictures to draw (repeatable).')
+_OUTPUT = flags.DEFINE_string('output', None,
+                              'Folder for the PNG files (default WORKDIR/pictures).')
+_CHECKPOINT = flags.DEFINE_integer('checkpoint', None, 'Checkpoint step (default: the latest).')
+_PROTOCOL = flags.DEFINE_string('protocol', None,
+                                'ranking: protocol key, e.g. sysu/all/single (default: the '
+                                "data set's first).")
+_TRIAL = flags.DEFINE_integer('trial', 0, 'ranking: the gallery draw.')
+_NUM_IDS = flags.DEFINE_integer('num_ids', 4, 'regions, attention: identities to draw.')
+_NUM_QUERIES = flags.DEFINE_integer('num_queries', 4, 'ranking: queries to draw.')
+flags.mark_flags_as_required(['workdir'])
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a training run wrote into its workdir."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} does not exist: --workdir must be a training run of '
+                            'cal_jax.main, or pass its --config')
+  with open(path, encoding='utf-8') as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def draw(config: ml_collections.ConfigDict, workdir: str, what: list[str], output: str, *,
+         checkpoint: int | None = None, protocol: str | None = None, trial: int = 0,
+         num_ids: int = 4, num_queries: int = 4) -> list[str]:
+  """Writes the PNGs of `what` into `output`; returns their paths."""
+  workdir_lib.check_writable(output)  # before the work, not after
+  figures = {}
+  if 'cmc' in what:
+    path = os.path.join(workdir, 'eval_results.json')
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path} does not exist: evaluate first '
+                              '(python -m cal_jax.main --mode eval ...)')
+    results, meta = results_lib.read_results(path)
+    figures['cmc'] = plots.cmc_figure(
+        pictures.cmc_curves(results),
+        f'CMC, {meta.get("dataset", "")} at step {meta.get("checkpoint_step", "?")}')
+  if set(what) - {'cmc'}:
+    setup = train.TrainingSetup(config, workdir)
+    try:
+      state, counts = train.restore_for_evaluation(setup, checkpoint)
+    finally:
+      setup.checkpointer.close()
+    embedder = evaluation_run.make_embedder(config, setup.model, state, counts)
+    test = setup.splits.test
+    if {'regions', 'attention'} & set(what):
+      maps = pictures.part_map_figures(embedder, test, num_ids)
+      figures.update({k: v for k, v in maps.items() if k in what})
+    if 'ranking' in what:
+      keys = evaluate.protocol_keys(setup.splits.name)
+      key = protocol or keys[0]
+      if key not in keys:
+        raise ValueError(f'--protocol={key!r} is not a protocol of {setup.splits.name}; '
+                         f'choose one of {keys}')
+      ranked = pictures.ranked_lists(embedder, test, key, num_queries, trial=trial)
+      figures[f'ranking_{key.replace("/", "_")}'] = pictures.ranking_figure(
+          ranked, test, pictures.image_size(config))
+  paths = []
+  for name, fig in figures.items():
+    path = os.path.join(output, f'{name}.png')
+    with open(path, 'wb') as f:
+      f.write(plots.to_png(fig))
+    paths.append(path)
+  return paths
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.experimental.set_visible_devices([], 'GPU')  # TensorFlow serves the data only
+  workdir = _WORKDIR.value
+  try:
+    config = _CONFIG.value if _CONFIG.value is not None else read_run_config(workdir)
+    paths = draw(config, workdir, list(dict.fromkeys(_WHAT.value)),
+                 _OUTPUT.value or os.path.join(workdir, 'pictures'),
+                 checkpoint=_CHECKPOINT.value, protocol=_PROTOCOL.value, trial=_TRIAL.value,
+                 num_ids=_NUM_IDS.value, num_queries=_NUM_QUERIES.value)
+  except cli.USER_ERRORS as error:  # a message naming what to fix, not a traceback
+    cli.exit_with('cal_jax.visualize', error)
+  for path in paths:
+    print(path)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)
