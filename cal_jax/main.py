@@ -67,8 +67,8 @@ def main(argv):
         mode=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
         local_device_ids=tuple(int(i) for i in _LOCAL_DEVICE_IDS.value or ()) or None)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  except ValueError as error:
+    cli.exit_with('cal_jax.main', error)
   distributed.initialize(options)  # before anything touches a device
   tfds.disable_progress_bar()
   tf.config.experimental.set_visible_devices([], 'GPU')

@@ -3,6 +3,10 @@
 The cross-process paths themselves (collectives, gather, barriers) run in test_multihost.py.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -85,3 +89,16 @@ def test_one_process_gathers_nothing():
   indices = np.array([4, 9, 2])
   rows = distributed.split_and_gather(lambda i: np.stack([i, 2 * i], axis=1), indices)
   np.testing.assert_array_equal(rows, [[4, 8], [9, 18], [2, 4]])
+
+
+def test_main_refuses_inconsistent_flags_before_anything_runs(tmp_path):
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      [sys.executable, '-m', 'cal_jax.main', '--config', 'configs/tiny.py', '--workdir',
+       str(workdir), '--num_processes=2', '--process_id=0'],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+      text=True, timeout=300)
+  assert result.returncode == 1
+  assert 'cal_jax.main: error: --num_processes and --process_id need --coordinator_address' in (
+      result.stderr)
+  assert not workdir.exists()
