@@ -3,9 +3,10 @@
   python -m cal_jax.main --config configs/synthetic.py --workdir workdir/synthetic
 
 Generates the synthetic data set (once, into WORKDIR/synthetic_data), trains
-a narrow ResNet-50 from scratch on 96x48 images, then evaluates with the
-SYSU-MM01 protocols and prints the table. Sized for a 2-core laptop CPU
-(about 10 minutes); the README reports what it reaches.
+a narrow ResNet-50 from scratch on 128x64 images for 940 steps, then
+evaluates with the SYSU-MM01 protocols and prints the table. Sized for a
+2-core laptop CPU (under 10 minutes); the README reports what it reaches
+(all-search single-shot Rank-1 and mAP several times an untrained model's).
 """
 
 from configs import default
@@ -15,18 +16,25 @@ def get_config():
   config = default.get_config()
   config.data.synthetic = "sysu"
   config.data.synthetic_num_ids = 96  # 64 training, 32 test identities
-  config.data.image_height = 96
-  config.data.image_width = 48
+  # Near-infrared brightness 70% luminance, 30% each material's own response:
+  # the full per-material gap (1.0) is not bridged from scratch in minutes.
+  config.data.synthetic_infrared_gap = 0.3
+  config.data.image_height = 128  # the generated images' own size: 8 x 4 maps
+  config.data.image_width = 64
   config.data.pad = 4
   config.data.num_ids_per_batch = 8
   config.data.num_pos = 2
   config.model.width = 16  # a quarter of ResNet-50's width: fast on a CPU
   config.model.adapter_hidden = 128
   config.model.adapter_dim = 64
-  config.optim.num_epochs = 10
-  config.optim.warmup_epochs = 1
-  config.optim.base_lr = 0.05  # from scratch, 0.1 diverges early (see README)
-  config.optim.warmup_start_lr = 0.005
+  # From scratch, one stem for both modalities: measured better than two
+  # (started equal) here for CAL and far better for the baseline; see
+  # docs/decisions.md, "The embedded default".
+  config.model.modality_specific_stem = False
+  config.optim.num_epochs = 20
+  config.optim.warmup_epochs = 2
+  config.optim.base_lr = 0.02  # from scratch, 0.05 pushes the ID loss above chance early
+  config.optim.warmup_start_lr = 0.002
   config.optim.backbone_lr_mult = 1.0  # from scratch: no pretrained backbone
   config.eval.num_trials = 10
   config.log_every_steps = 20
