@@ -36,9 +36,9 @@ def distillation_edge_weights(cross_similarity: jax.Array,
 
   Same values as `edge_weights`; the gradient reaches only the self-refined
   (student, inference-path) maps, as the teacher of L_kd2 is stopped too.
-  Letting it reach both lets the two maps agree on a trivial target: from
-  scratch both collapsed onto one token that carries no identity (see
-  docs/decisions.md).
+  Letting it reach both let the two maps agree on a trivial target: from
+  scratch the part identity loss then stayed at chance (see
+  docs/decisions.md, "Directions and normalisation of MatchDistill").
   """
   return edge_weights(jax.lax.stop_gradient(cross_similarity), partner_self_similarity)
 
