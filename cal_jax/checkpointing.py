@@ -31,6 +31,7 @@ items, commits the rename and deletes old steps.
 
 import json
 import math
+import os
 from typing import Any, Optional
 
 import jax
@@ -122,7 +123,8 @@ class Checkpointer:
         best_fn=mean_average_precision, best_mode='max',
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
-    self._manager = ocp.CheckpointManager(directory, options=options)
+    # Orbax needs an absolute path; the command lines resolve theirs already.
+    self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
   @property
   def directory(self) -> str:

@@ -8,13 +8,18 @@ fix (the file, field or value), with exit status 1 and no traceback.
   parse_flags          absl's flag parsing, with a misspelt config field reported
                        as a flag error like any other
   exit_with(program, error)   the one-line exit (`--v=1` also logs the traceback)
+  absolute_path(path)  a path typed on the command line, resolved once against the
+                       directory the command was started in ('' stays '')
+  resolve_config_paths(config)   the same for every path field of a config
 """
 
+import os
 import re
 import sys
 from typing import NoReturn
 
 from absl import app, logging
+import ml_collections
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
@@ -39,3 +44,29 @@ def parse_flags(argv: list[str]) -> list[str]:
 def exit_with(program: str, error: BaseException) -> NoReturn:
   logging.debug('%s failed', program, exc_info=error)
   sys.exit(f'{program}: error: {error}')
+
+
+# Every config field that holds a path a user types (resolved by `resolve_config_paths`).
+CONFIG_PATH_FIELDS = ('data.manual_dir', 'data.data_dir', 'model.pretrained',
+                      'eval.rand_perm_path')
+
+
+def absolute_path(path: str | None) -> str | None:
+  """`path` with `~` expanded, made absolute against the current directory.
+
+  Orbax refuses relative checkpoint paths, and a relative path would change
+  meaning if any code changed directory: so each path a user types is
+  resolved once, where the command line is read. '' and None stay as they are.
+  """
+  if not path:
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_config_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Makes every path field of `config` (CONFIG_PATH_FIELDS) absolute, in place."""
+  for field in CONFIG_PATH_FIELDS:
+    section, name = field.split('.')
+    if section in config and name in config[section]:
+      config[section][name] = absolute_path(config[section][name])
+  return config

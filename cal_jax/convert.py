@@ -273,13 +273,16 @@ def main(argv):
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  from cal_jax import cli  # pylint: disable=g-import-not-at-top
   flag = flags.FLAGS
+  output = cli.absolute_path(flag.output)
+  config = cli.resolve_config_paths(flag.config) if flag.config is not None else None
   try:
-    metadata = export_checkpoint(flag.workdir, flag.output, step=flag.checkpoint,
-                                 config=flag.config)
+    metadata = export_checkpoint(cli.absolute_path(flag.workdir), output, step=flag.checkpoint,
+                                 config=config)
   except (FileNotFoundError, ValueError) as error:  # a message for the user, no traceback
     sys.exit(f'cal_jax.convert: error: {error}')
-  print(f"wrote {flag.output}: step {metadata['checkpoint_step']}, "
+  print(f"wrote {output}: step {metadata['checkpoint_step']}, "
         f"M-hat {metadata['m_hat']}, {metadata['config']}", flush=True)
 
 

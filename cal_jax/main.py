@@ -74,11 +74,13 @@ def main(argv):
   tf.config.experimental.set_visible_devices([], 'GPU')
   logging.info('JAX process %d of %d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
+  config = cli.resolve_config_paths(_CONFIG.value)
+  workdir = cli.absolute_path(_WORKDIR.value)
   try:
     if _MODE.value == 'train':
-      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      train.train_and_evaluate(config, workdir)
     else:
-      train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+      train.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
   except cli.USER_ERRORS as error:  # a message naming what to fix, not a traceback
     cli.exit_with('cal_jax.main', error)
 

@@ -106,11 +106,12 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.experimental.set_visible_devices([], 'GPU')  # TensorFlow serves the data only
-  workdir = _WORKDIR.value
+  workdir = cli.absolute_path(_WORKDIR.value)
   try:
     config = _CONFIG.value if _CONFIG.value is not None else read_run_config(workdir)
+    config = cli.resolve_config_paths(config)
     paths = draw(config, workdir, list(dict.fromkeys(_WHAT.value)),
-                 _OUTPUT.value or os.path.join(workdir, 'pictures'),
+                 cli.absolute_path(_OUTPUT.value) or os.path.join(workdir, 'pictures'),
                  checkpoint=_CHECKPOINT.value, protocol=_PROTOCOL.value, trial=_TRIAL.value,
                  num_ids=_NUM_IDS.value, num_queries=_NUM_QUERIES.value)
   except cli.USER_ERRORS as error:  # a message naming what to fix, not a traceback
