@@ -27,7 +27,8 @@ from cal_jax.models.cal import create_model
 from cal_jax.optim import learning_rate_schedule
 from cal_jax.train_step import make_p_train_step
 
-LOSS_TERMS = ('loss', 'id', 'global_id', 'pcl', 'kd1', 'kd2', 'dis', 'div')
+LOSS_TERMS = ('loss', 'id', 'global_id', 'pcl', 'kd1', 'kd2', 'dis', 'div', 'attention_div')
+ATTENTION_STATISTICS = ('attention_max', 'attention_entropy', 'attention_distinct')
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -96,7 +97,8 @@ def check_finite(step: int, summary: dict[str, float]) -> None:
 def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
   """Mean of each scalar metric over the steps since the last summary."""
   host = jax.device_get(history)
-  return {k: float(np.mean([h[k][0] for h in host])) for k in LOSS_TERMS + ('grad_norm',)} | {
+  scalars = LOSS_TERMS + ATTENTION_STATISTICS + ('grad_norm',)
+  return {k: float(np.mean([h[k][0] for h in host])) for k in scalars} | {
       'bad_pairs': float(np.sum([h['bad_pairs'][0] for h in host]))}
 
 

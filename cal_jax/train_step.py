@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cal_jax.losses import match_distill
+from cal_jax.models.attention_adapter import attention_statistics
 from cal_jax.parallel import AXIS
 from cal_jax.losses.objective import cal_objective
 from cal_jax.train_state import TrainState
@@ -80,7 +81,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     num_parts: N_p (for the assignment histogram).
     axis_name: the mapped axis, or None when not mapped.
   Returns:
-    (new state, metrics): each loss term, the learning-rate-free gradient
+    (new state, metrics): each loss term, the attention statistics of the
+    self-refined maps (`attention_statistics`), the learning-rate-free gradient
     norm, 'assignment_counts' [N_p!] (how often each infrared->visible part
     permutation was the optimum of Eq. 17 in this step, summed over devices),
     and 'bad_pairs' (samples without a same-identity partner; must be 0).
@@ -99,7 +101,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
         partner_of_infrared, partner_of_visible, train=True, mutable=['batch_stats'])
     total, terms, ir_to_vis = cal_objective(outputs, labels_v, labels_i, partner_of_infrared,
                                             partner_of_visible, loss_weights, axis_name)
-    return total, (terms, ir_to_vis, mutated['batch_stats'])
+    # The self-refined maps, the inference path: a collapse shows here first.
+    attention = attention_statistics(jnp.concatenate([outputs['sim_vv'], outputs['sim_ii']]))
+    return total, (terms | jax.lax.stop_gradient(attention), ir_to_vis, mutated['batch_stats'])
 
   (_, (terms, ir_to_vis, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)

@@ -72,6 +72,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.dis = 0.1  # lambda_3
   config.loss.div = 0.1  # lambda_4
   config.loss.pcl_margin = 0.6  # sigma of Eq. (15)
+  # L_kd1's form on the matched maps: "dot" is Eq. (18) literally (optimum: one-hot
+  # maps, the attention collapses); "cosine" | "kl" | "mse" align the maps. See
+  # docs/decisions.md, "L_kd1: the attention collapse".
+  config.loss.kd1_form = "dot"
+  config.loss.query_matching = True  # CQM: Hungarian matching (Eq. 17); False: identity
+  config.loss.attention_div = 0.0  # Eq. (5) on the TSAA maps too (not in the paper)
+  config.loss.stop_teacher_gradient = True  # cross-refined teachers of L_kd1/L_kd2 stopped
 
   # ------------------------------------------------------------ optimiser ---
   config.optim = ml_collections.ConfigDict()

@@ -120,7 +120,8 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data, monke
       del key
       calls.append(1)
       devices = batch['label'].shape[0]
-      metrics = {term: np.ones(devices) for term in train.LOSS_TERMS + ('grad_norm',)}
+      metrics = {term: np.ones(devices)
+                 for term in train.LOSS_TERMS + train.ATTENTION_STATISTICS + ('grad_norm',)}
       if len(calls) >= 3:
         metrics['pcl'] = np.full(devices, np.nan)
       metrics['assignment_counts'] = np.zeros((devices, 24), np.int32)

@@ -39,7 +39,8 @@ def cal_objective(outputs: dict[str, jax.Array], labels_visible: jax.Array,
     outputs: the model's training outputs.
     labels_visible, labels_infrared: [B] identity labels of the two halves.
     partner_of_infrared, partner_of_visible: [B] partner indices (see CAL).
-    weights: `config.loss` (id, global_id, pcl, kd1, kd2, dis, div, pcl_margin).
+    weights: `config.loss` (id, global_id, pcl, kd1, kd2, dis, div, pcl_margin,
+      kd1_form, query_matching, stop_teacher_gradient, attention_div).
     axis_name: mapped axis the batch is split over, or None.
   Returns:
     (total loss, dict of each unweighted term and the total, matchings [2B, N_p]
@@ -60,29 +61,40 @@ def cal_objective(outputs: dict[str, jax.Array], labels_visible: jax.Array,
                     + discriminability_loss(outputs['part_logits_ir'], labels_infrared))
   loss_div = 0.5 * (diversity_loss(outputs['selected_vis'])
                     + diversity_loss(outputs['selected_ir']))
+  # Not in the paper: Eq. (5) on the TSAA maps of the self-refinement (the
+  # inference path), weight `attention_div` (0 = the paper). It keeps the part
+  # queries attending different tokens (docs/decisions.md, "L_kd1: the
+  # attention collapse").
+  loss_attention_div = 0.5 * (diversity_loss(jnp.swapaxes(outputs['sim_vv'], 1, 2))
+                              + diversity_loss(jnp.swapaxes(outputs['sim_ii'], 1, 2)))
 
-  # MatchDistill. Visible direction: infrared sample i's queries (k1) against
-  # its visible partner's own queries (k2), on the partner's visible map. The
-  # cross-refined map is the teacher of both distillation levels.
-  w_visible = match_distill.distillation_edge_weights(outputs['sim_vi'],
-                                                      outputs['sim_vv'][partner_of_infrared])
-  # Infrared direction: visible sample j's queries against its infrared partner's.
-  w_infrared = match_distill.distillation_edge_weights(outputs['sim_iv'],
-                                                       outputs['sim_ii'][partner_of_visible])
-  weights_both = jnp.concatenate([w_visible, w_infrared])
-  perm = match_distill.match_queries(weights_both)
-  loss_kd1 = match_distill.feature_distill_loss(weights_both, perm)
+  # MatchDistill, visible direction first: infrared sample i's queries (k1)
+  # against its visible partner's own queries (k2), on the partner's visible
+  # map; then the infrared direction: visible sample j's queries against its
+  # infrared partner's. The cross-refined map is the teacher of both levels.
+  stop = jax.lax.stop_gradient if weights.stop_teacher_gradient else (lambda x: x)
+  teacher = jnp.concatenate([stop(outputs['sim_vi']), stop(outputs['sim_iv'])])
+  student = jnp.concatenate([outputs['sim_vv'][partner_of_infrared],
+                             outputs['sim_ii'][partner_of_visible]])
+  weights_both = match_distill.edge_weights(teacher, student)  # Eq. (16)
+  perm = (match_distill.match_queries(weights_both) if weights.query_matching
+          else jnp.broadcast_to(jnp.arange(weights_both.shape[1], dtype=jnp.int32),
+                                weights_both.shape[:2]))
+  loss_kd1 = match_distill.map_distill_loss(teacher, student, perm, weights.kd1_form)
   batch = labels_visible.shape[0]
   cross_logits = jnp.concatenate([outputs['logits_vi'], outputs['logits_iv']])
   partner_self_logits = jnp.concatenate([outputs['logits_vv'][partner_of_infrared],
                                          outputs['logits_ii'][partner_of_visible]])
-  loss_kd2 = match_distill.logit_distill_loss(cross_logits, partner_self_logits, perm)
+  loss_kd2 = match_distill.logit_distill_loss(cross_logits, partner_self_logits, perm,
+                                              stop_teacher=weights.stop_teacher_gradient)
 
   total = (weights.id * loss_id + weights.global_id * loss_global_id + weights.pcl * loss_pcl
            + weights.kd1 * loss_kd1 + weights.kd2 * loss_kd2
-           + weights.dis * loss_dis + weights.div * loss_div)
+           + weights.dis * loss_dis + weights.div * loss_div
+           + weights.attention_div * loss_attention_div)
   terms = {'loss': total, 'id': loss_id, 'global_id': loss_global_id, 'pcl': loss_pcl,
-           'kd1': loss_kd1, 'kd2': loss_kd2, 'dis': loss_dis, 'div': loss_div}
+           'kd1': loss_kd1, 'kd2': loss_kd2, 'dis': loss_dis, 'div': loss_div,
+           'attention_div': loss_attention_div}
   # Both directions as infrared part -> visible part: the visible direction
   # maps k1 (infrared) -> k2 (visible) already; the infrared one is inverted.
   ir_to_vis = jnp.concatenate([perm[:batch], match_distill.invert_permutations(perm[batch:])])

@@ -114,3 +114,22 @@ def refine(tokens: jax.Array, tokens_hat: jax.Array, queries_hat: jax.Array,
   similarity = spatial_similarity(queries_hat, tokens_hat)
   attended = jnp.einsum('bkn,bnc->bkc', similarity, tokens)
   return attended * channel_gates, similarity
+
+
+def attention_statistics(similarity: jax.Array) -> dict[str, jax.Array]:
+  """How peaked and how diverse the maps S [B, N_p, H*W] are, as scalars.
+
+  attention_max: mean over images and parts of max_n S (1: one-hot; 1/(H*W): uniform).
+  attention_entropy: mean entropy of S, nats (0: one-hot; log(H*W): uniform).
+  attention_distinct: mean over images of the number of distinct argmax tokens
+    among the N_p parts (1: every part attends the same token).
+  A collapse of the attention shows as max -> 1, entropy -> 0, distinct -> 1.
+  """
+  similarity = similarity.astype(jnp.float32)
+  entropy = -jnp.sum(similarity * jnp.log(jnp.maximum(similarity, 1e-12)), axis=-1)
+  peak = jnp.argmax(similarity, axis=-1)  # [B, N_p]
+  earlier = jnp.tril(jnp.ones((peak.shape[1],) * 2, bool), k=-1)  # [k, j]: j < k
+  repeated = jnp.any((peak[:, :, None] == peak[:, None, :]) & earlier[None], axis=-1)
+  return {'attention_max': jnp.mean(jnp.max(similarity, axis=-1)),
+          'attention_entropy': jnp.mean(entropy),
+          'attention_distinct': jnp.mean(jnp.sum(~repeated, axis=-1).astype(jnp.float32))}
