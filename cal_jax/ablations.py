@@ -57,6 +57,8 @@ ROWS = {r.name: r for r in [
     _row('kd1_kl', 'L_kd1 = KL(S_a || S_b)', loss__kd1_form='kl'),
     _row('kd1_mse', 'L_kd1 = |S_a - S_b|^2', loss__kd1_form='mse'),
     _row('no_attention_div', 'w/o attention diversity', loss__attention_div=0.0),
+    _row('attention_div_dot', "attention diversity in Eq. 5's form",
+         loss__attention_div_form='dot'),
     _row('no_stop_gradient', 'teachers not stopped', loss__stop_teacher_gradient=False),
     _row('no_global_id', 'w/o global ID loss', loss__global_id=0.0),
 ]}
@@ -67,7 +69,7 @@ TABLES = {
     'table5': ('kd1_only', 'kd2_only', 'no_cqm', 'cqm'),
     'fig3_parts': tuple(f'parts_{n}' for n in (2, 3, 4, 5, 6)),
     'fig3_alpha': ('alpha_2', 'alpha_4', 'alpha_6', 'alpha_8', 'alpha_10'),
-    'diagnosis': ('full', 'kd1_dot', 'kd1_cosine', 'kd1_kl', 'kd1_mse', 'no_attention_div',
+    'diagnosis': ('full', 'kd1_dot', 'kd1_cosine', 'kd1_kl', 'kd1_mse', 'no_attention_div', 'attention_div_dot',
                   'kd2_only', 'pcl_none', 'no_stop_gradient', 'no_global_id', 'baseline'),
 }
 

@@ -77,7 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
   # docs/decisions.md, "L_kd1: the attention collapse".
   config.loss.kd1_form = "dot"
   config.loss.query_matching = True  # CQM: Hungarian matching (Eq. 17); False: identity
-  config.loss.attention_div = 0.0  # Eq. (5) on the TSAA maps too (not in the paper)
+  config.loss.attention_div = 0.0  # a diversity term on the TSAA maps (not in the paper)
+  config.loss.attention_div_form = "cosine"  # "dot": Eq. (5)'s form; "cosine": of the maps
   config.loss.stop_teacher_gradient = True  # cross-refined teachers of L_kd1/L_kd2 stopped
 
   # ------------------------------------------------------------ optimiser ---

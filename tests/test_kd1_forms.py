@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from cal_jax.losses import match_distill
+from cal_jax.losses import match_distill, region_losses
 from cal_jax.losses.objective import cal_objective
 from cal_jax.models import attention_adapter
 from configs import default
@@ -102,7 +102,7 @@ def test_gradient_descent_on_a_free_student_map(form):
     np.testing.assert_allclose(student, teacher, atol=0.02)
 
 
-def adapter_kd1_toy(form, steps, attention_div=0.0, lr=0.02, seed=0):
+def adapter_kd1_toy(form, steps, attention_div=0.0, div_form='dot', lr=0.02, seed=0):
   """The real TSAA on fixed random tokens, trained on L_kd1 alone (as in the issue),
   optionally with the attention diversity term (Eq. 5 on the self-refined maps).
 
@@ -134,9 +134,8 @@ def adapter_kd1_toy(form, steps, attention_div=0.0, lr=0.02, seed=0):
     cross, own = maps(params)
     teacher, student = jax.lax.stop_gradient(cross), own[partner]
     perm = match_distill.match_queries(match_distill.edge_weights(teacher, student))
-    gram = np.triu(np.ones((parts, parts)), 1) * jnp.einsum('bkn,bln->bkl', own, own)
     return (match_distill.map_distill_loss(teacher, student, perm, form)
-            + attention_div * jnp.mean(jnp.sum(gram, axis=(1, 2))))
+            + attention_div * region_losses.attention_diversity_loss(own, div_form))
 
   opt = optax.sgd(lr)
   opt_state = opt.init(params)
@@ -167,10 +166,33 @@ def test_aligning_form_alone_makes_attention_query_independent():
 
 
 @pytest.mark.parametrize('form', ALIGNING_FORMS)
-def test_attention_diversity_keeps_the_parts_apart(form):
-  kept = adapter_kd1_toy(form, 1500, attention_div=1.0)
-  assert kept['attention_max'] < 0.5, kept
+@pytest.mark.parametrize('div_form', region_losses.ATTENTION_DIV_FORMS)
+def test_attention_diversity_keeps_the_parts_apart(form, div_form):
+  kept = adapter_kd1_toy(form, 1500, attention_div=1.0, div_form=div_form)
   assert kept['attention_distinct'] > 2.5, kept
+  if div_form == 'dot':  # Eq. (5)'s form is also smallest for uniform maps: they spread
+    assert kept['attention_max'] < 0.2, kept
+
+
+def test_attention_diversity_loss_against_numpy():
+  sim = np_softmax(2 * RNG.normal(size=(3, 4, 9)))
+  for div_form in region_losses.ATTENTION_DIV_FORMS:
+    expected = []
+    for maps in sim:
+      if div_form == 'cosine':
+        maps = maps / np.sqrt((maps ** 2).sum(-1, keepdims=True))
+      expected.append(sum(float(maps[k] @ maps[l]) for k in range(4) for l in range(k + 1, 4)))
+    got = region_losses.attention_diversity_loss(jnp.asarray(sim, jnp.float32), div_form)
+    np.testing.assert_allclose(got, np.mean(expected), rtol=1e-5)
+  uniform = jnp.full((1, 4, 8), 1 / 8)
+  disjoint = jnp.asarray(np.eye(8)[None, :4])
+  # 6 pairs: uniform maps are the most alike under the cosine, nearly free under Eq. (5)'s form.
+  assert float(region_losses.attention_diversity_loss(uniform, 'cosine')) == pytest.approx(6.0)
+  assert float(region_losses.attention_diversity_loss(uniform, 'dot')) == pytest.approx(6 / 8)
+  for div_form in region_losses.ATTENTION_DIV_FORMS:
+    assert float(region_losses.attention_diversity_loss(disjoint, div_form)) == 0.0
+  with pytest.raises(ValueError, match='config.loss.attention_div_form'):
+    region_losses.attention_diversity_loss(uniform, 'cos')
 
 
 def np_attention_statistics(sim):

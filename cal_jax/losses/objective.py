@@ -18,7 +18,8 @@ import optax
 
 from cal_jax.losses import match_distill
 from cal_jax.losses.part_center_loss import part_center_loss
-from cal_jax.losses.region_losses import discriminability_loss, diversity_loss
+from cal_jax.losses.region_losses import (attention_diversity_loss, discriminability_loss,
+                                          diversity_loss)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -40,7 +41,8 @@ def cal_objective(outputs: dict[str, jax.Array], labels_visible: jax.Array,
     labels_visible, labels_infrared: [B] identity labels of the two halves.
     partner_of_infrared, partner_of_visible: [B] partner indices (see CAL).
     weights: `config.loss` (id, global_id, pcl, kd1, kd2, dis, div, pcl_margin,
-      kd1_form, query_matching, stop_teacher_gradient, attention_div).
+      kd1_form, query_matching, stop_teacher_gradient, attention_div,
+      attention_div_form).
     axis_name: mapped axis the batch is split over, or None.
   Returns:
     (total loss, dict of each unweighted term and the total, matchings [2B, N_p]
@@ -61,12 +63,13 @@ def cal_objective(outputs: dict[str, jax.Array], labels_visible: jax.Array,
                     + discriminability_loss(outputs['part_logits_ir'], labels_infrared))
   loss_div = 0.5 * (diversity_loss(outputs['selected_vis'])
                     + diversity_loss(outputs['selected_ir']))
-  # Not in the paper: Eq. (5) on the TSAA maps of the self-refinement (the
-  # inference path), weight `attention_div` (0 = the paper). It keeps the part
-  # queries attending different tokens (docs/decisions.md, "L_kd1: the
+  # Not in the paper: a diversity term on the TSAA maps of the self-refinement
+  # (the inference path), weight `attention_div` (0 = the paper). It keeps the
+  # part queries attending different tokens (docs/decisions.md, "L_kd1: the
   # attention collapse").
-  loss_attention_div = 0.5 * (diversity_loss(jnp.swapaxes(outputs['sim_vv'], 1, 2))
-                              + diversity_loss(jnp.swapaxes(outputs['sim_ii'], 1, 2)))
+  loss_attention_div = 0.5 * (
+      attention_diversity_loss(outputs['sim_vv'], weights.attention_div_form)
+      + attention_diversity_loss(outputs['sim_ii'], weights.attention_div_form))
 
   # MatchDistill, visible direction first: infrared sample i's queries (k1)
   # against its visible partner's own queries (k2), on the partner's visible

@@ -23,3 +23,24 @@ def diversity_loss(selected: jax.Array) -> jax.Array:
   gram = jnp.einsum('bnk,bnl->bkl', selected, selected)
   upper = jnp.triu(jnp.ones(gram.shape[1:], gram.dtype), k=1)
   return jnp.mean(jnp.sum(gram * upper, axis=(1, 2)))
+
+
+ATTENTION_DIV_FORMS = ('dot', 'cosine')
+
+
+def attention_diversity_loss(similarity: jax.Array, form: str = 'cosine') -> jax.Array:
+  """Not in the paper: Eq. (5) on the TSAA maps S [B, N_p, H*W] of one image's parts.
+
+  dot:    sum_{k<l} <S_k, S_l>, Eq. (5)'s form; smallest for disjoint or uniform maps,
+          so it also pushes every map towards uniform attention
+  cosine: sum_{k<l} cos(S_k, S_l); uniform maps score the maximum, disjoint maps 0
+  Mean over the batch.
+  """
+  if form == 'cosine':
+    norms = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(similarity), axis=-1, keepdims=True),
+                                 1e-24))
+    similarity = similarity / norms
+  elif form != 'dot':
+    raise ValueError(f'config.loss.attention_div_form must be one of '
+                     f'{", ".join(ATTENTION_DIV_FORMS)}, got {form!r}')
+  return diversity_loss(jnp.swapaxes(similarity, 1, 2))
