@@ -128,8 +128,9 @@ def format_duration(seconds: float) -> str:
 def run_grid(config_file: str, workdir: str, rows: list[ablations.Row], seeds: list[int],
              extra: list[str], out=print) -> dict:
   """Every row x seed (finished ones read back), then the table files. Returns the table."""
-  grid = [(row, seed) for row in rows for seed in seeds]
-  results: dict[str, list[dict]] = {row.name: [] for row in rows}
+  # Seed-major: a grid stopped early has every row at the first seeds.
+  grid = [(row, seed) for seed in seeds for row in rows]
+  results: dict[str, list[dict]] = {row.name: [] for row in rows}  # in seed order
   todo = [(r, s) for r, s in grid
           if not os.path.exists(os.path.join(run_dir(workdir, r, s), 'eval_results.json'))]
   out(f'{len(grid)} runs ({len(rows)} rows x {len(seeds)} seeds), {len(grid) - len(todo)} '
