@@ -37,6 +37,8 @@ ROWS = {r.name: r for r in [
     Row('baseline', 'Baseline (ID loss)', _BASELINE),
     _row('tca', '+ TCA (DRM, TSAA, PCL)', loss__kd1=0.0, loss__kd2=0.0),
     _row('full', '+ MatchDistill (CAL)'),
+    _row('paper', 'CAL as written (Eq. 18, no attention diversity)', loss__kd1_form='dot',
+         loss__attention_div=0.0),
     # Table 4: DRM, TSAA and PCL variants that the model has switches for.
     _row('drm_no_div', 'DRM w/o L_div', loss__div=0.0),
     _row('drm_no_dis', 'DRM w/o L_dis', loss__dis=0.0),
@@ -57,8 +59,8 @@ ROWS = {r.name: r for r in [
     _row('kd1_kl', 'L_kd1 = KL(S_a || S_b)', loss__kd1_form='kl'),
     _row('kd1_mse', 'L_kd1 = |S_a - S_b|^2', loss__kd1_form='mse'),
     _row('no_attention_div', 'w/o attention diversity', loss__attention_div=0.0),
-    _row('attention_div_dot', "attention diversity in Eq. 5's form",
-         loss__attention_div_form='dot'),
+    _row('attention_div_cosine', 'attention diversity of the maps\' cosines',
+         loss__attention_div_form='cosine'),
     _row('no_stop_gradient', 'teachers not stopped', loss__stop_teacher_gradient=False),
     _row('no_global_id', 'w/o global ID loss', loss__global_id=0.0),
 ]}
@@ -69,7 +71,7 @@ TABLES = {
     'table5': ('kd1_only', 'kd2_only', 'no_cqm', 'cqm'),
     'fig3_parts': tuple(f'parts_{n}' for n in (2, 3, 4, 5, 6)),
     'fig3_alpha': ('alpha_2', 'alpha_4', 'alpha_6', 'alpha_8', 'alpha_10'),
-    'diagnosis': ('full', 'kd1_dot', 'kd1_cosine', 'kd1_kl', 'kd1_mse', 'no_attention_div', 'attention_div_dot',
+    'diagnosis': ('full', 'paper', 'kd1_dot', 'kd1_cosine', 'kd1_kl', 'kd1_mse', 'no_attention_div', 'attention_div_cosine',
                   'kd2_only', 'pcl_none', 'no_stop_gradient', 'no_global_id', 'baseline'),
 }
 

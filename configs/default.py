@@ -73,12 +73,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.div = 0.1  # lambda_4
   config.loss.pcl_margin = 0.6  # sigma of Eq. (15)
   # L_kd1's form on the matched maps: "dot" is Eq. (18) literally (optimum: one-hot
-  # maps, the attention collapses); "cosine" | "kl" | "mse" align the maps. See
-  # docs/decisions.md, "L_kd1: the attention collapse".
-  config.loss.kd1_form = "dot"
+  # maps, the attention collapses); "cosine" | "kl" | "mse" align the maps. With
+  # "kl" alone the maps stop depending on the query, hence attention_div. The
+  # paper exactly: kd1_form="dot", attention_div=0. See docs/decisions.md,
+  # "L_kd1: the attention collapse".
+  config.loss.kd1_form = "kl"
   config.loss.query_matching = True  # CQM: Hungarian matching (Eq. 17); False: identity
-  config.loss.attention_div = 0.0  # a diversity term on the TSAA maps (not in the paper)
-  config.loss.attention_div_form = "cosine"  # "dot": Eq. (5)'s form; "cosine": of the maps
+  config.loss.attention_div = 1.0  # a diversity term on the TSAA maps (not in the paper)
+  config.loss.attention_div_form = "dot"  # "dot": Eq. (5)'s form; "cosine": of the maps
   config.loss.stop_teacher_gradient = True  # cross-refined teachers of L_kd1/L_kd2 stopped
 
   # ------------------------------------------------------------ optimiser ---

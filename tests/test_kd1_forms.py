@@ -287,12 +287,13 @@ def test_query_matching_off_uses_the_identity_assignment():
   labels = jnp.array([0, 1, 0, 1])
   partner = jnp.array([2, 3, 0, 1])
   _, terms, ir_to_vis = cal_objective(outputs, labels, labels, partner, partner,
-                                      loss_weights(query_matching=False))
+                                      loss_weights(query_matching=False, kd1_form='dot'))
   np.testing.assert_array_equal(ir_to_vis, np.tile(np.arange(3), (8, 1)))
   teacher = np.concatenate([outputs['sim_vi'], outputs['sim_iv']])
   student = np.concatenate([np.asarray(outputs['sim_vv'])[np.asarray(partner)],
                             np.asarray(outputs['sim_ii'])[np.asarray(partner)]])
   expected = -np.mean(np.sum(teacher * student, axis=(1, 2)))  # identity pairs, dot form
   np.testing.assert_allclose(terms['kd1'], expected, rtol=1e-5)
-  _, terms_matched, _ = cal_objective(outputs, labels, labels, partner, partner, loss_weights())
+  _, terms_matched, _ = cal_objective(outputs, labels, labels, partner, partner,
+                                      loss_weights(kd1_form='dot'))
   assert float(terms_matched['kd1']) <= float(terms['kd1']) + 1e-7  # the optimum is no worse
