@@ -7,7 +7,8 @@ from cal_jax import parallel
 from cal_jax.train_step import make_p_train_step
 from conftest import make_identity_batch
 
-LOSS_TERMS = ('loss', 'id', 'global_id', 'pcl', 'kd1', 'kd2', 'dis', 'div')
+LOSS_TERMS = ('loss', 'id', 'global_id', 'pcl', 'kd1', 'kd2', 'dis', 'div', 'attention_div')
+ATTENTION = ('attention_max', 'attention_entropy', 'attention_distinct')
 
 
 def run_steps(p_step, state, batches, devices=None):
@@ -30,6 +31,10 @@ def test_one_step_every_loss_finite_and_every_parameter_updated(tiny_config, tin
   new_state, (metrics,) = run_steps(p_train_step, tiny_state, [batch])
   for term in LOSS_TERMS:
     assert np.isfinite(metrics[term]), term
+  tokens = (tiny_config.data.image_height // 16) * (tiny_config.data.image_width // 16)
+  assert 1 / tokens <= metrics['attention_max'] <= 1
+  assert 0 <= metrics['attention_entropy'] <= np.log(tokens) + 1e-5
+  assert 1 <= metrics['attention_distinct'] <= tiny_config.model.num_parts
   assert metrics['bad_pairs'] == 0
   # One optimal matching per sample and direction: 2 x (all images / 2).
   assert metrics['assignment_counts'].sum() == batch['label'].size
@@ -74,7 +79,7 @@ def test_two_devices_equal_one_device_on_the_concatenated_batch(tiny_config, tin
     two_state, (two_metrics,) = run_steps(make_p_train_step(tiny_config), state, [batch])
     one_state, (one_metrics,) = run_steps(make_p_train_step(tiny_config, one_device),
                                           state, [concatenated], one_device)
-  for term in LOSS_TERMS:
+  for term in LOSS_TERMS + ATTENTION:
     np.testing.assert_allclose(two_metrics[term], one_metrics[term], rtol=1e-10, err_msg=term)
   np.testing.assert_array_equal(two_metrics['assignment_counts'],
                                 one_metrics['assignment_counts'])
