@@ -272,3 +272,86 @@ def test_full_disk_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
   with pytest.raises(OSError, match='No space left on device'):
     workdir_lib.write_text_atomically(str(path), 'new')
   assert path.read_text() == 'old' and os.listdir(tmp_path) == ['config.json']
+
+
+# ------------------------------------------------- config values and files ---
+
+
+def assert_single_line(result, *fragments):
+  """One line on stderr (after the libraries' start-up chatter) holds the whole message."""
+  assert_one_line_error(result, *fragments)
+  last = result.stderr.strip().splitlines()[-1]
+  for fragment in fragments:
+    assert fragment in last, (fragment, last)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['--config.optim.num_epochs=-1'],
+     'config.optim.num_epochs=-1: must be an integer >= 0 (0 evaluates the initial model)'),
+    (['--config.log_every_steps=0', '--config.checkpoint_every_steps=0'],
+     'config.checkpoint_every_steps=0: must be an integer >= 1; config.log_every_steps=0: must be'),
+    (['--config.eval.rand_perm_path=nowhere/rand_perm_cam.mat'],
+     "config.eval.rand_perm_path='{repo}/nowhere/rand_perm_cam.mat' does not exist"),
+])
+def test_config_value_out_of_range(overrides, message, tmp_path):
+  """Refused before the workdir is created or any data read (every rule: test_config_checks)."""
+  result = run_main('--workdir', str(tmp_path / 'run'), *overrides, timeout=120)
+  assert_single_line(result, 'cal_jax.main: error: ' + message.format(repo=REPO))
+  assert not (tmp_path / 'run').exists()
+
+
+CONFIG_FILES = {
+    'syntax': ('def get_config(:\n  pass\n', "', line 1: SyntaxError: invalid syntax"),
+    'import': ('import no_such_module_here\n', "', line 1: importing it failed: "
+               "ModuleNotFoundError: No module named 'no_such_module_here'"),
+    'no_get_config': ('config = None\n', "' has no get_config() function"),
+    'raises': ('from configs import default\n\ndef get_config():\n  config = default.get_config()\n'
+               '  config.data.pad = int("four")\n  return config\n',
+               "', line 5: get_config() raised ValueError: invalid literal for int()"),
+    'wrong_type': ('def get_config():\n  return {"seed": 0}\n',
+                   "': get_config() returned a dict, not an ml_collections.ConfigDict"),
+    'missing_return': ('from configs import default\n\ndef get_config():\n'
+                       '  config = default.get_config()\n',
+                       "': get_config() returned None, not an ml_collections.ConfigDict"),
+    'absent': (None, "' does not exist (--config takes the path of a Python file"),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(CONFIG_FILES))
+def test_config_file_that_cannot_be_loaded(kind, tmp_path):
+  from cal_jax import cli  # pylint: disable=g-import-not-at-top
+  source, message = CONFIG_FILES[kind]
+  path = tmp_path / f'{kind}.py'
+  if source is not None:
+    path.write_text(source)
+  with pytest.raises(cli.ConfigFileError) as error:
+    cli.check_config_file(str(path))
+  assert str(error.value).startswith(f"config file '{path}" + message), str(error.value)
+  assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('kind', ['syntax', 'no_get_config', 'wrong_type'])
+def test_config_file_that_cannot_be_loaded_through_the_command(kind, tmp_path):
+  """The three ways it surfaces in absl's parser: an exception, an AttributeError
+  (taken for a misspelt field before), a value of another type."""
+  source, message = CONFIG_FILES[kind]
+  path = tmp_path / f'{kind}.py'
+  path.write_text(source)
+  result = subprocess.run([sys.executable, '-m', 'cal_jax.main', '--config', str(path),
+                           '--workdir', str(tmp_path / 'run')], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert_single_line(result, f"FATAL Flags parsing error: --config: config file '{path}"
+                     + message)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_config_file_with_a_misspelt_field(tmp_path):
+  """A config file may add fields ml_collections knows nothing of: refused, named."""
+  path = tmp_path / 'typo.py'
+  path.write_text('from configs import tiny\n\ndef get_config():\n  config = tiny.get_config()\n'
+                  '  config.model.dept = 18\n  return config\n')
+  result = subprocess.run([sys.executable, '-m', 'cal_jax.main', '--config', str(path),
+                           '--workdir', str(tmp_path / 'run')], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert_single_line(result, 'cal_jax.main: error: config.model.dept: no such field (did you '
+                     'mean config.model.depth?)')
