@@ -355,3 +355,76 @@ def test_config_file_with_a_misspelt_field(tmp_path):
                           text=True, timeout=120)
   assert_single_line(result, 'cal_jax.main: error: config.model.dept: no such field (did you '
                      'mean config.model.depth?)')
+
+
+# --------------------------------------------------- split lists, prepared data ---
+
+
+def test_test_identities_in_the_training_list(sysu_tree, run_copy, tmp_path):
+  workdir, before = run_copy
+  root = tmp_path / 'SYSU-MM01'
+  shutil.copytree(sysu_tree, root)
+  test_ids = sorted({r.id for r in records.list_records('sysu', str(root), 'test')})
+  (root / 'exp' / 'train_id.txt').write_text(
+      (root / 'exp' / 'train_id.txt').read_text().strip() + f',{test_ids[1]}\n')
+  with pytest.raises(ValueError, match=re.escape(
+      f'identities listed for both training and test (test identities would be trained on): '
+      f'1 ids in both exp/train_id.txt and exp/test_id.txt: {test_ids[1]}')):
+    train.train_and_evaluate(real_data_config(root, tmp_path / 'tfds'), workdir)
+  assert snapshot(workdir) == before
+
+
+class _CollectInfo(_CollectWarnings):
+
+  def __init__(self, lines):
+    super().__init__(lines)
+    import logging  # pylint: disable=g-import-not-at-top
+    self.handler.setLevel(logging.INFO)
+
+  def __enter__(self):
+    import logging  # pylint: disable=g-import-not-at-top
+    self.level = self.logger.level
+    self.logger.setLevel(logging.INFO)
+    super().__enter__()
+
+  def __exit__(self, *args):
+    super().__exit__(*args)
+    self.logger.setLevel(self.level)
+
+
+def test_manual_dir_that_does_not_exist_beside_data_prepared_earlier(sysu_tree, run_copy,
+                                                                      tmp_path):
+  """tfds would reuse the prepared copy without looking at manual_dir: refused instead,
+  and every run says which prepared data it uses and where it came from."""
+  from cal_jax import data  # pylint: disable=g-import-not-at-top
+  workdir, before = run_copy
+  root = tmp_path / 'SYSU-MM01'
+  shutil.copytree(sysu_tree, root)
+  config = real_data_config(root, tmp_path / 'tfds')
+  lines = []
+  with _CollectInfo(lines):
+    data.load_splits(config, workdir)  # prepared once
+  assert any(line.startswith(f'Preparing sysu_mm01 from {root} into ') for line in lines)
+
+  gone = tmp_path / 'unmounted' / 'SYSU-MM01'
+  result = run_main('--workdir', workdir, '--config.data.synthetic=',
+                    f'--config.data.manual_dir={gone}', f'--config.data.data_dir={tmp_path}/tfds',
+                    timeout=120)
+  assert_one_line_error(result, f"cal_jax.main: error: config.data.manual_dir='{gone}' does not "
+                        'exist: point it at the folder of sysu_mm01; data prepared from it '
+                        'earlier is not used without it')
+  assert snapshot(workdir) == before
+  config.data.manual_dir = str(gone)
+  with pytest.raises(FileNotFoundError, match='does not exist'):  # data.load_splits on its own
+    data.load_splits(config, workdir)
+
+  moved = tmp_path / 'moved' / 'SYSU-MM01'
+  shutil.copytree(root, moved)
+  config.data.manual_dir = str(moved)
+  lines.clear()
+  with _CollectInfo(lines):
+    data.load_splits(config, workdir)
+  assert any(line.startswith(f'Using sysu_mm01 prepared earlier in ') and f'from {root} ' in line
+             for line in lines), lines
+  assert any(f'was prepared from {root}, not from config.data.manual_dir={moved}: the prepared '
+             'copy is used' in line for line in lines), lines
