@@ -479,6 +479,11 @@ def test_convert_output_that_cannot_be_written(run_copy, tmp_path, monkeypatch):
   # Through the command: the same one line.
   result = run_convert('--workdir', workdir, '--output', str(folder))
   assert_single_line(result, f"cal_jax.convert: error: --output '{folder}' is a folder")
+  # No data is read: a real-data config without manual_dir exports (partial check).
+  config = tiny.get_config()
+  config.data.synthetic = config.data.manual_dir = ''
+  convert.export_checkpoint(workdir, str(tmp_path / 'real.safetensors'), config=config)
+  assert (tmp_path / 'real.safetensors').is_file()
 
 
 # ------------------------------------------------------------- weight files ---
