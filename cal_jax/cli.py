@@ -6,31 +6,141 @@ fix (the file, field or value), with exit status 1 and no traceback.
                        network (ValueError); missing files, unwritable or full disks
                        (OSError); non-finite losses (FloatingPointError)
   parse_flags          absl's flag parsing, with a misspelt config field reported
-                       as a flag error like any other
+                       as a flag error like any other, and a config file that
+                       cannot be loaded (syntax error, failing import, no
+                       get_config, get_config raising or returning something
+                       else than a ConfigDict) in one line naming the file
+  check_config_file(path)   that load, on its own
   exit_with(program, error)   the one-line exit (`--v=1` also logs the traceback)
   absolute_path(path)  a path typed on the command line, resolved once against the
                        directory the command was started in ('' stays '')
   resolve_config_paths(config)   the same for every path field of a config
 """
 
+import importlib.machinery
+import importlib.util
 import os
 import re
 import sys
+import textwrap
+import traceback
 from typing import NoReturn
 
-from absl import app, logging
+from absl import flags, logging
 import ml_collections
+from ml_collections.config_flags import config_flags as config_flags_lib
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+class ConfigFileError(ValueError):
+  """A config file that cannot be loaded into a ConfigDict."""
+
+
+def _where(error: BaseException, path: str) -> str:
+  """', line N' of the innermost frame of `error` in the file `path`, or ''."""
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(frame.filename) == os.path.abspath(path)]
+  return f', line {lines[-1]}' if lines else ''
+
+
+def check_config_file(argument: str) -> None:
+  """Loads a config file as ml_collections' `--config` flag does, and says in one
+  message why it cannot be used (raises ConfigFileError), naming the file.
+
+  `argument` is the flag's value: a path, optionally followed by ':' and the
+  argument of a parameterised `get_config(arg)`.
+  """
+  path, *args = argument.split(':', 1)
+  shown = repr(path)
+  if not os.path.exists(path):
+    raise ConfigFileError(f'config file {shown} does not exist (--config takes the path of a '
+                          'Python file, e.g. configs/sysu.py)')
+  if not os.path.isfile(path):
+    raise ConfigFileError(f'config file {shown} is a folder, not a Python file')
+  try:
+    with open(path, 'rb') as f:
+      source = f.read()
+  except OSError as error:
+    raise ConfigFileError(f'cannot read the config file {shown}: {error.strerror}') from error
+  try:
+    code = compile(source, path, 'exec')
+  except (SyntaxError, ValueError) as error:
+    line = f', line {error.lineno}' if getattr(error, 'lineno', None) else ''
+    raise ConfigFileError(f'config file {shown}{line}: {type(error).__name__}: '
+                          f'{getattr(error, "msg", None) or error}; fix the file') from error
+  loader = importlib.machinery.SourceFileLoader('_cal_jax_config_check', path)
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+  module.__file__ = path
+  try:
+    exec(code, module.__dict__)  # pylint: disable=exec-used
+  except Exception as error:  # pylint: disable=broad-except
+    raise ConfigFileError(f'config file {shown}{_where(error, path)}: importing it failed: '
+                          f'{type(error).__name__}: {error}') from error
+  get_config = getattr(module, 'get_config', None)
+  if not callable(get_config):
+    raise ConfigFileError(f'config file {shown} has no get_config() function: a config file '
+                          'defines get_config() returning an ml_collections.ConfigDict (see '
+                          'configs/default.py)')
+  try:
+    config = get_config(*args)
+  except Exception as error:  # pylint: disable=broad-except
+    raise ConfigFileError(f'config file {shown}{_where(error, path)}: get_config('
+                          f'{", ".join(map(repr, args))}) raised {type(error).__name__}: '
+                          f'{error}') from error
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigFileError(f'config file {shown}: get_config() returned '
+                          f'{"None" if config is None else "a " + type(config).__name__}, not an '
+                          'ml_collections.ConfigDict (a missing return statement?)')
+
+
+def _is_config_file_flag(flag: flags.Flag) -> bool:
+  return isinstance(getattr(flag, 'parser', None), config_flags_lib.ConfigFileFlagParser)
+
+
+def _config_file_arguments(argv: list[str]) -> list[tuple[str, str]]:
+  """(flag name, value) of every config-file flag given in `argv`."""
+  names = [name for name in flags.FLAGS if _is_config_file_flag(flags.FLAGS[name])]
+  found = []
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == '--':
+      break
+    for name in names:
+      for dashes in ('--', '-'):
+        if arg.startswith(f'{dashes}{name}='):
+          found.append((name, arg.split('=', 1)[1]))
+        elif arg == f'{dashes}{name}' and i + 1 < len(argv):
+          found.append((name, argv[i + 1]))
+  return found
+
+
+def _exit_for_config_file(argv: list[str]) -> None:
+  """Exits with one line if a config file of `argv` cannot be loaded."""
+  for name, value in _config_file_arguments(argv):
+    try:
+      check_config_file(value)
+    except ConfigFileError as error:
+      logging.debug('--%s=%s cannot be loaded', name, value, exc_info=error)
+      sys.exit(f'FATAL Flags parsing error: --{name}: {error}')
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """`app.run`'s flags_parser: ml_collections reports an override of a config
   field that does not exist as an AttributeError from deep inside absl's
-  parser; it becomes a 'FATAL Flags parsing error' naming the argument."""
+  parser; it becomes a 'FATAL Flags parsing error' naming the argument.
+  A config file that cannot be loaded (whatever it raises while absl parses,
+  or a get_config() that returns something else than a ConfigDict) is
+  loaded again by `check_config_file`, which names the file and the problem."""
   try:
-    return app.parse_flags_with_usage(argv)
+    remaining = flags.FLAGS(argv)
+  except flags.Error as error:  # absl's report, unless the config file is the cause
+    _exit_for_config_file(argv)
+    message = str(error)
+    if '\n' in message:
+      message = '\n' + textwrap.indent(message, '  ')
+    sys.exit(f'FATAL Flags parsing error: {message} (--helpfull lists the flags)')
   except (AttributeError, KeyError) as error:
+    _exit_for_config_file(argv)  # e.g. no get_config: not a misspelt field
     cause = error.args[0] if isinstance(error, AttributeError) and error.args else error
     text = str(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause)
     field = re.match(r"'([^']+)'", text)
@@ -39,6 +149,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     where = f' in {named[0]}' if named else ''
     sys.exit(f'FATAL Flags parsing error: no config field {text.splitlines()[0]}{where}. '
              + ' '.join(text.splitlines()[1:]))
+  except Exception:  # pylint: disable=broad-except
+    _exit_for_config_file(argv)  # a syntax error, a failing import, get_config raising
+    raise
+  for name in flags.FLAGS:
+    flag = flags.FLAGS[name]
+    if (_is_config_file_flag(flag) and flag.present
+        and not isinstance(flag.value, ml_collections.ConfigDict)):
+      _exit_for_config_file(argv)  # get_config() returned another type, or the file is absent
+  return remaining
 
 
 def exit_with(program: str, error: BaseException) -> NoReturn:

@@ -2,6 +2,11 @@
 
   python -m cal_jax.convert --workdir DIR --output cal.safetensors [--checkpoint STEP]
   python -m cal_jax.convert --workdir DIR --output cal.pt --config configs/sysu.py
+  python -m cal_jax.convert --workdir DIR --output cal.safetensors --overwrite
+
+An existing output file is replaced only with --overwrite; an output that is a
+folder, lies under a file or on a disk that cannot be written is refused
+before the checkpoint is read.
 
 The config comes from the workdir's `config.json` (written by training), or
 from --config (with --config.FIELD=VALUE overrides, as `cal_jax.main`). Only
@@ -22,9 +27,10 @@ dict {'config', 'state_dict', 'metadata'} of tensors and plain values, which
 `torch.load(path, weights_only=True)` reads.
 """
 
+import errno
 import json
 import os
-import sys
+import tempfile
 from typing import Any, Optional
 
 import flax
@@ -33,7 +39,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cal_jax import checkpointing, inference, pretrained, train_state
+from cal_jax import checkpointing, config_checks, inference, pretrained, train_state
 from cal_jax.models.cal import create_model
 
 FORMAT = 'cal_jax.torch_model/1'  # the format `cal_jax.torch_model.load` reads
@@ -139,12 +145,48 @@ def torch_state_dict(variables: Any, depth: int, width: int) -> dict[str, np.nda
   return state
 
 
+class OutputError(OSError):
+  """The output file cannot be written where --output names it."""
+
+  def __str__(self) -> str:
+    return str(self.strerror)  # the message, without OSError's "[Errno N]"
+
+
 def check_suffix(path: str) -> str:
   suffix = os.path.splitext(os.fspath(path))[1].lower()
   if suffix not in SUFFIXES:
     raise ValueError(f'{path}: unknown output format {suffix!r}; name the file '
                      f'*.safetensors or *.pt')
   return suffix
+
+
+def check_output(path: str, overwrite: bool = False) -> None:
+  """Refuses an output that cannot be written, before any work is done.
+
+  Raises:
+    OutputError: `path` is a folder, exists (and not `overwrite`), lies under
+      a file, or its disk refuses a write (read-only, no permission).
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.isdir(path):
+    raise OutputError(errno.EISDIR, f'--output {path!r} is a folder: name the file to write, '
+                      f'e.g. {os.path.join(path, "cal.safetensors")!r}')
+  if os.path.lexists(path) and not overwrite:
+    raise OutputError(errno.EEXIST, f'--output {path!r} exists: pass --overwrite to replace '
+                      'it, or choose another --output')
+  existing = os.path.dirname(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise OutputError(errno.ENOTDIR, f'cannot write --output {path!r}: {existing!r} is a file, '
+                      'not a folder; choose another --output')
+  try:
+    fd, probe = tempfile.mkstemp(prefix='.write-probe-', dir=existing)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as error:
+    raise OutputError(error.errno, f'cannot write --output {path!r}: {error.strerror} '
+                      f'(in {existing!r}); choose another --output') from error
 
 
 def check_embedding(config: ml_collections.ConfigDict) -> None:
@@ -157,7 +199,8 @@ def check_embedding(config: ml_collections.ConfigDict) -> None:
 
 def export(variables: Any, config: ml_collections.ConfigDict, num_classes: Optional[int],
            path: str, *, m_hat: Optional[np.ndarray] = None,
-           extra_metadata: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+           extra_metadata: Optional[dict[str, Any]] = None,
+           overwrite: bool = False) -> dict[str, Any]:
   """Writes the inference weights of trained CAL variables for `torch_model.load`.
 
   Args:
@@ -170,11 +213,13 @@ def export(variables: Any, config: ml_collections.ConfigDict, num_classes: Optio
       prototypes are reordered by it (unless the DRM is shared, as
       `evaluation_run.inference_variables`). None: the identity.
     extra_metadata: more JSON values for the metadata (e.g. the step).
+    overwrite: replace `path` if it exists (else OutputError).
   Returns:
     The metadata written: 'format', 'config', 'm_hat', 'num_classes',
     'image_size', and `extra_metadata`.
   """
   suffix = check_suffix(path)
+  check_output(path, overwrite)
   check_embedding(config)
   hyper = model_hyperparameters(config)
   num_parts = hyper['num_parts']
@@ -190,9 +235,9 @@ def export(variables: Any, config: ml_collections.ConfigDict, num_classes: Optio
               'image_size': [int(config.data.image_height), int(config.data.image_width)],
               **checkpointing.to_json(extra_metadata or {})}
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
   temporary = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}')
   try:
+    os.makedirs(directory, exist_ok=True)
     if suffix == '.safetensors':
       from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
       save_file(state, temporary, metadata={k: json.dumps(v) for k, v in metadata.items()})
@@ -205,6 +250,11 @@ def export(variables: Any, config: ml_collections.ConfigDict, num_classes: Optio
       torch.save({'config': hyper, 'metadata': metadata,
                   'state_dict': {k: torch.tensor(v) for k, v in state.items()}}, temporary)
     os.replace(temporary, path)
+  except OSError as error:  # e.g. the disk filled up: the old file (if any) is kept
+    if isinstance(error, OutputError):
+      raise
+    raise OutputError(error.errno, f'cannot write --output {path!r}: '
+                      f'{error.strerror or error}') from error
   finally:
     if os.path.exists(temporary):
       os.remove(temporary)
@@ -233,7 +283,8 @@ def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int
 
 
 def export_checkpoint(workdir: str, output: str, *, step: Optional[int] = None,
-                      config: Optional[ml_collections.ConfigDict] = None) -> dict[str, Any]:
+                      config: Optional[ml_collections.ConfigDict] = None,
+                      overwrite: bool = False) -> dict[str, Any]:
   """Exports a checkpoint of a training workdir (the latest, or `step`).
 
   M-hat is computed as `--mode eval` does: from the last epoch's assignment
@@ -248,6 +299,9 @@ def export_checkpoint(workdir: str, output: str, *, step: Optional[int] = None,
     raise FileNotFoundError(f'no checkpoints in {workdir} (no {directory}): train first, or '
                             'point --workdir at a training run')
   config = load_workdir_config(workdir) if config is None else config
+  # Partial: a config.json of an older run may lack newer fields, and no data is read
+  # here, so the data set's folder need not exist.
+  config_checks.check_config(config, partial=True)
   check_embedding(config)
   reader = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   steps = sorted(reader.all_steps())
@@ -257,6 +311,7 @@ def export_checkpoint(workdir: str, output: str, *, step: Optional[int] = None,
     raise FileNotFoundError(f'no checkpoint for step {step} in {directory}; the committed '
                             f'steps are {steps}')
   step = steps[-1] if step is None else step
+  check_output(output, overwrite)  # before the checkpoint is read
   meta = reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
   reader.close()
   num_classes = int(meta['fingerprint']['num_classes'])
@@ -266,7 +321,8 @@ def export_checkpoint(workdir: str, output: str, *, step: Optional[int] = None,
   m_hat = inference.most_frequent_assignment(last if last.sum() else current,
                                              config.model.num_parts)
   return export({'params': state.params, 'batch_stats': state.batch_stats}, config,
-                num_classes, output, m_hat=m_hat, extra_metadata={'checkpoint_step': step})
+                num_classes, output, m_hat=m_hat, extra_metadata={'checkpoint_step': step},
+                overwrite=overwrite)
 
 
 def main(argv):
@@ -279,9 +335,9 @@ def main(argv):
   config = cli.resolve_config_paths(flag.config) if flag.config is not None else None
   try:
     metadata = export_checkpoint(cli.absolute_path(flag.workdir), output, step=flag.checkpoint,
-                                 config=config)
-  except (FileNotFoundError, ValueError) as error:  # a message for the user, no traceback
-    sys.exit(f'cal_jax.convert: error: {error}')
+                                 config=config, overwrite=flag.overwrite)
+  except cli.USER_ERRORS as error:  # a message for the user, no traceback
+    cli.exit_with('cal_jax.convert', error)
   print(f"wrote {output}: step {metadata['checkpoint_step']}, "
         f"M-hat {metadata['m_hat']}, {metadata['config']}", flush=True)
 
@@ -296,5 +352,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'A training workdir.')
   flags.DEFINE_string('output', None, 'The file to write: *.safetensors or *.pt.')
   flags.DEFINE_integer('checkpoint', None, 'The checkpoint step (default: the latest).')
+  flags.DEFINE_boolean('overwrite', False, 'Replace --output if it exists.')
   flags.mark_flags_as_required(['workdir', 'output'])
-  app.run(main)
+  from cal_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=cli.parse_flags)

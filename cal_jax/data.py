@@ -19,7 +19,7 @@ from absl import logging
 
 import cal_jax.datasets  # noqa: F401  (registers the builders)
 from cal_jax import input_pipeline
-from cal_jax.datasets import synthetic
+from cal_jax.datasets import records, synthetic
 
 SYNTHETIC_LAYOUT_TO_BUILDER = {'sysu': 'sysu_mm01', 'regdb': 'regdb', 'llcm': 'llcm'}
 
@@ -45,7 +45,18 @@ def resolve_paths(data: ml_collections.ConfigDict, workdir: str) -> tuple[str, s
     raise ValueError(f'config.data.manual_dir is empty: set it to the folder of {data.name} '
                      'as its owners distribute it (--config.data.manual_dir=/path/to/it), or '
                      'use configs/synthetic.py for the built-in synthetic data')
+  if not os.path.isdir(data.manual_dir):
+    # tfds would reuse a data set prepared earlier in data_dir without looking at it.
+    raise FileNotFoundError(f'config.data.manual_dir={data.manual_dir!r} does not exist: point '
+                            f'it at the folder of {data.name}; data prepared from it earlier is '
+                            'not used without it')
   return data.name, data.manual_dir, data.data_dir
+
+
+def data_source_root(name: str, manual_dir: str) -> str:
+  """The data set folder the builder `name` reads under (or at) `manual_dir`."""
+  layout = {builder: layout for layout, builder in SYNTHETIC_LAYOUT_TO_BUILDER.items()}[name]
+  return records.find_root(layout, manual_dir)
 
 
 def ensure_synthetic(layout: str, root: str, num_ids: int, seed: int, height: int,
@@ -78,8 +89,19 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
   full_name = f'{name}/{data.builder_config}' if data.builder_config else name
   builder = tfds.builder(full_name, data_dir=data_dir or None,
                          skip_corrupt_images=data.get('skip_corrupt_images', False))
+  prepared = builder.is_prepared()
+  if not prepared:
+    logging.info('Preparing %s from %s into %s.', full_name, manual_dir, builder.data_dir)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  source = (builder.info.metadata or {}).get('prepared_from', 'a folder not recorded')
+  if prepared:
+    logging.info('Using %s prepared earlier in %s from %s (config.data.manual_dir=%s).',
+                 full_name, builder.data_dir, source, manual_dir)
+    if os.path.realpath(source) != os.path.realpath(data_source_root(name, manual_dir)):
+      logging.warning('%s in %s was prepared from %s, not from config.data.manual_dir=%s: the '
+                      'prepared copy is used. Delete %s to prepare it again from %s.', full_name,
+                      builder.data_dir, source, manual_dir, builder.data_dir, manual_dir)
   skipped = (builder.info.metadata or {}).get('skipped_images', [])
   if skipped:
     logging.warning('%d unreadable images were left out when %s was prepared '

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cal_jax import file_checks
 from cal_jax.models import resnet
 
 ARCHS = {'resnet18': 18, 'resnet34': 34, 'resnet50': 50, 'resnet101': 101}
@@ -69,6 +70,28 @@ MAX_LISTED = 8  # problems listed per kind in an error message
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint's keys or shapes differ from those the model expects."""
+
+
+class UnsafeFileError(ValueError, pickle.UnpicklingError):
+  """A .pth file holds objects other than tensors and plain containers: it is not
+  unpickled, since unpickling them could run code."""
+
+
+def torch_load_problem(path: str, error: BaseException) -> ValueError:
+  """The error to raise for what `torch.load(path, weights_only=True)` raised:
+  UnsafeFileError when the file names a global (a class or function) that the
+  weights-only unpickler refuses, else WeightFileError (damaged, not torch).
+  torch's own text, which suggests an unrestricted load, is not repeated."""
+  text = str(error)
+  offender = next((line.strip() for line in text.splitlines() if 'GLOBAL' in line), None)
+  if offender:
+    return UnsafeFileError(
+        f'{path}: refused to load: the file holds objects other than tensors, whose '
+        f'unpickling could run code ({offender.rstrip(".")}). Save a bare state_dict, or '
+        '.safetensors.')
+  return file_checks.WeightFileError(
+      f'{path}: not a readable torch file (damaged, truncated, or another format); save '
+      'the state_dict again with torch.save, or as .safetensors')
 
 
 class Target(NamedTuple):
@@ -121,7 +144,12 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     except ImportError as error:
       raise ImportError(f"{path}: reading .safetensors needs safetensors (pip install "
                         "'cal_jax[torch]').") from error
-    return {key: np.array(value) for key, value in load_file(path).items()}
+    file_checks.check_safetensors(path)  # sizes checked before anything is allocated
+    try:
+      return {key: np.array(value) for key, value in load_file(path).items()}
+    except Exception as error:  # pylint: disable=broad-except  (safetensors' own error type)
+      raise file_checks.WeightFileError(f'{path}: not a readable .safetensors file: '
+                                        f'{error}') from error
   if suffix not in ('.pth', '.pt'):
     raise ValueError(f'{path}: unknown checkpoint format {suffix!r}; expected a torchvision '
                      'state_dict saved as .pth, .pt or .safetensors.')
@@ -130,14 +158,15 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   except ImportError as error:
     raise ImportError(f'{path}: reading a .pth checkpoint needs torch (pip install '
                       "'cal_jax[torch]'); or convert it to .safetensors elsewhere.") from error
-  # weights_only: tensors and plain containers only, so no code in the file runs.
+  # weights_only: tensors and plain containers only, so no code in the file runs. A
+  # zip-based file (torch >= 1.6) is checked first and memory-mapped, so that no size
+  # it claims is allocated; torchvision's older .pth files are legacy pickles.
+  is_zip = file_checks.check_torch_zip(path)
   try:
-    state = torch.load(path, map_location='cpu', weights_only=True)
-  except pickle.UnpicklingError as error:
-    raise pickle.UnpicklingError(
-        f'{path}: refused to load: the file holds objects other than tensors, whose '
-        'unpickling could run code. Save a bare state_dict, or .safetensors. '
-        f'(torch: {str(error).splitlines()[0]})') from error
+    state = torch.load(path, map_location='cpu', weights_only=True, mmap=is_zip)
+  except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError,
+          AttributeError, IndexError, KeyError, OSError) as error:
+    raise torch_load_problem(path, error) from error
   if not isinstance(state, Mapping):
     raise CheckpointMismatchError(f'{path}: holds a {type(state).__name__}, not a state_dict; '
                                   'save model.state_dict() of a torchvision ResNet.')
@@ -149,7 +178,8 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
           f'{path}: key {key!r} holds a {kind}, not a tensor: the file is not '
           "a bare state_dict (a training checkpoint?); save the model's state_dict() alone.")
     value = value.detach()
-    arrays[key] = (value.to(torch.float32) if value.is_floating_point() else value).numpy()
+    value = value.to(torch.float32) if value.is_floating_point() else value
+    arrays[key] = np.array(value.numpy())  # a copy: the file may be memory-mapped
   return arrays
 
 
@@ -232,7 +262,10 @@ def load_torchvision_resnet(path: str, arch: str, *, width: int = 64) -> dict[st
   Raises:
     FileNotFoundError: `path` does not exist.
     CheckpointMismatchError (a ValueError): keys or shapes differ.
-    pickle.UnpicklingError: a .pth holds more than tensors (it is not run).
+    UnsafeFileError (a ValueError and pickle.UnpicklingError): a .pth holds
+      more than tensors (it is not run).
+    file_checks.WeightFileError (a ValueError): a damaged file, or one of
+      another format.
   """
   if arch not in ARCHS:
     raise ValueError(f'arch {arch!r} is not supported; choose one of {sorted(ARCHS)}.')

@@ -27,6 +27,9 @@ describes the same body region.
 import json
 import math
 import os
+import pickle
+import struct
+import zipfile
 from typing import Any, Optional, Sequence
 
 import torch
@@ -60,6 +63,33 @@ DEFAULT_CONFIG = {
     'adapter_dim': 256,
     'channel_reduction': 16,
 }
+
+# Every hyper-parameter: (check, what it must be).
+_INT = lambda low: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low)
+HYPERPARAMETER_CHECKS = {
+    'depth': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v in ARCHITECTURES,
+              f'one of {sorted(ARCHITECTURES)}'),
+    'width': (_INT(1), 'an integer >= 1'),
+    'last_stride': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v in (1, 2),
+                    '1 or 2'),
+    'modality_specific_stem': (lambda v: isinstance(v, bool), 'true or false'),
+    'shared_region_mining': (lambda v: isinstance(v, bool), 'true or false'),
+    'num_parts': (_INT(1), 'an integer >= 1'),
+    'select_ratio': (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and 0 < v <= 1, 'a number in (0, 1]'),
+    'pool_sizes': (lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                   and all(_INT(1)(s) and s % 2 == 1 for s in v),
+                   'a non-empty list of odd integers >= 1'),
+    'adapter_hidden': (_INT(1), 'an integer >= 1'),
+    'adapter_dim': (_INT(1), 'an integer >= 1'),
+    'channel_reduction': (_INT(1), 'an integer >= 1'),
+}
+
+# safetensors' own limit on its JSON header; bytes per element of its dtypes.
+MAX_HEADER_BYTES = 100 * 2**20
+SAFETENSORS_DTYPE_BYTES = {
+    'BOOL': 1, 'U8': 1, 'I8': 1, 'F8_E4M3': 1, 'F8_E5M2': 1, 'U16': 2, 'I16': 2, 'F16': 2,
+    'BF16': 2, 'U32': 4, 'I32': 4, 'F32': 4, 'U64': 8, 'I64': 8, 'F64': 8}
 
 BN_EPSILON = 1e-5
 INSTANCE_NORM_EPSILON = 1e-5
@@ -246,8 +276,10 @@ class CALInference(nn.Module):
                        f'known: {sorted(DEFAULT_CONFIG)}')
     self.config = {**DEFAULT_CONFIG, **(config or {})}
     c = self.config
-    if c['depth'] not in ARCHITECTURES:
-      raise ValueError(f"depth={c['depth']} is not one of {sorted(ARCHITECTURES)}")
+    bad = [f'{key}={c[key]!r} (must be {what})'
+           for key, (ok, what) in HYPERPARAMETER_CHECKS.items() if not ok(c[key])]
+    if bad:
+      raise ValueError(f'invalid CALInference hyper-parameters: {", ".join(bad)}')
     kind, blocks_per_stage = ARCHITECTURES[c['depth']]
     block = Bottleneck if kind == 'bottleneck' else BasicBlock
     width = c['width']
@@ -319,36 +351,154 @@ def similarity(visible: torch.Tensor, infrared: torch.Tensor) -> torch.Tensor:
   return visible @ infrared.T
 
 
+class WeightFileError(ValueError):
+  """An exported file that is damaged, unsafe, or not written by cal_jax.convert."""
+
+
+def check_safetensors(path: str) -> None:
+  """Raises WeightFileError unless the header of a .safetensors file is consistent:
+  its length, its JSON, and every tensor's dtype, shape and byte range within the
+  file, all checked before anything the file claims is allocated."""
+  size = os.path.getsize(path)
+  bad = lambda why: WeightFileError(f'{path}: not a valid .safetensors file ({why}); write it '
+                                    'again with python -m cal_jax.convert')
+  with open(path, 'rb') as f:
+    start = f.read(8)
+    if len(start) < 8:
+      raise bad(f'{size} bytes, shorter than the 8-byte header length')
+    length = struct.unpack('<Q', start)[0]
+    if length > min(size - 8, MAX_HEADER_BYTES):
+      raise bad(f'its header claims {length} bytes, the file has {size - 8} after the length')
+    raw = f.read(length)
+  try:
+    header = json.loads(raw.decode('utf-8'))
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise bad(f'its header is not JSON: {error}') from None
+  if not isinstance(header, dict):
+    raise bad('its header is not a JSON object')
+  data_bytes = size - 8 - length
+  metadata = header.pop('__metadata__', {}) or {}
+  if not isinstance(metadata, dict) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    raise bad('its __metadata__ is not a map of strings to strings')
+  for name, entry in header.items():
+    if not isinstance(entry, dict):
+      raise bad(f'tensor {name!r}: not a JSON object')
+    dtype, shape, offsets = entry.get('dtype'), entry.get('shape'), entry.get('data_offsets')
+    if dtype not in SAFETENSORS_DTYPE_BYTES:
+      raise bad(f'tensor {name!r}: unknown dtype {dtype!r}')
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+      raise bad(f'tensor {name!r}: shape {shape!r} is not a list of sizes')
+    if (not isinstance(offsets, list) or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
+      raise bad(f'tensor {name!r}: byte range {offsets!r} is not within the '
+                f'{data_bytes} data bytes of the file')
+    if math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
+      raise bad(f'tensor {name!r}: {dtype} {shape} needs '
+                f'{math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]} bytes, its byte range '
+                f'holds {offsets[1] - offsets[0]}')
+
+
+def check_torch_zip(path: str) -> None:
+  """Raises WeightFileError unless `path` is a zip-based torch.save file (what
+  cal_jax.convert writes) whose entries all lie within the file."""
+  if not zipfile.is_zipfile(path):
+    raise WeightFileError(f'{path}: not a zip-based torch file, so not written by '
+                          'cal_jax.convert (damaged, or another format)')
+  size = os.path.getsize(path)
+  try:
+    with zipfile.ZipFile(path) as archive:
+      entries = archive.infolist()
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+    raise WeightFileError(f'{path}: a damaged zip file ({error})') from None
+  for entry in entries:
+    if entry.compress_type != zipfile.ZIP_STORED:
+      raise WeightFileError(f'{path}: entry {entry.filename!r} is compressed; torch.save '
+                            'writes stored entries: not a torch file, or repacked')
+    if entry.header_offset + entry.file_size > size:
+      raise WeightFileError(f'{path}: entry {entry.filename!r} claims {entry.file_size} bytes '
+                            f'beyond the end of the {size}-byte file (a truncated copy?)')
+  if not any(e.filename == 'data.pkl' or e.filename.endswith('/data.pkl') for e in entries):
+    raise WeightFileError(f'{path}: a zip file without data.pkl: not written by torch.save')
+
+
+def _torch_load(path: str) -> Any:
+  """torch.load(weights_only=True), memory-mapped: no code in the file runs and no
+  size it claims is allocated. torch's own error text, which suggests an
+  unrestricted load, is not repeated."""
+  check_torch_zip(path)
+  try:
+    return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+  except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError,
+          AttributeError, IndexError, KeyError, OSError) as error:
+    offender = next((line.strip() for line in str(error).splitlines() if 'GLOBAL' in line),
+                    None)
+    if offender:
+      raise WeightFileError(f'{path}: refused to load: the file holds objects other than '
+                            f'tensors, whose unpickling could run code '
+                            f'({offender.rstrip(".")}); export the model again with '
+                            'python -m cal_jax.convert') from error
+    raise WeightFileError(f'{path}: not a readable torch file (damaged or truncated); export '
+                          'it again with python -m cal_jax.convert') from error
+
+
 def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
   """(state_dict, metadata) of an exported file; metadata holds at least 'config'.
 
   `.safetensors`: the metadata strings are JSON. `.pt`: a dict {'config',
-  'state_dict', 'metadata'} read with `torch.load(weights_only=True)`.
+  'state_dict', 'metadata'} read with `torch.load(weights_only=True)`. Nothing in
+  the file is run, and its sizes are checked before anything is allocated.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    WeightFileError (a ValueError): a damaged or unsafe file, or one not
+      written by cal_jax.convert; the message names the file.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path!r} does not exist; write it with python -m cal_jax.convert')
   suffix = os.path.splitext(path)[1].lower()
   if suffix == '.safetensors':
+    check_safetensors(path)
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    with safe_open(path, framework='pt') as f:
-      raw = f.metadata() or {}
-      state = {key: f.get_tensor(key) for key in f.keys()}
-    metadata = {key: json.loads(value) for key, value in raw.items()}
+    try:
+      with safe_open(path, framework='pt') as f:
+        raw = f.metadata() or {}
+        state = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:  # pylint: disable=broad-except  (safetensors' own error type)
+      raise WeightFileError(f'{path}: not a readable .safetensors file: {error}') from error
+    metadata = {}
+    for key, value in raw.items():
+      try:
+        metadata[key] = json.loads(value)
+      except json.JSONDecodeError as error:
+        raise WeightFileError(f'{path}: metadata field {key!r} is not JSON ({error}); was it '
+                              'written by cal_jax.convert?') from None
   elif suffix == '.pt':
-    saved = torch.load(path, map_location='cpu', weights_only=True)
+    saved = _torch_load(path)
     if not isinstance(saved, dict) or 'state_dict' not in saved or 'config' not in saved:
-      raise ValueError(f"{path}: not an exported CAL model (expected a dict with 'config' and "
-                       "'state_dict')")
+      raise WeightFileError(f"{path}: not an exported CAL model (expected a dict with 'config' "
+                            "and 'state_dict')")
     state = saved['state_dict']
-    metadata = {**saved.get('metadata', {}), 'config': saved['config']}
+    extra = saved.get('metadata', {})
+    if not isinstance(extra, dict):
+      raise WeightFileError(f"{path}: its 'metadata' is a {type(extra).__name__}, not a dict")
+    metadata = {**extra, 'config': saved['config']}
   else:
     raise ValueError(f'{path}: unknown format {suffix!r}; expected .safetensors or .pt')
   if 'config' not in metadata:
-    raise ValueError(f'{path}: no CAL hyper-parameters in its metadata; was it written by '
-                     'cal_jax.convert?')
+    raise WeightFileError(f'{path}: no CAL hyper-parameters in its metadata; was it written by '
+                          'cal_jax.convert?')
   if metadata.get('format', FORMAT) != FORMAT:
-    raise ValueError(f"{path}: format {metadata['format']!r}, this module reads {FORMAT!r}")
+    raise WeightFileError(f"{path}: format {metadata['format']!r}, this module reads {FORMAT!r}")
+  if not isinstance(metadata['config'], dict):
+    raise WeightFileError(f"{path}: its 'config' metadata is a "
+                          f"{type(metadata['config']).__name__}, not a dict of hyper-parameters")
+  if not isinstance(state, dict) or not all(
+      isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    raise WeightFileError(f'{path}: its state_dict is not a dict of named tensors')
   return state, metadata
 
 
@@ -360,11 +510,18 @@ def load(path: str, device: str = 'cpu') -> CALInference:
   `model.metadata`.
   """
   state, metadata = read(path)
-  model = CALInference(metadata['config'])
-  missing, unexpected = model.load_state_dict(state, strict=False)
+  try:
+    model = CALInference(metadata['config'])
+  except ValueError as error:
+    raise WeightFileError(f'{path}: {error}') from None
+  try:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+  except RuntimeError as error:  # a tensor of another shape
+    raise WeightFileError(f'{path}: does not match CALInference({metadata["config"]}): '
+                          f'{str(error).splitlines()[-1].strip()}') from None
   missing = [key for key in missing if not key.endswith('num_batches_tracked')]
   if missing or unexpected:
-    raise ValueError(f'{path}: does not match CALInference({metadata["config"]}): '
-                     f'missing {missing[:8]}, unexpected {unexpected[:8]}')
+    raise WeightFileError(f'{path}: does not match CALInference({metadata["config"]}): '
+                          f'missing {missing[:8]}, unexpected {unexpected[:8]}')
   model.metadata = metadata
   return model.to(device).eval()

@@ -19,8 +19,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from cal_jax import (checkpointing, data, distributed, evaluation_run, input_pipeline, parallel,
-                     train_state)
+from cal_jax import (checkpointing, config_checks, data, distributed, evaluation_run,
+                     input_pipeline, parallel, train_state)
 from cal_jax import sampler as sampler_lib
 from cal_jax import workdir as workdir_lib
 from cal_jax.models.cal import create_model
@@ -104,6 +104,7 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict]:
   """Trains CAL, then evaluates the final model; returns the evaluation results."""
+  config_checks.check_config(config)  # every field in its range, before anything is read
   workdir_lib.check_writable(workdir)
   is_chief = jax.process_index() == 0
   setup = TrainingSetup(config, workdir)
@@ -208,6 +209,7 @@ def restore_for_evaluation(setup: TrainingSetup, step: Optional[int] = None
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: Optional[int] = None) -> dict:
   """`--mode eval`: evaluates the latest (or the given) checkpoint of a workdir."""
+  config_checks.check_config(config)
   workdir_lib.check_writable(workdir)
   setup = TrainingSetup(config, workdir)
   state, counts = restore_for_evaluation(setup, step)

@@ -24,7 +24,8 @@ from absl import app, flags  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cal_jax import cli, evaluate, evaluation_run, pictures, plots, train  # noqa: E402
+from cal_jax import cli, config_checks, evaluate, evaluation_run, pictures, plots  # noqa: E402
+from cal_jax import train  # noqa: E402
 from cal_jax import results as results_lib  # noqa: E402
 from cal_jax import workdir as workdir_lib  # noqa: E402
 
@@ -41,9 +42,11 @@ _CHECKPOINT = flags.DEFINE_integer('checkpoint', None, 'Checkpoint step (default
 _PROTOCOL = flags.DEFINE_string('protocol', None,
                                 'ranking: protocol key, e.g. sysu/all/single (default: the '
                                 "data set's first).")
-_TRIAL = flags.DEFINE_integer('trial', 0, 'ranking: the gallery draw.')
-_NUM_IDS = flags.DEFINE_integer('num_ids', 4, 'regions, attention: identities to draw.')
-_NUM_QUERIES = flags.DEFINE_integer('num_queries', 4, 'ranking: queries to draw.')
+_TRIAL = flags.DEFINE_integer('trial', 0, 'ranking: the gallery draw.', lower_bound=0)
+_NUM_IDS = flags.DEFINE_integer('num_ids', 4, 'regions, attention: identities to draw.',
+                                lower_bound=1)
+_NUM_QUERIES = flags.DEFINE_integer('num_queries', 4, 'ranking: queries to draw.',
+                                    lower_bound=1)
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -61,6 +64,10 @@ def draw(config: ml_collections.ConfigDict, workdir: str, what: list[str], outpu
          checkpoint: int | None = None, protocol: str | None = None, trial: int = 0,
          num_ids: int = 4, num_queries: int = 4) -> list[str]:
   """Writes the PNGs of `what` into `output`; returns their paths."""
+  for name, value, low in (('num_ids', num_ids, 1), ('num_queries', num_queries, 1),
+                           ('trial', trial, 0)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f'--{name}={value}: must be an integer >= {low}')
   workdir_lib.check_writable(output)  # before the work, not after
   figures = {}
   if 'cmc' in what:
@@ -110,7 +117,10 @@ def main(argv):
   try:
     config = _CONFIG.value if _CONFIG.value is not None else read_run_config(workdir)
     config = cli.resolve_config_paths(config)
-    paths = draw(config, workdir, list(dict.fromkeys(_WHAT.value)),
+    # The run's own config.json may lack fields newer versions write; `cmc` reads no data.
+    what = list(dict.fromkeys(_WHAT.value))
+    config_checks.check_config(config, partial=_CONFIG.value is None or what == ['cmc'])
+    paths = draw(config, workdir, what,
                  cli.absolute_path(_OUTPUT.value) or os.path.join(workdir, 'pictures'),
                  checkpoint=_CHECKPOINT.value, protocol=_PROTOCOL.value, trial=_TRIAL.value,
                  num_ids=_NUM_IDS.value, num_queries=_NUM_QUERIES.value)

@@ -272,3 +272,347 @@ def test_full_disk_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
   with pytest.raises(OSError, match='No space left on device'):
     workdir_lib.write_text_atomically(str(path), 'new')
   assert path.read_text() == 'old' and os.listdir(tmp_path) == ['config.json']
+
+
+# ------------------------------------------------- config values and files ---
+
+
+def assert_single_line(result, *fragments):
+  """One line on stderr (after the libraries' start-up chatter) holds the whole message."""
+  assert_one_line_error(result, *fragments)
+  last = result.stderr.strip().splitlines()[-1]
+  for fragment in fragments:
+    assert fragment in last, (fragment, last)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['--config.optim.num_epochs=-1'],
+     'config.optim.num_epochs=-1: must be an integer >= 0 (0 evaluates the initial model)'),
+    (['--config.log_every_steps=0', '--config.checkpoint_every_steps=0'],
+     'config.checkpoint_every_steps=0: must be an integer >= 1; config.log_every_steps=0: must be'),
+    (['--config.eval.rand_perm_path=nowhere/rand_perm_cam.mat'],
+     "config.eval.rand_perm_path='{repo}/nowhere/rand_perm_cam.mat' does not exist"),
+])
+def test_config_value_out_of_range(overrides, message, tmp_path):
+  """Refused before the workdir is created or any data read (every rule: test_config_checks)."""
+  result = run_main('--workdir', str(tmp_path / 'run'), *overrides, timeout=120)
+  assert_single_line(result, 'cal_jax.main: error: ' + message.format(repo=REPO))
+  assert not (tmp_path / 'run').exists()
+
+
+CONFIG_FILES = {
+    'syntax': ('def get_config(:\n  pass\n', "', line 1: SyntaxError: invalid syntax"),
+    'import': ('import no_such_module_here\n', "', line 1: importing it failed: "
+               "ModuleNotFoundError: No module named 'no_such_module_here'"),
+    'no_get_config': ('config = None\n', "' has no get_config() function"),
+    'raises': ('from configs import default\n\ndef get_config():\n  config = default.get_config()\n'
+               '  config.data.pad = int("four")\n  return config\n',
+               "', line 5: get_config() raised ValueError: invalid literal for int()"),
+    'wrong_type': ('def get_config():\n  return {"seed": 0}\n',
+                   "': get_config() returned a dict, not an ml_collections.ConfigDict"),
+    'missing_return': ('from configs import default\n\ndef get_config():\n'
+                       '  config = default.get_config()\n',
+                       "': get_config() returned None, not an ml_collections.ConfigDict"),
+    'absent': (None, "' does not exist (--config takes the path of a Python file"),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(CONFIG_FILES))
+def test_config_file_that_cannot_be_loaded(kind, tmp_path):
+  from cal_jax import cli  # pylint: disable=g-import-not-at-top
+  source, message = CONFIG_FILES[kind]
+  path = tmp_path / f'{kind}.py'
+  if source is not None:
+    path.write_text(source)
+  with pytest.raises(cli.ConfigFileError) as error:
+    cli.check_config_file(str(path))
+  assert str(error.value).startswith(f"config file '{path}" + message), str(error.value)
+  assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('kind', ['syntax', 'no_get_config', 'wrong_type'])
+def test_config_file_that_cannot_be_loaded_through_the_command(kind, tmp_path):
+  """The three ways it surfaces in absl's parser: an exception, an AttributeError
+  (taken for a misspelt field before), a value of another type."""
+  source, message = CONFIG_FILES[kind]
+  path = tmp_path / f'{kind}.py'
+  path.write_text(source)
+  result = subprocess.run([sys.executable, '-m', 'cal_jax.main', '--config', str(path),
+                           '--workdir', str(tmp_path / 'run')], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert_single_line(result, f"FATAL Flags parsing error: --config: config file '{path}"
+                     + message)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_config_file_with_a_misspelt_field(tmp_path):
+  """A config file may add fields ml_collections knows nothing of: refused, named."""
+  path = tmp_path / 'typo.py'
+  path.write_text('from configs import tiny\n\ndef get_config():\n  config = tiny.get_config()\n'
+                  '  config.model.dept = 18\n  return config\n')
+  result = subprocess.run([sys.executable, '-m', 'cal_jax.main', '--config', str(path),
+                           '--workdir', str(tmp_path / 'run')], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert_single_line(result, 'cal_jax.main: error: config.model.dept: no such field (did you '
+                     'mean config.model.depth?)')
+
+
+# --------------------------------------------------- split lists, prepared data ---
+
+
+def test_test_identities_in_the_training_list(sysu_tree, run_copy, tmp_path):
+  workdir, before = run_copy
+  root = tmp_path / 'SYSU-MM01'
+  shutil.copytree(sysu_tree, root)
+  test_ids = sorted({r.id for r in records.list_records('sysu', str(root), 'test')})
+  (root / 'exp' / 'train_id.txt').write_text(
+      (root / 'exp' / 'train_id.txt').read_text().strip() + f',{test_ids[1]}\n')
+  with pytest.raises(ValueError, match=re.escape(
+      f'identities listed for both training and test (test identities would be trained on): '
+      f'1 ids in both exp/train_id.txt and exp/test_id.txt: {test_ids[1]}')):
+    train.train_and_evaluate(real_data_config(root, tmp_path / 'tfds'), workdir)
+  assert snapshot(workdir) == before
+
+
+class _CollectInfo(_CollectWarnings):
+
+  def __init__(self, lines):
+    super().__init__(lines)
+    import logging  # pylint: disable=g-import-not-at-top
+    self.handler.setLevel(logging.INFO)
+
+  def __enter__(self):
+    import logging  # pylint: disable=g-import-not-at-top
+    self.level = self.logger.level
+    self.logger.setLevel(logging.INFO)
+    super().__enter__()
+
+  def __exit__(self, *args):
+    super().__exit__(*args)
+    self.logger.setLevel(self.level)
+
+
+def test_manual_dir_that_does_not_exist_beside_data_prepared_earlier(sysu_tree, run_copy,
+                                                                      tmp_path):
+  """tfds would reuse the prepared copy without looking at manual_dir: refused instead,
+  and every run says which prepared data it uses and where it came from."""
+  from cal_jax import data  # pylint: disable=g-import-not-at-top
+  workdir, before = run_copy
+  root = tmp_path / 'SYSU-MM01'
+  shutil.copytree(sysu_tree, root)
+  config = real_data_config(root, tmp_path / 'tfds')
+  lines = []
+  with _CollectInfo(lines):
+    data.load_splits(config, workdir)  # prepared once
+  assert any(line.startswith(f'Preparing sysu_mm01 from {root} into ') for line in lines)
+
+  gone = tmp_path / 'unmounted' / 'SYSU-MM01'
+  result = run_main('--workdir', workdir, '--config.data.synthetic=',
+                    f'--config.data.manual_dir={gone}', f'--config.data.data_dir={tmp_path}/tfds',
+                    timeout=120)
+  assert_one_line_error(result, f"cal_jax.main: error: config.data.manual_dir='{gone}' does not "
+                        'exist: point it at the folder of sysu_mm01; data prepared from it '
+                        'earlier is not used without it')
+  assert snapshot(workdir) == before
+  config.data.manual_dir = str(gone)
+  with pytest.raises(FileNotFoundError, match='does not exist'):  # data.load_splits on its own
+    data.load_splits(config, workdir)
+
+  moved = tmp_path / 'moved' / 'SYSU-MM01'
+  shutil.copytree(root, moved)
+  config.data.manual_dir = str(moved)
+  lines.clear()
+  with _CollectInfo(lines):
+    data.load_splits(config, workdir)
+  assert any(line.startswith(f'Using sysu_mm01 prepared earlier in ') and f'from {root} ' in line
+             for line in lines), lines
+  assert any(f'was prepared from {root}, not from config.data.manual_dir={moved}: the prepared '
+             'copy is used' in line for line in lines), lines
+
+
+# ------------------------------------------------------------- convert output ---
+
+
+def run_convert(*args, timeout=300):
+  return subprocess.run([sys.executable, '-m', 'cal_jax.convert', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_convert_refuses_to_overwrite_without_the_flag(run_copy, tmp_path):
+  workdir, before = run_copy
+  output = tmp_path / 'cal.safetensors'
+  output.write_bytes(b'an earlier export')
+  result = run_convert('--workdir', workdir, '--output', str(output))
+  assert_single_line(result, f"cal_jax.convert: error: --output '{output}' exists: pass "
+                     '--overwrite to replace it, or choose another --output')
+  assert output.read_bytes() == b'an earlier export'
+  result = run_convert('--workdir', workdir, '--output', str(output), '--overwrite')
+  assert result.returncode == 0, result.stderr[-3000:]
+  from cal_jax import torch_model  # pylint: disable=g-import-not-at-top
+  assert torch_model.load(str(output)).metadata['checkpoint_step'] == 0
+  assert snapshot(workdir) == before
+
+
+def test_convert_output_that_cannot_be_written(run_copy, tmp_path, monkeypatch):
+  """A folder, a path under a file, a read-only disk: refused before the checkpoint is read."""
+  from cal_jax import convert  # pylint: disable=g-import-not-at-top
+  workdir, before = run_copy
+  folder = tmp_path / 'exports.safetensors'
+  folder.mkdir()
+  with pytest.raises(convert.OutputError, match=re.escape(f"--output '{folder}' is a folder")):
+    convert.export_checkpoint(workdir, str(folder))
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('keep me')
+  with pytest.raises(convert.OutputError, match=re.escape(
+      f"cannot write --output '{blocker}/sub/cal.pt': '{blocker}' is a file, not a folder")):
+    convert.export_checkpoint(workdir, str(blocker / 'sub' / 'cal.pt'))
+  assert blocker.read_text() == 'keep me'
+
+  def read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+  monkeypatch.setattr(convert.tempfile, 'mkstemp', read_only)
+  with pytest.raises(convert.OutputError, match=re.escape(
+      f"cannot write --output '{tmp_path}/cal.pt': Read-only file system")):
+    convert.export_checkpoint(workdir, str(tmp_path / 'cal.pt'))
+  assert not (tmp_path / 'cal.pt').exists() and snapshot(workdir) == before
+  monkeypatch.undo()
+  # Through the command: the same one line.
+  result = run_convert('--workdir', workdir, '--output', str(folder))
+  assert_single_line(result, f"cal_jax.convert: error: --output '{folder}' is a folder")
+  # No data is read: a real-data config without manual_dir exports (partial check).
+  config = tiny.get_config()
+  config.data.synthetic = config.data.manual_dir = ''
+  convert.export_checkpoint(workdir, str(tmp_path / 'real.safetensors'), config=config)
+  assert (tmp_path / 'real.safetensors').is_file()
+
+
+# ------------------------------------------------------------- weight files ---
+
+
+class _Payload:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f'touch {self.marker}',))
+
+
+def _bad_weight_files(tmp_path):
+  """{name: path} of files that must not load: random bytes, inconsistent safetensors
+  headers and metadata, a pickle that would run code."""
+  import json  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  files = {}
+
+  def write(name, data):
+    files[name] = tmp_path / name
+    files[name].write_bytes(data)
+
+  def safetensors_file(name, header, data=b'\0' * 16):
+    raw = json.dumps(header).encode()
+    write(name, struct.pack('<Q', len(raw)) + raw + data)
+
+  write('random.safetensors', rng.bytes(4096))
+  write('random.pt', rng.bytes(4096))
+  write('short.safetensors', b'\x01\x02')
+  safetensors_file('huge_shape.safetensors',
+                   {'w': {'dtype': 'F32', 'shape': [2**40, 2**20], 'data_offsets': [0, 16]}})
+  safetensors_file('offsets_beyond.safetensors',
+                   {'w': {'dtype': 'F32', 'shape': [2**30], 'data_offsets': [0, 2**32]}})
+  safetensors_file('bad_dtype.safetensors',
+                   {'w': {'dtype': 'F128', 'shape': [1], 'data_offsets': [0, 16]}})
+  safetensors_file('metadata_not_json.safetensors',
+                   {'__metadata__': {'config': '{depth: 50'},
+                    'w': {'dtype': 'F32', 'shape': [4], 'data_offsets': [0, 16]}})
+  safetensors_file('config_of_wrong_types.safetensors',
+                   {'__metadata__': {'config': json.dumps({'depth': 'fifty', 'width': -1})},
+                    'w': {'dtype': 'F32', 'shape': [4], 'data_offsets': [0, 16]}})
+  marker = tmp_path / 'code_ran'
+  torch.save({'config': {}, 'state_dict': {'w': _Payload(marker)}}, tmp_path / 'payload.pt')
+  files['payload.pt'] = tmp_path / 'payload.pt'
+  torch.save({'conv1.weight': _Payload(marker)}, tmp_path / 'payload.pth')
+  files['payload.pth'] = tmp_path / 'payload.pth'
+  torch.save({'conv1.weight': _Payload(marker)}, tmp_path / 'legacy_payload.pth',
+             _use_new_zipfile_serialization=False)
+  files['legacy_payload.pth'] = tmp_path / 'legacy_payload.pth'
+  write('random.pth', rng.bytes(4096))
+  return files, marker
+
+
+EXPORTED_FILE_ERRORS = {
+    'random.safetensors': 'not a valid .safetensors file (its header claims',
+    'short.safetensors': 'not a valid .safetensors file (2 bytes, shorter than the 8-byte',
+    'huge_shape.safetensors': "tensor 'w': F32 [1099511627776, 1048576] needs",
+    'offsets_beyond.safetensors': "tensor 'w': byte range [0, 4294967296] is not within the 16",
+    'bad_dtype.safetensors': "tensor 'w': unknown dtype 'F128'",
+    'metadata_not_json.safetensors': "metadata field 'config' is not JSON",
+    'config_of_wrong_types.safetensors': "invalid CALInference hyper-parameters: depth='fifty' "
+                                         "(must be one of [18, 34, 50, 101]), width=-1",
+    'random.pt': 'not a zip-based torch file, so not written by cal_jax.convert',
+    'payload.pt': 'refused to load: the file holds objects other than tensors, whose '
+                  'unpickling could run code (Trying to load unsupported GLOBAL',
+}
+
+
+def test_exported_files_that_must_not_load(tmp_path):
+  """torch_model.load: one message naming the file, no code run, nothing allocated first."""
+  from cal_jax import torch_model  # pylint: disable=g-import-not-at-top
+  files, marker = _bad_weight_files(tmp_path)
+  for name, fragment in EXPORTED_FILE_ERRORS.items():
+    with pytest.raises(torch_model.WeightFileError) as error:
+      torch_model.load(str(files[name]))
+    message = str(error.value)
+    assert message.startswith(f'{files[name]}: ') and fragment in message, (name, message)
+    assert 'weights_only=False' not in message and 'weights_only` set to `False' not in message
+  assert not marker.exists()
+
+
+PRETRAINED_FILE_ERRORS = {
+    'random.safetensors': 'not a valid .safetensors file (its header claims',
+    'huge_shape.safetensors': "tensor 'w': F32 [1099511627776, 1048576] needs",
+    'offsets_beyond.safetensors': "byte range [0, 4294967296] is not within",
+    'random.pth': 'not a readable torch file (damaged, truncated, or another format)',
+    'payload.pth': 'refused to load: the file holds objects other than tensors',
+    'legacy_payload.pth': 'refused to load: the file holds objects other than tensors',
+}
+
+
+@pytest.mark.parametrize('name', sorted(PRETRAINED_FILE_ERRORS))
+def test_pretrained_files_that_must_not_load(name, tmp_path):
+  """config.model.pretrained: a ValueError naming the file (one line from cal_jax.main)."""
+  from cal_jax import pretrained  # pylint: disable=g-import-not-at-top
+  files, marker = _bad_weight_files(tmp_path)
+  with pytest.raises(ValueError) as error:
+    pretrained.load_torchvision_resnet(str(files[name]), 'resnet50')
+  message = str(error.value)
+  assert message.startswith(f'{files[name]}: ') and PRETRAINED_FILE_ERRORS[name] in message
+  assert '\n' not in message and 'weights_only' not in message
+  assert not marker.exists()
+
+
+def test_pretrained_random_bytes_through_training(run_copy, tmp_path):
+  workdir, before = run_copy
+  files, _ = _bad_weight_files(tmp_path)
+  config = tiny.get_config()
+  config.model.pretrained = str(files['random.pth'])
+  with pytest.raises(ValueError, match=re.escape(f'{files["random.pth"]}: not a readable torch')):
+    train.train_and_evaluate(config, workdir)
+  assert snapshot(workdir) == before
+
+
+# ---------------------------------------------------------------- visualize ---
+
+
+@pytest.mark.parametrize('flag', ['--num_ids=0', '--num_queries=0', '--trial=-1'])
+def test_visualize_counts_below_one(flag, run_copy):
+  workdir, before = run_copy
+  result = subprocess.run([sys.executable, '-m', 'cal_jax.visualize', '--workdir', workdir,
+                           flag], cwd=REPO, capture_output=True, text=True, timeout=120)
+  name, value = flag[2:].split('=')
+  assert_single_line(result, f'FATAL Flags parsing error: flag {flag}: {value} is not')
+  assert snapshot(workdir) == before
+  from cal_jax import visualize  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=re.escape(f'--{name}={value}: must be an integer >= ')):
+    visualize.draw(tiny.get_config(), workdir, ['regions'], workdir, **{name: int(value)})

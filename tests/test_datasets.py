@@ -305,3 +305,124 @@ def test_infrared_gap_changes_only_the_infrared_images(tmp_path):
     synthetic.generate('sysu', str(tmp_path / 'bad'), num_ids=9, infrared_gap=1.5)
   with pytest.raises(ValueError, match='sysu layout only'):
     synthetic.generate('regdb', str(tmp_path / 'bad2'), num_ids=9, infrared_gap=0.5)
+
+
+# ------------------------------------------------- id files and identity folders ---
+
+
+@pytest.fixture(scope='module')
+def small_trees(tmp_path_factory):
+  """One small tree per layout, generated once; copy before changing it."""
+  base = tmp_path_factory.mktemp('small_trees')
+  trees = {}
+  for layout, name in (('sysu', 'SYSU-MM01'), ('regdb', 'RegDB'), ('llcm', 'LLCM')):
+    trees[layout] = base / name
+    extra = {} if layout == 'regdb' else SMALL
+    synthetic.generate(layout, str(trees[layout]), seed=4,
+                       **({'num_ids': 6} if layout == 'regdb' else extra))
+  return trees
+
+
+def _copy(trees, layout, tmp_path):
+  root = tmp_path / trees[layout].name
+  shutil.copytree(trees[layout], root)
+  return root
+
+
+def _listing(layout, root, split, trial=None):
+  return [(r.id, r.camera, r.modality, r.path.rsplit('/', 1)[-1])
+          for r in records.list_records(layout, str(root), split, trial=trial)]
+
+
+@pytest.mark.parametrize('form', ['one per line', 'windows line ends', 'byte-order mark',
+                                  'trailing comma and spaces', 'last line without newline'])
+def test_id_files_in_every_form_are_read_whole(small_trees, tmp_path, form):
+  root = _copy(small_trees, 'sysu', tmp_path)
+  before = {s: _listing('sysu', root, s) for s in ('train', 'test')}
+  for name in ('train_id', 'val_id', 'test_id'):
+    ids = sorted(_ids_of_line(root / 'exp' / f'{name}.txt'))
+    text = {'one per line': '\n'.join(map(str, ids)) + '\n',
+            'windows line ends': '\r\n'.join(map(str, ids)) + '\r\n',
+            'byte-order mark': '\ufeff' + ','.join(map(str, ids)),
+            'trailing comma and spaces': ', '.join(map(str, ids)) + ',\n',
+            'last line without newline': '\n'.join(f'{i:04d}' for i in ids)}[form]
+    (root / 'exp' / f'{name}.txt').write_bytes(text.encode('utf-8'))
+  for split in ('train', 'test'):
+    assert _listing('sysu', root, split) == before[split]
+  # LLCM's idx/test_id.txt is read the same way.
+  root = _copy(small_trees, 'llcm', tmp_path)
+  before = _listing('llcm', root, 'test')
+  ids = sorted(_ids_of_line(root / 'idx' / 'test_id.txt'))
+  (root / 'idx' / 'test_id.txt').write_text('\n'.join(map(str, ids)) + '\n')
+  assert _listing('llcm', root, 'test') == before
+
+
+def test_id_file_with_something_else_is_refused(small_trees, tmp_path):
+  root = _copy(small_trees, 'sysu', tmp_path)
+  path = root / 'exp' / 'test_id.txt'
+  path.write_text(path.read_text().strip() + ',12a,x\n')
+  with pytest.raises(records.DatasetLayoutError,
+                     match=r"exp/test_id.txt holds entries that are not identity numbers"
+                           r"[\s\S]*found: +'12a', 'x'"):
+    records.list_records('sysu', str(root), 'test')
+
+
+def test_identity_folder_without_zero_padding_is_read(small_trees, tmp_path):
+  root = _copy(small_trees, 'sysu', tmp_path)
+  before = _listing('sysu', root, 'train')
+  folder = sorted(p for p in (root / 'cam1').iterdir())[0]
+  short = folder.parent / str(int(folder.name))
+  assert short.name != folder.name
+  folder.rename(short)
+  listed = records.list_records('sysu', str(root), 'train')
+  assert [(r.id, r.camera, r.modality, r.path.rsplit('/', 1)[-1]) for r in listed] == before
+  assert any(r.path.startswith(f'cam1/{short.name}/') for r in listed)
+
+
+def test_two_folders_of_one_identity_or_a_strange_folder_are_refused(small_trees, tmp_path):
+  root = _copy(small_trees, 'sysu', tmp_path)
+  folder = sorted(p for p in (root / 'cam2').iterdir())[0]
+  short = str(int(folder.name))
+  shutil.copytree(folder, folder.parent / short)
+  with pytest.raises(records.DatasetLayoutError,
+                     match=re.escape(f'two folders of one identity: cam2/{folder.name}/ and '
+                                     f'cam2/{short}/')):
+    records.list_records('sysu', str(root), 'train')
+  shutil.rmtree(folder.parent / short)
+  (root / 'cam4' / 'backup_0001').mkdir()
+  (root / 'cam4' / '.cache').mkdir()  # hidden: ignored
+  with pytest.raises(records.DatasetLayoutError,
+                     match=re.escape('not an identity number: cam4/backup_0001/')):
+    records.list_records('sysu', str(root), 'test')
+
+
+def test_identities_in_training_and_test_lists_are_refused(small_trees, tmp_path):
+  root = _copy(small_trees, 'sysu', tmp_path)
+  test_ids = sorted(_ids_of_line(root / 'exp' / 'test_id.txt'))
+  train = root / 'exp' / 'val_id.txt'
+  train.write_text(train.read_text().strip() + f',{test_ids[0]},{test_ids[-1]}')
+  for split in ('train', 'test'):  # either split: the lists are wrong
+    with pytest.raises(records.DatasetLayoutError,
+                       match=re.escape(f'2 ids in both exp/val_id.txt and exp/test_id.txt: '
+                                       f'{test_ids[0]}, {test_ids[-1]}')):
+      records.list_records('sysu', str(root), split)
+
+  root = _copy(small_trees, 'regdb', tmp_path)
+  test_line = (root / 'idx' / 'test_thermal_3.txt').read_text().splitlines()[0]
+  with open(root / 'idx' / 'train_thermal_3.txt', 'a') as f:
+    f.write(test_line + '\n')
+  test_id = int(test_line.split()[0].split('/')[1])
+  with pytest.raises(records.DatasetLayoutError,
+                     match=re.escape(f'1 ids in both idx/train_thermal_3.txt and '
+                                     f'idx/test_thermal_3.txt: {test_id}')):
+    records.list_records('regdb', str(root), 'train', trial=3)
+  records.list_records('regdb', str(root), 'train', trial=4)  # other trials are fine
+
+  root = _copy(small_trees, 'llcm', tmp_path)
+  test_image = records.list_records('llcm', str(root), 'test')[0]
+  with open(root / 'idx' / 'train_vis.txt', 'a') as f:
+    f.write(f'{test_image.path} 0\n')
+  with pytest.raises(records.DatasetLayoutError,
+                     match=re.escape(f'1 ids in both idx/train_vis.txt and idx/test_id.txt: '
+                                     f'{test_image.id}')):
+    records.list_records('llcm', str(root), 'test')

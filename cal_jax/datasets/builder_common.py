@@ -13,7 +13,8 @@ An image that cannot be decoded stops the preparation naming the file, unless
 the builder is made with `skip_corrupt_images=True` (config.data.
 skip_corrupt_images): then each such image is logged and left out, and the
 list of skipped paths is kept in the prepared data set's metadata
-(`skipped_images`), so that every later run can report it.
+(`skipped_images`), so that every later run can report it. The folder it was
+prepared from is kept there too (`prepared_from`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class SkipsCorruptImages:
   def __init__(self, *, skip_corrupt_images: bool = False, **kwargs):
     self.skip_corrupt_images = bool(skip_corrupt_images)
     super().__init__(**kwargs)
+
+  def record_source(self, root: str) -> None:
+    """Keeps the folder the data set is prepared from in its metadata
+    (`prepared_from`), so that every later run can say where its data came from."""
+    self.info.metadata['prepared_from'] = os.fspath(root)
 
   def skipped_images(self) -> list[str] | None:
     """The list skipped paths are appended to, or None when not skipping."""

@@ -36,6 +36,7 @@ class Llcm(builder_common.SkipsCorruptImages, tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = builder_common.manual_root(dl_manager, 'llcm')
+    self.record_source(root)
     splits = {s: records.llcm_records(root, s) for s in records.SPLITS}
     return {s: self._generate_examples(root, r) for s, r in splits.items()}
 

@@ -15,7 +15,8 @@ camera number, `modality` 0 visible, 1 infrared (near-infrared or thermal).
 Layouts (docs/data.md has the full description and where each fact comes from):
 
   SYSU-MM01  cam1/ .. cam6/ (<id:04d>/<n:04d>.jpg), exp/train_id.txt,
-             exp/val_id.txt, exp/test_id.txt (one line of comma-separated ids).
+             exp/val_id.txt, exp/test_id.txt (one line of comma-separated ids;
+             ids separated by line breaks are read too).
              train = train_id + val_id, test = test_id, every camera; camera N
              of camN; cam3 and cam6 are infrared.
   RegDB      Visible/<id>/*.bmp, Thermal/<id>/*.bmp, and per trial t
@@ -44,6 +45,7 @@ ValueError) that lists what was expected, what was found and what to do.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Iterable
@@ -78,6 +80,7 @@ _HINTS = {
 }
 _LLCM_NAME = re.compile(r'^(\d+)_c(\d+)_')
 _MAX_LISTED = 12
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -146,18 +149,43 @@ def _require(layout: str, root: str, dirs: Iterable[str],
 
 
 def _read_id_line(layout: str, root: str, rel: str) -> list[int]:
-  """Ids of a one-line, comma-separated id file (SYSU exp/, LLCM idx/)."""
-  with open(os.path.join(root, rel), encoding='utf-8') as f:
-    text = f.read().strip()
-  try:
-    ids = [int(x) for x in text.splitlines()[0].split(',') if x.strip()]
-  except (ValueError, IndexError):
-    ids = []
-  if not ids:
-    raise DatasetLayoutError(layout, root, f'{rel} holds no id list',
-                             [f'{rel}: one line of comma-separated ids'],
-                             [repr(text[:80])])
-  return ids
+  """Ids of an id file (SYSU exp/, LLCM idx/test_id.txt).
+
+  The distributed files hold one line of comma-separated ids; copies edited
+  or re-saved elsewhere may have a byte-order mark, Windows line ends, a
+  trailing comma, spaces, or one id per line. Every form is read whole: ids
+  are the integers separated by commas and white space. Anything else in the
+  file is refused, named.
+  """
+  with open(os.path.join(root, rel), encoding='utf-8-sig') as f:
+    text = f.read()
+  tokens = [t for t in re.split(r'[,\s]+', text) if t]
+  bad = [t for t in tokens if not t.isdigit()]
+  if bad or not tokens:
+    raise DatasetLayoutError(layout, root, f'{rel} holds no id list' if not tokens else
+                             f'{rel} holds entries that are not identity numbers',
+                             [f'{rel}: identity numbers separated by commas (one line, '
+                              'as distributed) or by line breaks'],
+                             [repr(t) for t in bad] or [repr(text[:80])])
+  return [int(t) for t in tokens]
+
+
+def _check_disjoint(layout: str, root: str, train: dict[str, set[int]],
+                    test: dict[str, set[int]]) -> None:
+  """Refuses identities listed for training and for test: they would leak."""
+  found = []
+  for train_file, train_ids in train.items():
+    for test_file, test_ids in test.items():
+      both = sorted(train_ids & test_ids)
+      if both:
+        found.append(f'{len(both)} ids in both {train_file} and {test_file}: '
+                     f'{", ".join(map(str, both[:_MAX_LISTED]))}'
+                     + (' ...' if len(both) > _MAX_LISTED else ''))
+  if found:
+    raise DatasetLayoutError(
+        layout, root, 'identities listed for both training and test (test identities would '
+        'be trained on): ' + '; '.join(found),
+        ['disjoint training and test identities, as distributed'], found)
 
 
 def _read_index(layout: str, root: str, rel: str) -> list[str]:
@@ -197,17 +225,54 @@ def _identity_folder(layout: str, root: str, path: str, depth: int) -> int:
                           'cam<k>/<id>/<file>')], [path]) from None
 
 
+def _identity_folders(layout: str, root: str, rel_dir: str) -> dict[int, str]:
+  """{identity number: folder name} of the identity folders in `rel_dir`.
+
+  The distributed folders are zero-padded (`0007`); a folder named `7` (a
+  copy renamed by a tool) is read as identity 7. Two folders of one identity
+  (`7` and `0007`), or a folder whose name is not a number, are refused,
+  named: their images would otherwise be dropped or mixed without a word.
+  Hidden entries (`.something`) and files are ignored.
+  """
+  folders, clashes, strange = {}, [], []
+  for name in sorted(os.listdir(os.path.join(root, rel_dir))):
+    if name.startswith('.') or not os.path.isdir(os.path.join(root, rel_dir, name)):
+      continue
+    if not name.isdigit():
+      strange.append(f'{rel_dir}/{name}/')
+      continue
+    pid = int(name)
+    if pid in folders:
+      clashes.append(f'{rel_dir}/{folders[pid]}/ and {rel_dir}/{name}/')
+    folders[pid] = name
+  if strange or clashes:
+    raise DatasetLayoutError(
+        layout, root, 'camera folders with folders that are not one identity each'
+        + (f': {len(clashes)} identities have two folders' if clashes else '')
+        + (f': {len(strange)} folder names are not identity numbers' if strange else ''),
+        [f'{rel_dir}/<id>/, one folder per identity, named by its number (0007)'],
+        ['two folders of one identity: ' + c for c in clashes]
+        + ['not an identity number: ' + n for n in strange])
+  return folders
+
+
 def _walk_identities(layout: str, root: str, camera_dirs: dict[str, tuple],
-                     ids: list[int], split_file: str) -> list[Record]:
-  """Records of `ids` under camera folders {rel_dir: (camera, modality)}."""
-  records, empty = [], []
+                     ids: list[int], split_file: str,
+                     listed: set[int] | None = None) -> list[Record]:
+  """Records of `ids` under camera folders {rel_dir: (camera, modality)}.
+
+  `listed`: every id of every split file; a camera's identity folder of an id
+  in none of them is logged (its images belong to no split).
+  """
+  records, empty, unlisted = [], [], []
+  wanted = set(ids)
   for rel_dir, (camera, modality) in camera_dirs.items():
-    for pid in ids:
-      rel = f'{rel_dir}/{pid:04d}'
-      folder = os.path.join(root, rel)
-      if not os.path.isdir(folder):
-        continue  # not every identity passes every camera
-      names = _images_in(folder)
+    folders = _identity_folders(layout, root, rel_dir)
+    if listed is not None:
+      unlisted += [f'{rel_dir}/{folders[p]}/' for p in sorted(set(folders) - listed)]
+    for pid in sorted(wanted & set(folders)):  # not every identity passes every camera
+      rel = f'{rel_dir}/{folders[pid]}'
+      names = _images_in(os.path.join(root, rel))
       if not names:
         empty.append(rel + '/')
       records += [Record(f'{rel}/{n}', pid, camera, modality) for n in names]
@@ -222,6 +287,10 @@ def _walk_identities(layout: str, root: str, camera_dirs: dict[str, tuple],
         'image in any camera folder (a partial copy?)',
         [f'<camera>/{pid:04d}/ for every id of {split_file}' for pid in ids],
         [f'no folder for id {pid}' for pid in unseen])
+  if unlisted:
+    _LOG.warning('%s folder %s: %d identity folders of ids in no split file are not used: %s',
+                 DISTRIBUTED_NAMES.get(layout, layout), root, len(unlisted),
+                 _shorten(unlisted))
   return records
 
 
@@ -238,27 +307,33 @@ def sysu_records(root: str, split: str) -> list[Record]:
     raise DatasetLayoutError('sysu', root, 'empty camera folders '
                              '(a partial copy?)', ['identity folders in '
                              'cam1/ .. cam6/'], ['empty: ' + e for e in empty])
+  lists = {f: set(_read_id_line('sysu', root, f)) for f in SYSU_ID_FILES}
+  _check_disjoint('sysu', root, {f: lists[f] for f in SYSU_ID_FILES[:2]},
+                  {f: lists[f] for f in SYSU_ID_FILES[2:]})
   id_files = SYSU_ID_FILES[:2] if split == 'train' else SYSU_ID_FILES[2:]
-  ids = sorted({i for f in id_files for i in _read_id_line('sysu', root, f)})
+  ids = sorted(set().union(*(lists[f] for f in id_files)))
   camera_dirs = {f'cam{c}': (c, int(c in SYSU_INFRARED_CAMERAS))
                  for c in range(1, 7)}
   return _sorted(_walk_identities('sysu', root, camera_dirs, ids,
-                                  ' + '.join(id_files)))
+                                  ' + '.join(id_files),
+                                  listed=set().union(*lists.values())))
 
 
 def regdb_records(root: str, split: str, trial: int) -> list[Record]:
   """RegDB (Nguyen et al., Sensors 2017) images of `split` in `trial` 1..10."""
   if trial not in REGDB_TRIALS:
     raise ValueError(f'RegDB trial must be one of 1..10, got {trial!r}')
-  files = {f'idx/{split}_visible_{trial}.txt': (1, 0),
-           f'idx/{split}_thermal_{trial}.txt': (2, 1)}
-  _require('regdb', root, ['Visible', 'Thermal', 'idx'], files)
-  records = []
-  for rel, (camera, modality) in files.items():
-    for path in _read_index('regdb', root, rel):
-      pid = _identity_folder('regdb', root, path, 1)
-      records.append(Record(path, pid, camera, modality))
-  return _sorted(records)
+  files = {s: {f'idx/{s}_visible_{trial}.txt': (1, 0), f'idx/{s}_thermal_{trial}.txt': (2, 1)}
+           for s in SPLITS}
+  _require('regdb', root, ['Visible', 'Thermal', 'idx'], [*files['train'], *files['test']])
+  listing = {s: {rel: [(path, _identity_folder('regdb', root, path, 1))
+                       for path in _read_index('regdb', root, rel)] for rel in files[s]}
+             for s in SPLITS}
+  _check_disjoint('regdb', root,
+                  *({rel: {pid for _, pid in rows} for rel, rows in listing[s].items()}
+                    for s in SPLITS))
+  return _sorted([Record(path, pid, *files[split][rel])
+                  for rel, rows in listing[split].items() for path, pid in rows])
 
 
 def llcm_records(root: str, split: str) -> list[Record]:
@@ -268,10 +343,6 @@ def llcm_records(root: str, split: str) -> list[Record]:
   train_files = {'idx/train_vis.txt': 0, 'idx/train_nir.txt': 1}
   _require('llcm', root, ['idx', *vis, *nir],
            [*train_files, 'idx/test_id.txt'])
-  if split == 'test':
-    ids = sorted(set(_read_id_line('llcm', root, 'idx/test_id.txt')))
-    return _sorted(_walk_identities('llcm', root, {**vis, **nir}, ids,
-                                    'idx/test_id.txt'))
   records = []
   for rel, modality in train_files.items():
     for path in _read_index('llcm', root, rel):
@@ -282,6 +353,14 @@ def llcm_records(root: str, split: str) -> list[Record]:
             ['file names <id>_c<camera>_s<seq>_f<frame>_{vis,nir}.jpg'],
             [path])
       records.append(Record(path, int(match[1]), int(match[2]), modality))
+  test_ids = set(_read_id_line('llcm', root, 'idx/test_id.txt'))
+  _check_disjoint('llcm', root, {rel: {r.id for r in records if r.modality == modality}
+                                 for rel, modality in train_files.items()},
+                  {'idx/test_id.txt': test_ids})
+  if split == 'test':
+    return _sorted(_walk_identities('llcm', root, {**vis, **nir}, sorted(test_ids),
+                                    'idx/test_id.txt',
+                                    listed=test_ids | {r.id for r in records}))
   return _sorted(records)
 
 

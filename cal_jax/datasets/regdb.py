@@ -55,6 +55,7 @@ class Regdb(builder_common.SkipsCorruptImages, tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = builder_common.manual_root(dl_manager, 'regdb')
+    self.record_source(root)
     trial = self.builder_config.trial
     splits = {s: records.regdb_records(root, s, trial) for s in records.SPLITS}
     return {s: self._generate_examples(root, r) for s, r in splits.items()}

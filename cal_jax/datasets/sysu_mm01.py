@@ -36,6 +36,7 @@ class SysuMm01(builder_common.SkipsCorruptImages, tfds.core.GeneratorBasedBuilde
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = builder_common.manual_root(dl_manager, 'sysu')
+    self.record_source(root)
     # Both splits listed first: a partial copy fails before anything is written.
     splits = {s: records.sysu_records(root, s) for s in records.SPLITS}
     return {s: self._generate_examples(root, r) for s, r in splits.items()}
