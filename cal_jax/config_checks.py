@@ -28,13 +28,16 @@ from typing import Any
 
 import ml_collections
 
+from cal_jax.losses.match_distill import KD1_FORMS
+from cal_jax.losses.region_losses import ATTENTION_DIV_FORMS
+
 # Builders with test protocols (cal_jax.evaluate.DATASET_PREFIX), and the
 # layout of `config.data.synthetic` that generates data for each.
 DATASETS = ('sysu_mm01', 'regdb', 'llcm')
 SYNTHETIC_LAYOUTS = {'sysu': 'sysu_mm01', 'regdb': 'regdb', 'llcm': 'llcm'}
 REGDB_BUILDER_CONFIGS = tuple(f'trial_{t}' for t in range(1, 11))
 PRETRAINED_SUFFIXES = ('.pth', '.pt', '.safetensors')
-LOSS_WEIGHTS = ('id', 'global_id', 'pcl', 'kd1', 'kd2', 'dis', 'div')
+LOSS_WEIGHTS = ('id', 'global_id', 'pcl', 'kd1', 'kd2', 'dis', 'div', 'attention_div')
 # N_p! part assignments are counted (every checkpoint keeps the counts): 10! is
 # 3.6 million int64 counts, 29 MB; 12! would be 3.8 GB.
 MAX_NUM_PARTS = 10
@@ -195,6 +198,10 @@ RULES: dict[str, Any] = {
     'model.pretrained': Text(),
     **{f'loss.{name}': _WEIGHT for name in LOSS_WEIGHTS},
     'loss.pcl_margin': Float(0.0, note='sigma of Eq. 15'),
+    'loss.kd1_form': Choice(KD1_FORMS),
+    'loss.query_matching': Bool(),
+    'loss.attention_div_form': Choice(ATTENTION_DIV_FORMS),
+    'loss.stop_teacher_gradient': Bool(),
     'optim.base_lr': Float(0.0, low_open=True),
     'optim.warmup_start_lr': Float(0.0),
     'optim.final_lr': Float(0.0),
@@ -213,9 +220,7 @@ RULES: dict[str, Any] = {
 
 
 # Fields that configs of some versions have and others lack: checked when present.
-OPTIONAL_RULES: dict[str, Any] = {
-    'loss.kd1_form': Choice(('dot', 'cosine', 'kl', 'mse')),
-}
+OPTIONAL_RULES: dict[str, Any] = {}
 
 
 def _leaves(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
