@@ -252,7 +252,8 @@ class Checkpointer:
     self._finish_pending()
     try:
       saved = bool(self._manager.save(int(step), args=args, metrics=metrics))
-    except Exception as error:  # pylint: disable=broad-except
+    except Exception as error:  # pylint: disable=broad-except  (the previous save's, too)
+      self._after_failed_save()
       self._raise_if_disk_full(error, step)
       raise
     if saved:
@@ -292,6 +293,7 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as error:  # pylint: disable=broad-except
+      self._after_failed_save()
       self._raise_if_disk_full(error, step)
       raise
     if _is_primary() and os.path.isdir(self._step_dir(step)):
@@ -302,6 +304,32 @@ class Checkpointer:
       except OSError as error:  # the step itself is committed; only the check is lost
         self._raise_if_disk_full(error, step)
         raise
+
+  def _after_failed_save(self, quiet_s: float = 1.0, limit_s: float = 60.0) -> None:
+    """When one item of a save fails, the others' writes (TensorStore's threads) go on:
+    waits until the partial folders have not changed for `quiet_s`, so that those writes
+    end while the manager still listens for them and re-create nothing once the
+    folders are removed."""
+    def listing():
+      out = set()
+      for name in os.listdir(self.directory):
+        if TMP_MARKER in name:
+          for folder, _, files in os.walk(os.path.join(self.directory, name)):
+            for file in files:
+              try:
+                stat = os.stat(os.path.join(folder, file))
+              except FileNotFoundError:
+                continue
+              out.add((folder, file, stat.st_size, stat.st_mtime_ns))
+      return out
+    start = last_change = time.monotonic()
+    seen = listing()
+    while time.monotonic() - last_change < quiet_s and time.monotonic() - start < limit_s:
+      time.sleep(0.1)
+      now = listing()
+      if now != seen:
+        seen, last_change = now, time.monotonic()
+    self._remove_partial_steps()
 
   def _remove_partial_steps(self) -> list[str]:
     """Removes the `*.orbax-checkpoint-tmp*` folders of saves that did not commit."""

@@ -60,6 +60,8 @@ class _QuietLibraries(logging_std.Filter):
     noisy = any(part in record.pathname for part in ('/orbax/', '/tensorstore/'))
     if noisy and record.exc_info and not logging.level_debug():
       record.exc_info, record.exc_text = None, None
+    if noisy and record.getMessage().startswith('Requested `tracked_metric`'):
+      return False  # every save: the loop attaches the mAP after saving (record_metrics)
     return record.levelno >= logging_std.WARNING or not noisy
 
 
