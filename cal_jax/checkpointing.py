@@ -27,18 +27,38 @@ Multi-host: every process constructs the `Checkpointer` and calls `save`,
 `restore` and `close` with the same arguments; orbax synchronises the
 processes, and process 0 alone writes the host (numpy) arrays and the JSON
 items, commits the rename and deletes old steps.
+
+What orbax does not do, done here:
+
+  record_metrics   the mAP of a step saved before it was evaluated (the loop saves
+                   first, so a failing evaluation loses nothing): written as the
+                   step's `metrics/` item, then the manager re-reads the directory
+  manifest         once a step is committed, `cal_jax_files.json` in it lists every
+                   file with its size and CRC-32; `damage(step)` checks the layout
+                   and that list, and `restore()` of the latest step falls back to
+                   the newest intact one with a warning naming the damaged file
+  full disk        an ENOSPC while a step is written becomes one `WorkdirError`
+                   naming the disk and its free space; the partial step is removed
+  no leftovers     `close()` removes any `*.orbax-checkpoint-tmp*` folder a failed
+                   background save left, so the next run starts clean
 """
 
+import errno
 import json
 import math
 import os
+import shutil
+import time
+import zlib
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
+from cal_jax import workdir as workdir_lib
 from cal_jax.train_state import TrainState
 
 FINGERPRINT_FIELDS = ('depth', 'width', 'last_stride', 'modality_specific_stem', 'num_parts',
@@ -46,10 +66,71 @@ FINGERPRINT_FIELDS = ('depth', 'width', 'last_stride', 'modality_specific_stem',
                       'channel_reduction')
 BEST_METRIC = 'mAP'
 _MISSING = '<missing>'
+MANIFEST = 'cal_jax_files.json'
+TMP_MARKER = '.orbax-checkpoint-tmp'
+METRICS_ITEM = 'metrics'  # orbax's own item name (checkpoint_manager.METRIC_ITEM_NAME)
+# What every committed step holds (the meta and state items, as `save` writes them).
+REQUIRED_FILES = ('meta/metadata', 'state/_METADATA', 'state/manifest.ocdbt')
 
 
 class IncompatibleCheckpointError(ValueError):
   """A checkpoint was written for a network or class count other than the config's."""
+
+
+class DamagedCheckpointError(ValueError):
+  """No committed checkpoint (or not the one asked for) can be read back."""
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, 'rb') as f:
+    while chunk := f.read(1 << 22):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _step_files(step_dir: str) -> dict[str, list[int]]:
+  """{path relative to the step: [size, crc32]}, without the manifest and metrics."""
+  files = {}
+  for folder, dirs, names in os.walk(step_dir):
+    rel = os.path.relpath(folder, step_dir)
+    if rel == METRICS_ITEM:
+      dirs[:] = []
+      continue
+    for name in names:
+      relpath = os.path.normpath(os.path.join(rel, name))
+      if relpath != MANIFEST:
+        path = os.path.join(folder, name)
+        files[relpath] = [os.path.getsize(path), _crc32(path)]
+  return files
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
+        'No space left on device' in str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _mount_point(path: str) -> str:
+  path = os.path.realpath(path)
+  while not os.path.ismount(path):
+    path = os.path.dirname(path)
+  return path
 
 
 def to_json(tree: Any) -> Any:
@@ -125,6 +206,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
     # Orbax needs an absolute path; the command lines resolve theirs already.
     self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    self._pending: Optional[int] = None  # saved, not yet known to be committed
 
   @property
   def directory(self) -> str:
@@ -167,7 +249,114 @@ class Checkpointer:
     json.dumps(meta)  # fail here, not in the background thread, on a non-JSON value
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               meta=ocp.args.JsonSave(meta))
-    return bool(self._manager.save(int(step), args=args, metrics=metrics))
+    self._finish_pending()
+    try:
+      saved = bool(self._manager.save(int(step), args=args, metrics=metrics))
+    except Exception as error:  # pylint: disable=broad-except  (the previous save's, too)
+      self._after_failed_save()
+      self._raise_if_disk_full(error, step)
+      raise
+    if saved:
+      self._pending = int(step)
+    return saved
+
+  def record_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+    """Attaches evaluation `metrics` (with 'mAP') to the committed `step`.
+
+    For a step saved before it was evaluated. What orbax would have written
+    had `save` been given the metrics: the step's `metrics/metrics` JSON; the
+    manager then re-reads the directory, so the best-step policy counts it
+    from the next save on (and after a restart).
+    """
+    if BEST_METRIC not in metrics or not math.isfinite(float(metrics[BEST_METRIC])):
+      raise ValueError(f"metrics must contain a finite '{BEST_METRIC}'; got {metrics}.")
+    self._finish_pending()
+    if _is_primary():
+      workdir_lib.write_text_atomically(
+          os.path.join(self._step_dir(step), METRICS_ITEM, METRICS_ITEM),
+          json.dumps({str(k): float(v) for k, v in metrics.items()}))
+    _sync(f'cal_jax_record_metrics_{step}')
+    self._manager.reload()
+
+  def has_metrics(self, step: int) -> bool:
+    """Whether the committed `step` has evaluation metrics."""
+    return os.path.isfile(os.path.join(self._step_dir(step), METRICS_ITEM, METRICS_ITEM))
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(int(step)))
+
+  def _finish_pending(self) -> None:
+    """Waits for the last save; once it is committed, writes its manifest."""
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except
+      self._after_failed_save()
+      self._raise_if_disk_full(error, step)
+      raise
+    if _is_primary() and os.path.isdir(self._step_dir(step)):
+      files = _step_files(self._step_dir(step))
+      try:
+        workdir_lib.write_text_atomically(os.path.join(self._step_dir(step), MANIFEST),
+                                          json.dumps(files, sort_keys=True))
+      except OSError as error:  # the step itself is committed; only the check is lost
+        self._raise_if_disk_full(error, step)
+        raise
+
+  def _after_failed_save(self, quiet_s: float = 1.0, limit_s: float = 60.0) -> None:
+    """When one item of a save fails, the others' writes (TensorStore's threads) go on:
+    waits until the partial folders have not changed for `quiet_s`, so that those writes
+    end while the manager still listens for them and re-create nothing once the
+    folders are removed."""
+    def listing():
+      out = set()
+      for name in os.listdir(self.directory):
+        if TMP_MARKER in name:
+          for folder, _, files in os.walk(os.path.join(self.directory, name)):
+            for file in files:
+              try:
+                stat = os.stat(os.path.join(folder, file))
+              except FileNotFoundError:
+                continue
+              out.add((folder, file, stat.st_size, stat.st_mtime_ns))
+      return out
+    start = last_change = time.monotonic()
+    seen = listing()
+    while time.monotonic() - last_change < quiet_s and time.monotonic() - start < limit_s:
+      time.sleep(0.1)
+      now = listing()
+      if now != seen:
+        seen, last_change = now, time.monotonic()
+    self._remove_partial_steps()
+
+  def _remove_partial_steps(self) -> list[str]:
+    """Removes the `*.orbax-checkpoint-tmp*` folders of saves that did not commit."""
+    removed = []
+    if _is_primary() and os.path.isdir(self.directory):
+      for name in sorted(os.listdir(self.directory)):
+        if TMP_MARKER in name:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+          removed.append(name)
+    return removed
+
+  def _raise_if_disk_full(self, error: BaseException, step: int) -> None:
+    """Re-raises an ENOSPC of a save as one WorkdirError naming the disk."""
+    if not _is_disk_full(error):
+      return
+    self._remove_partial_steps()
+    self._manager.reload()
+    intact = self.all_steps()
+    free = workdir_lib.free_bytes(self.directory)
+    raise workdir_lib.WorkdirError(
+        errno.ENOSPC,
+        f'No space left on device: the disk mounted at {_mount_point(self.directory)!r} '
+        f'(holding {self.directory}) has {free / 2**20:.1f} MiB free; the checkpoint of '
+        f'step {step} could not be written and its partial copy was removed. '
+        + (f'The checkpoints of steps {intact} are intact: free some space and run the '
+           'same command again to resume.' if intact else
+           'No checkpoint was written yet: free some space and start again.')) from error
 
   def check_compatible(self, step: int) -> dict[str, Any]:
     """The `meta` item of `step`, after checking its fingerprint against the config's.
@@ -185,27 +374,139 @@ class Checkpointer:
           'wrote this checkpoint.')
     return meta
 
-  def restore(self, template: TrainState, step: Optional[int] = None
-              ) -> tuple[TrainState, dict[str, Any]]:
-    """The train state and `extra` saved at `step` (default: the latest).
+  def damage(self, step: int) -> Optional[str]:
+    """What is wrong with the committed `step`, naming the file; None if nothing is seen.
+
+    Checks that the files every step holds are there, that the meta item is
+    JSON, and, when the step has its manifest, each file's size and CRC-32.
+    A step without a manifest (its writer was killed right after the commit)
+    is checked by reading it (`restore`).
+    """
+    step_dir = self._step_dir(step)
+    for relpath in REQUIRED_FILES:
+      if not os.path.isfile(os.path.join(step_dir, relpath)):
+        return f'{os.path.join(step_dir, relpath)} is missing'
+    meta = os.path.join(step_dir, REQUIRED_FILES[0])
+    try:
+      with open(meta, encoding='utf-8') as f:
+        json.load(f)
+    except (OSError, ValueError) as error:
+      return f'{meta} cannot be read ({error})'
+    manifest = os.path.join(step_dir, MANIFEST)
+    if not os.path.isfile(manifest):
+      return None
+    try:
+      with open(manifest, encoding='utf-8') as f:
+        expected = json.load(f)
+    except (OSError, ValueError) as error:
+      return f'{manifest} cannot be read ({error})'
+    for relpath, (size, crc) in sorted(expected.items()):
+      path = os.path.join(step_dir, relpath)
+      if not os.path.isfile(path):
+        return f'{path} is missing'
+      actual = os.path.getsize(path)
+      if actual != size:
+        return f'{path} has {actual} of its {size} bytes'
+      if _crc32(path) != crc:
+        return f'{path} does not hold what was written (checksum differs)'
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    """Moves a damaged step out of the checkpoint folder (nothing is deleted)."""
+    target_root = self.directory.rstrip(os.sep) + '.damaged'
+    target = os.path.join(target_root, str(step))
+    if _is_primary():
+      os.makedirs(target_root, exist_ok=True)
+      if os.path.exists(target):
+        target += time.strftime('-%Y%m%d-%H%M%S')
+      os.replace(self._step_dir(step), target)
+    _sync(f'cal_jax_set_aside_{step}')
+    self._manager.reload()
+    return target
+
+  def latest_intact_step(self, *, set_aside: bool = False,
+                         read_errors: Optional[dict[int, str]] = None) -> Optional[int]:
+    """The newest committed step that `damage` finds nothing wrong with, or None.
+
+    Each newer, damaged step is named in a warning (and, with `set_aside`,
+    moved to `<directory>.damaged/`, so that training can save that step again).
+
+    Args:
+      read_errors: {step: problem} of steps that failed to be read back.
+    Raises:
+      DamagedCheckpointError: steps exist, but every one is damaged (none is moved).
+    """
+    damaged, intact = [], None
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      problem = (read_errors or {}).get(step) or self.damage(step)
+      if problem is None:
+        intact = step
+        break
+      damaged.append((step, problem))
+    if damaged and intact is None:
+      raise DamagedCheckpointError(
+          f'every checkpoint in {self.directory} is damaged: '
+          + '; '.join(f'step {s}: {p}' for s, p in damaged)
+          + '. Restore the folder from a copy, or start another --workdir.')
+    for step, problem in damaged:
+      aside = f' (moved to {self._set_aside(step)})' if set_aside else ''
+      logging.warning('The checkpoint of step %d in %s is damaged: %s; using step %d, the '
+                      'newest intact one%s.', step, self.directory, problem, intact, aside)
+    return intact
+
+  def restore(self, template: TrainState, step: Optional[int] = None, *,
+              set_aside_damaged: bool = False) -> tuple[TrainState, dict[str, Any]]:
+    """The train state and `extra` saved at `step` (default: the latest intact one).
+
+    Without `step`, a damaged latest step (`damage`, or an error while it is
+    read) is skipped with a warning for the newest intact one.
 
     Args:
       template: an unreplicated train state of the config's network (e.g. a
         freshly created one); it gives the tree, shapes, dtypes and array
         types, and its `apply_fn` and `tx` are kept.
-      step: which committed step; None for the latest.
+      step: which committed step; None for the latest intact one.
+      set_aside_damaged: move skipped damaged steps to `<directory>.damaged/`.
     Raises:
       FileNotFoundError: no committed checkpoint (or not that step).
+      DamagedCheckpointError: `step` (or every step) is damaged.
       IncompatibleCheckpointError: the checkpoint's fingerprint differs.
     """
     if step is None:
-      step = self.latest_step()
-      if step is None:
+      if self.latest_step() is None:
         raise FileNotFoundError(f'No complete checkpoint in {self.directory}.')
-    elif step not in self._manager.all_steps():
+      read_errors = {}
+      while True:
+        latest = self.latest_intact_step(set_aside=set_aside_damaged, read_errors=read_errors)
+        try:
+          return self._restore_step(template, latest)
+        except IncompatibleCheckpointError:
+          raise
+        except Exception as error:  # pylint: disable=broad-except  (tensorstore's own)
+          read_errors[latest] = self._read_problem(latest, error)
+    if step not in self._manager.all_steps():
       raise FileNotFoundError(
           f'No complete checkpoint for step {step} in {self.directory}; '
           f'the committed steps are {self.all_steps()}.')
+    problem = self.damage(step)
+    if problem is None:
+      try:
+        return self._restore_step(template, step)
+      except IncompatibleCheckpointError:
+        raise
+      except Exception as error:  # pylint: disable=broad-except
+        problem = self._read_problem(step, error)
+    raise DamagedCheckpointError(
+        f'The checkpoint of step {step} in {self.directory} is damaged: {problem}. The '
+        f'committed steps are {self.all_steps()}; choose another, or restore the step '
+        'from a copy.')
+
+  def _read_problem(self, step: int, error: BaseException) -> str:
+    first_line = (str(error).strip().splitlines() or [''])[0][:300]
+    return (f'{os.path.join(self._step_dir(step), "state")} cannot be read '
+            f'({type(error).__name__}: {first_line})')
+
+  def _restore_step(self, template: TrainState, step: int) -> tuple[TrainState, dict[str, Any]]:
     meta = self.check_compatible(step)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
     restored = self._manager.restore(
@@ -214,12 +515,24 @@ class Checkpointer:
 
   def wait_until_finished(self) -> None:
     """Blocks until the last asynchronous save is committed."""
+    self._finish_pending()
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves and deletions, then releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves and deletions, then releases the manager.
+
+    Whatever happens, what a failed background save left behind (a
+    `*.orbax-checkpoint-tmp*` folder) is removed, so the next run starts clean.
+    """
+    try:
+      self._finish_pending()
+      self._manager.wait_until_finished()
+    finally:
+      self._manager.close()
+      removed = self._remove_partial_steps()
+      if removed:
+        logging.warning('Removed the partial checkpoint(s) %s of a save that failed, in %s.',
+                        ', '.join(removed), self.directory)
 
   def __enter__(self) -> 'Checkpointer':
     return self

@@ -254,7 +254,8 @@ def _show(value: Any) -> str:
   return repr(value) if isinstance(value, str) else str(value)
 
 
-def _cross_checks(config: ml_collections.ConfigDict, partial: bool) -> list[str]:
+def _cross_checks(config: ml_collections.ConfigDict, partial: bool,
+                  resuming: bool = False) -> list[str]:
   problems = []
   get = lambda field, default=None: _value(config, field, default)
   synthetic = get('data.synthetic', '')
@@ -286,7 +287,7 @@ def _cross_checks(config: ml_collections.ConfigDict, partial: bool) -> list[str]
   if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
     problems.append(f'config.data.data_dir={data_dir!r} is a file, not a folder')
   pretrained = get('model.pretrained', '')
-  if pretrained and not partial:
+  if pretrained and not partial and not resuming:
     if not os.path.isfile(pretrained):
       problems.append(f'config.model.pretrained={pretrained!r} does not exist'
                       + (' (it is a folder)' if os.path.isdir(pretrained) else '')
@@ -314,8 +315,12 @@ def _cross_checks(config: ml_collections.ConfigDict, partial: bool) -> list[str]
   return problems
 
 
-def check_config(config: ml_collections.ConfigDict, *, partial: bool = False) -> None:
+def check_config(config: ml_collections.ConfigDict, *, partial: bool = False,
+                 resuming: bool = False) -> None:
   """Refuses a config with a field outside its valid range (see the module doc).
+
+  `resuming`: the run continues from a checkpoint, which holds the ImageNet
+  weights already, so `config.model.pretrained` need not exist any more.
 
   Raises:
     ConfigError: one message naming every bad field, its value and its range.
@@ -341,6 +346,6 @@ def check_config(config: ml_collections.ConfigDict, *, partial: bool = False) ->
     problems += [f'config.{field} is missing (every config starts from configs/default.py)'
                  for field in RULES if field not in leaves]
   if not problems:  # ranges first: the cross-checks assume well-typed values
-    problems = _cross_checks(config, partial)
+    problems = _cross_checks(config, partial, resuming)
   if problems:
     raise ConfigError('; '.join(problems))

@@ -17,6 +17,7 @@ command on the same workdir resumes training from its latest checkpoint.
 
 import logging as logging_std
 import os
+import sys
 
 # TensorFlow serves the input pipeline only: keep it off the accelerators.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -27,7 +28,7 @@ from ml_collections import config_flags  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from cal_jax import cli, distributed, train  # noqa: E402
+from cal_jax import cli, distributed, stopping, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.',
                                           lock_config=True)
@@ -51,10 +52,16 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 class _QuietLibraries(logging_std.Filter):
-  """Drops the INFO chatter of Orbax and TensorStore (every save logs ~30 lines)."""
+  """Drops the INFO chatter of Orbax and TensorStore (every save logs ~30 lines), and
+  the tracebacks Orbax logs with its errors (a failed background save logs three):
+  the error itself reaches the main thread, and is reported there (`--v=1` keeps them)."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
     noisy = any(part in record.pathname for part in ('/orbax/', '/tensorstore/'))
+    if noisy and record.exc_info and not logging.level_debug():
+      record.exc_info, record.exc_text = None, None
+    if noisy and record.getMessage().startswith('Requested `tracked_metric`'):
+      return False  # every save: the loop attaches the mAP after saving (record_metrics)
     return record.levelno >= logging_std.WARNING or not noisy
 
 
@@ -83,6 +90,13 @@ def main(argv):
       train.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
   except cli.USER_ERRORS as error:  # a message naming what to fix, not a traceback
     cli.exit_with('cal_jax.main', error)
+  except stopping.Stopped as stopped:  # SIGTERM / SIGINT: the step is saved
+    print(f'cal_jax.main: {stopped}', file=sys.stderr, flush=True)
+    sys.exit(stopped.exit_status)
+  except KeyboardInterrupt:  # a second SIGINT, or one before training started
+    print('cal_jax.main: interrupted (SIGINT); the workdir keeps its last committed '
+          'checkpoint. Run the same command again to resume.', file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ assignment counts of the current and the last epoch, so a resumed run ends
 exactly where an uninterrupted one does.
 """
 
+import contextlib
 import os
 import time
 from typing import Any, Optional
@@ -20,7 +21,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from cal_jax import (checkpointing, config_checks, data, distributed, evaluation_run,
-                     input_pipeline, parallel, train_state)
+                     input_pipeline, parallel, stopping, train_state)
 from cal_jax import sampler as sampler_lib
 from cal_jax import workdir as workdir_lib
 from cal_jax.models.cal import create_model
@@ -40,6 +41,7 @@ class TrainingSetup:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
+    self.workdir = workdir
     self.splits = distributed.primary_first(lambda: data.load_splits(config, workdir), 'data')
     self.sampler = sampler_lib.CrossModalIdentitySampler.from_config(
         config, self.splits.train.id, self.splits.train.modality,
@@ -54,11 +56,17 @@ class TrainingSetup:
         keep=config.keep_checkpoints)
 
 
-def initial_state(setup: TrainingSetup) -> train_state.TrainState:
+def initial_state(setup: TrainingSetup, *, load_pretrained: bool = True
+                  ) -> train_state.TrainState:
+  """A fresh state; with `load_pretrained`, the backbone from config.model.pretrained.
+
+  A state that only serves as the template of a restore does not read the
+  ImageNet file (the checkpoint holds the weights): it may be gone by then.
+  """
   config = setup.config
   state = train_state.create_train_state(setup.model, config, jax.random.key(config.seed),
                                          setup.steps_per_epoch)
-  if config.model.pretrained:
+  if config.model.pretrained and load_pretrained:
     from cal_jax import pretrained  # pylint: disable=g-import-not-at-top
     backbone = pretrained.load_torchvision_resnet(config.model.pretrained,
                                                   f'resnet{config.model.depth}',
@@ -72,15 +80,21 @@ def initial_state(setup: TrainingSetup) -> train_state.TrainState:
 
 
 def restore_or_initialize(setup: TrainingSetup) -> tuple[train_state.TrainState, dict]:
-  """The latest checkpoint of the workdir, else a fresh state."""
-  latest = setup.checkpointer.latest_step()
+  """The latest intact checkpoint of the workdir, else a fresh state.
+
+  Damaged newer steps are named in a warning and moved aside
+  (`Checkpointer.latest_intact_step`). A resumed run must have the config that
+  trained it, but for the fields of `workdir.RESUMABLE_CHANGES`.
+  """
+  latest = setup.checkpointer.latest_intact_step(set_aside=True)
   if latest is not None:
     setup.checkpointer.check_compatible(latest)  # before anything is compiled
-  template = initial_state(setup)
+    workdir_lib.check_config_unchanged(setup.workdir, setup.config)
+  template = initial_state(setup, load_pretrained=latest is None)
   if latest is None:
     counts = np.zeros(np.prod(np.arange(1, setup.config.model.num_parts + 1)), np.int64)
     return template, {'epoch_counts': counts.tolist(), 'last_epoch_counts': counts.tolist()}
-  state, extra = setup.checkpointer.restore(template)
+  state, extra = setup.checkpointer.restore(template, set_aside_damaged=True)
   logging.info('Resumed from step %d.', int(state.step))
   return state, extra
 
@@ -102,10 +116,32 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
       'bad_pairs': float(np.sum([h['bad_pairs'][0] for h in host]))}
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether the workdir holds a committed checkpoint step (a folder named by its step)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def _chief_lock(workdir: str):
+  """One run per workdir: process 0 holds `workdir.locked` (the others share its run)."""
+  return workdir_lib.locked(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict]:
-  """Trains CAL, then evaluates the final model; returns the evaluation results."""
-  config_checks.check_config(config)  # every field in its range, before anything is read
+  """Trains CAL, then evaluates the final model; returns the evaluation results.
+
+  Raises `stopping.Stopped` after saving the current step when SIGTERM or
+  SIGINT arrives.
+  """
+  # Every field in its range, before anything is read; a resumed run has its
+  # ImageNet weights in the checkpoint already.
+  config_checks.check_config(config, resuming=has_checkpoints(workdir))
   workdir_lib.check_writable(workdir)
+  with _chief_lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict]:
   is_chief = jax.process_index() == 0
   setup = TrainingSetup(config, workdir)
   state, extra = restore_or_initialize(setup)  # refuses an incompatible checkpoint
@@ -144,9 +180,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   if first_step >= setup.total_steps and config.eval.enabled:
     logging.info('Training already finished at step %d; evaluating it again.', first_step)
     counts = last_epoch_counts if last_epoch_counts.sum() else epoch_counts
-    return evaluation_run.evaluate_state(config, setup.splits, setup.model, state, counts,
-                                         workdir)
+    try:
+      results = evaluation_run.evaluate_state(config, setup.splits, setup.model, state, counts,
+                                              workdir)
+      if not setup.checkpointer.has_metrics(first_step):  # its first evaluation had failed
+        setup.checkpointer.record_metrics(first_step,
+                                          {'mAP': evaluation_run.primary_map(results)})
+    finally:
+      setup.checkpointer.close()
+    return results
   results = None
+  stop = stopping.StopSignals().install()
   try:
     for step in range(first_step + 1, setup.total_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -157,9 +201,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
         hook(step)
       end_of_epoch = step % setup.steps_per_epoch == 0
       last = step == setup.total_steps
-      evaluate_now = config.eval.enabled and (
+      stop_now = stop.signum is not None  # then the next run evaluates, if due
+      evaluate_now = config.eval.enabled and not stop_now and (
           last or (config.eval_every_steps and step % config.eval_every_steps == 0))
-      save_now = last or evaluate_now or step % config.checkpoint_every_steps == 0
+      save_now = last or evaluate_now or stop_now or step % config.checkpoint_every_steps == 0
       if step % config.log_every_steps == 0 or save_now or end_of_epoch:
         summary = summarize(history)
         check_finite(step, summary)
@@ -177,18 +222,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
       if end_of_epoch:
         last_epoch_counts, epoch_counts = epoch_counts, np.zeros_like(epoch_counts)
       if save_now:
+        # Saved before it is evaluated: a failing evaluation loses no training.
         host_state = parallel.unreplicate(rstate)
-        checkpoint_metrics = None
+        setup.checkpointer.save(step, host_state, {
+            'epoch_counts': epoch_counts.tolist(),
+            'last_epoch_counts': last_epoch_counts.tolist()})
         if evaluate_now:
           with report.timed('eval'):
             counts = last_epoch_counts if last_epoch_counts.sum() else epoch_counts
             results = evaluation_run.evaluate_state(config, setup.splits, setup.model, host_state,
                                                     counts, workdir, writer=writer)
-          checkpoint_metrics = {'mAP': evaluation_run.primary_map(results)}
-        setup.checkpointer.save(step, host_state, {
-            'epoch_counts': epoch_counts.tolist(),
-            'last_epoch_counts': last_epoch_counts.tolist()}, metrics=checkpoint_metrics)
+          setup.checkpointer.record_metrics(step, {'mAP': evaluation_run.primary_map(results)})
+        if stop_now:
+          raise stopping.Stopped(stop.signum, step, setup.checkpointer.directory)
   finally:
+    stop.uninstall()
     # Also on an error: a checkpoint still being written is committed, not lost.
     setup.checkpointer.close()
   writer.flush()
@@ -201,7 +249,8 @@ def restore_for_evaluation(setup: TrainingSetup, step: Optional[int] = None
   if setup.checkpointer.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint in {setup.checkpointer.directory}: train '
                             'first, or point --workdir at a training run')
-  state, extra = setup.checkpointer.restore(initial_state(setup), step=step)
+  state, extra = setup.checkpointer.restore(initial_state(setup, load_pretrained=False),
+                                            step=step)
   last, current = (np.asarray(extra[k], np.int64) for k in ('last_epoch_counts', 'epoch_counts'))
   return state, last if last.sum() else current
 
@@ -209,8 +258,14 @@ def restore_for_evaluation(setup: TrainingSetup, step: Optional[int] = None
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: Optional[int] = None) -> dict:
   """`--mode eval`: evaluates the latest (or the given) checkpoint of a workdir."""
-  config_checks.check_config(config)
+  config_checks.check_config(config, resuming=True)
   workdir_lib.check_writable(workdir)
+  with _chief_lock(workdir):
+    return _evaluate_checkpoint(config, workdir, step)
+
+
+def _evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                         step: Optional[int] = None) -> dict:
   setup = TrainingSetup(config, workdir)
   state, counts = restore_for_evaluation(setup, step)
   results = evaluation_run.evaluate_state(config, setup.splits, setup.model, state, counts,

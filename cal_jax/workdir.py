@@ -11,6 +11,11 @@
   write_text_atomically(path, text)   temporary file, fsync, `os.replace`: a reader
                                       (or a later run) sees the old file or the new
                                       one, never a truncated one, also on a full disk
+  locked(workdir)                     one run per workdir: an exclusive `flock` on
+                                      WORKDIR/.lock, which names its holder (pid, host)
+  check_config_unchanged(workdir, config)   a resumed run must have the config that
+                                      trained it (config.json), but for the fields
+                                      of RESUMABLE_CHANGES
 
 Checking up front does not make a disk that fills up mid-run harmless, but
 what was written stays whole: Orbax commits a checkpoint by renaming its
@@ -19,10 +24,15 @@ temporary folder, and results and config files are replaced atomically.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import errno
+import fcntl
+import json
 import os
+import socket
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 
@@ -114,3 +124,125 @@ def write_text_atomically(path: str, text: str) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+# ------------------------------------------------------------------ lock ---
+
+LOCK_FILE = '.lock'
+
+
+class WorkdirLockedError(WorkdirError):
+  """Another process holds the workdir's lock."""
+
+
+@contextlib.contextmanager
+def locked(workdir: str) -> Iterator[None]:
+  """Holds an exclusive lock on `workdir` (WORKDIR/.lock) for the `with` block.
+
+  `fcntl.flock` is released by the kernel when its holder dies, however it dies
+  (SIGKILL included), so the lock file a killed run leaves (naming a process
+  that is gone) is taken over at once; its text only says who holds it. A run
+  that ends removes the file. File systems without flock (ENOLCK, EOPNOTSUPP)
+  run unlocked, with a warning.
+
+  Raises:
+    WorkdirLockedError: naming the holder's pid, host and start time.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, LOCK_FILE)
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      os.close(fd)
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        try:
+          with open(path, encoding='utf-8', errors='replace') as f:
+            holder = f.read().strip()
+        except FileNotFoundError:  # released meanwhile: try again
+          continue
+        raise WorkdirLockedError(
+            errno.EBUSY, f'the workdir {workdir!r} is in use by another run: '
+            f'{holder or "a process that is starting"} (lock file {path}). Wait for it to '
+            'end or stop it, or choose another --workdir.') from e
+      logging.warning('Cannot lock %s (%s); running without a lock: make sure no other run '
+                      'uses this workdir.', path, e.strerror or e)
+      yield
+      return
+    try:  # the file may have been removed (and re-created) by its last holder meanwhile
+      same = os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+      same = False
+    if same:
+      break
+    os.close(fd)
+  try:
+    since = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'pid {os.getpid()} on host {socket.gethostname()}, since {since}\n'
+              .encode(), 0)
+    yield
+  finally:
+    os.unlink(path)  # before the lock goes: a waiting run then re-opens the new file
+    os.close(fd)
+
+
+# ------------------------------------------------ config of a resumed run ---
+
+# Fields a resumed (or finished) run may change: they do not change what the
+# checkpoints hold or how training goes on from them. Evaluation, cadence, where
+# the data are read from and the ImageNet file (read at a fresh start only).
+# An entry ending in '.' covers a whole section.
+RESUMABLE_CHANGES = (
+    'eval.', 'data.eval_batch_size', 'data.eval_flip', 'model.embedding',
+    'log_every_steps', 'checkpoint_every_steps', 'eval_every_steps', 'keep_checkpoints',
+    'profile', 'data.prefetch', 'data.manual_dir', 'data.data_dir', 'model.pretrained',
+)
+
+
+class ConfigChangedError(ValueError):
+  """A run is resumed with a config that differs from the one that trained it."""
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _resumable(field: str) -> bool:
+  return any(field == f or (f.endswith('.') and field.startswith(f)) for f in RESUMABLE_CHANGES)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """`field: run=X, now=Y` for every field outside RESUMABLE_CHANGES that differs.
+
+  Fields the saved config lacks (written by an older version) are not compared.
+  """
+  old, new = _flatten(saved), _flatten(current)
+  return [f'{field}: run={old[field]!r}, now={new.get(field, "<missing>")!r}'
+          for field in sorted(old) if not _resumable(field) and old[field] != new.get(field)]
+
+
+def check_config_unchanged(workdir: str, config: Any) -> None:
+  """Refuses to resume a run with another config than its WORKDIR/config.json.
+
+  Raises:
+    ConfigChangedError: listing every differing field; nothing is written.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return  # a run of an older version, or config.json removed: nothing to compare
+  with open(path, encoding='utf-8') as f:
+    saved = json.load(f)
+  differences = config_differences(saved, json.loads(config.to_json_best_effort()))
+  if differences:
+    raise ConfigChangedError(
+        f'the workdir {workdir!r} was trained with another config ({path}); differing: '
+        + '; '.join(differences) + '. Resume with the config that trained it, or start '
+        'another --workdir. Only evaluation, logging and checkpoint cadence, data paths and '
+        'model.pretrained may change on a resumed run.')

@@ -1,5 +1,6 @@
 """Checkpointer: round trip, retention, atomicity, and the compatibility check."""
 
+import json
 import os
 import pathlib
 import shutil
@@ -245,3 +246,50 @@ def test_killed_during_async_save(tmp_path, tiny_config):
     state, extra = checkpointer.restore(small_state(size=size))
   assert extra == {'step': latest}
   assert_trees_equal(state.params, small_state(latest, size=size).params)
+
+
+def test_metrics_recorded_after_the_save_count_for_the_best_step(tmp_path, tiny_config):
+  """The loop saves a step, then evaluates it: `record_metrics` makes it a candidate
+  for BestN as if `save` had been given the metrics, also after a restart."""
+  with Checkpointer(str(tmp_path), tiny_config, NUM_CLASSES, keep=2) as checkpointer:
+    save_steps(checkpointer, {1: None, 2: None})
+    checkpointer.record_metrics(1, {'mAP': 0.9})
+    assert not checkpointer.has_metrics(2) and checkpointer.has_metrics(1)
+    save_steps(checkpointer, {3: None, 4: None})
+    checkpointer.wait_until_finished()
+    assert checkpointer.all_steps() == [1, 3, 4]
+    assert checkpointer.best_step() == 1
+    with pytest.raises(ValueError, match='finite'):
+      checkpointer.record_metrics(4, {'mAP': float('nan')})
+  with Checkpointer(str(tmp_path), tiny_config, NUM_CLASSES, keep=2) as checkpointer:
+    assert checkpointer.best_step() == 1
+    save_steps(checkpointer, {5: None})
+    checkpointer.wait_until_finished()
+    assert checkpointer.all_steps() == [1, 4, 5]
+
+
+def test_damaged_step_named_with_its_file(tmp_path, tiny_config):
+  """Each committed step carries a list of its files (size, CRC-32): a truncated or
+  overwritten file is named; restoring the latest skips to the newest intact step."""
+  with Checkpointer(str(tmp_path), tiny_config, NUM_CLASSES) as checkpointer:
+    save_steps(checkpointer, {1: None, 2: None})
+  listed = json.loads((tmp_path / '2' / checkpointing.MANIFEST).read_text())
+  assert 'state/manifest.ocdbt' in listed and 'meta/metadata' in listed
+  data = max((p for p in (tmp_path / '2').rglob('*') if p.is_file() and p.parent.name == 'd'),
+             key=lambda p: p.stat().st_size)
+  data.write_bytes(b'\0' * data.stat().st_size)
+  with Checkpointer(str(tmp_path), tiny_config, NUM_CLASSES) as checkpointer:
+    assert checkpointer.damage(1) is None
+    assert checkpointer.damage(2) == (f'{data} does not hold what was written (checksum '
+                                      'differs)')
+    with pytest.raises(checkpointing.DamagedCheckpointError,
+                       match=rf'step 2 in .* is damaged: {data} does not hold'):
+      checkpointer.restore(small_state(), step=2)
+    state, extra = checkpointer.restore(small_state())  # the latest intact: 1, left in place
+    assert extra == {'step': 1}
+    assert checkpointer.all_steps() == [1, 2]
+    (tmp_path / '1' / 'meta' / 'metadata').unlink()
+    with pytest.raises(checkpointing.DamagedCheckpointError,
+                       match=r'every checkpoint in .* is damaged: step 2: .*; step 1: .*'
+                             r'meta/metadata is missing'):
+      checkpointer.restore(small_state())

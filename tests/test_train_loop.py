@@ -1,11 +1,14 @@
 """The training loop and the command line, on the tiny config and its synthetic data.
 
 The command-line runs are real subprocesses of `python -m cal_jax.main`;
-the interrupted one is killed with SIGKILL right after a checkpoint commits.
+the interrupted ones are killed with SIGKILL right after a checkpoint commits,
+or sent SIGTERM by the test mid-run.
 """
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -96,6 +99,67 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, shared_data,
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Resumed from step 4' in resumed.stderr
 
+  expected, got = flat(final_state(uninterrupted_run, 8)), flat(final_state(interrupted, 8))
+  assert expected.keys() == got.keys()
+  for key in expected:
+    np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+# Run as `python -c`: cal_jax.main with each train step followed by STEP_SLEEP seconds, so
+# that a signal sent once step 2 is logged arrives well before the last step.
+SLOW_MAIN = textwrap.dedent('''
+    import os, sys, time
+    from absl import app
+    from cal_jax import cli, main, train
+    make = train.make_p_train_step
+    def slow(config, devices=None):
+      step = make(config, devices)
+      def slowed(*args):
+        out = step(*args)
+        time.sleep(float(os.environ['STEP_SLEEP']))
+        return out
+      return slowed
+    train.make_p_train_step = slow
+    sys.argv[0] = 'cal_jax.main'
+    app.run(main.main, flags_parser=cli.parse_flags)
+''')
+
+
+def test_sigterm_saves_the_current_step_and_resumes_to_the_uninterrupted_result(
+    tmp_path, shared_data, uninterrupted_run):
+  """SIGTERM from outside, mid-run: the step in progress is finished and saved, one
+  line says so, exit status 143; the same command then ends where an uninterrupted
+  run does."""
+  interrupted = str(tmp_path / 'interrupted')
+  args = ['--config', TINY, '--workdir', interrupted] + COMMON + shared_data
+  process = subprocess.Popen([sys.executable, '-c', SLOW_MAIN] + args, cwd=REPO, text=True,
+                             env=dict(os.environ, STEP_SLEEP='1'), stderr=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL)
+  lines = []
+  try:
+    for line in process.stderr:
+      lines.append(line)
+      if re.search(r'\] \[2\] ', line):  # the summary of step 2
+        process.send_signal(signal.SIGTERM)
+        break
+    lines.extend(process.stderr)
+    process.wait(timeout=300)
+  finally:
+    process.kill()
+  stderr = ''.join(lines)
+  assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+  assert 'Traceback' not in stderr, stderr[-3000:]
+  stopped = re.search(r'cal_jax.main: stopped by SIGTERM after step (\d+); its checkpoint is '
+                      rf'saved in {re.escape(interrupted)}/checkpoints\. Run the same command '
+                      r'again to resume\.$', stderr.strip())
+  assert stopped, stderr[-3000:]
+  step = int(stopped[1])
+  assert 2 <= step < 8
+  assert str(step) in os.listdir(os.path.join(interrupted, 'checkpoints'))
+
+  resumed = run_main(args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'Resumed from step {step}' in resumed.stderr
   expected, got = flat(final_state(uninterrupted_run, 8)), flat(final_state(interrupted, 8))
   assert expected.keys() == got.keys()
   for key in expected:
