@@ -596,12 +596,17 @@ def test_pretrained_files_that_must_not_load(name, tmp_path):
 
 
 def test_pretrained_random_bytes_through_training(run_copy, tmp_path):
+  """A fresh start reads the file (a resumed run has the weights in its checkpoint)."""
   workdir, before = run_copy
   files, _ = _bad_weight_files(tmp_path)
   config = tiny.get_config()
   config.model.pretrained = str(files['random.pth'])
+  config.data.manual_dir = os.path.join(workdir, 'synthetic_data')
+  config.data.data_dir = os.path.join(workdir, 'tfds')
+  fresh = str(tmp_path / 'fresh')
   with pytest.raises(ValueError, match=re.escape(f'{files["random.pth"]}: not a readable torch')):
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, fresh)
+  assert not os.path.exists(os.path.join(fresh, 'checkpoints', '0'))
   assert snapshot(workdir) == before
 
 
