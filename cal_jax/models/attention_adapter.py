@@ -125,11 +125,12 @@ def attention_statistics(similarity: jax.Array) -> dict[str, jax.Array]:
     among the N_p parts (1: every part attends the same token).
   A collapse of the attention shows as max -> 1, entropy -> 0, distinct -> 1.
   """
-  similarity = similarity.astype(jnp.float32)
+  dtype = jnp.promote_types(similarity.dtype, jnp.float32)  # float64 stays float64
+  similarity = similarity.astype(dtype)
   entropy = -jnp.sum(similarity * jnp.log(jnp.maximum(similarity, 1e-12)), axis=-1)
   peak = jnp.argmax(similarity, axis=-1)  # [B, N_p]
   earlier = jnp.tril(jnp.ones((peak.shape[1],) * 2, bool), k=-1)  # [k, j]: j < k
   repeated = jnp.any((peak[:, :, None] == peak[:, None, :]) & earlier[None], axis=-1)
   return {'attention_max': jnp.mean(jnp.max(similarity, axis=-1)),
           'attention_entropy': jnp.mean(entropy),
-          'attention_distinct': jnp.mean(jnp.sum(~repeated, axis=-1).astype(jnp.float32))}
+          'attention_distinct': jnp.mean(jnp.sum(~repeated, axis=-1).astype(dtype))}
