@@ -47,6 +47,21 @@ class ConfigError(ValueError):
   """One or more config fields outside their valid range."""
 
 
+def describe_range(low: float | None, high: float | None, low_open: bool = False,
+                   high_open: bool = False, note: str = '') -> str:
+  """' in [0, 1]', ' > 0', ' <= 10' or '' (with ' (note)'): the text of a rule's range."""
+  num = lambda x: str(x) if isinstance(x, int) else f'{x:g}'
+  if low is not None and high is not None:
+    text = f' in {"(" if low_open else "["}{num(low)}, {num(high)}{")" if high_open else "]"}'
+  elif low is not None:
+    text = f' {">" if low_open else ">="} {num(low)}'
+  elif high is not None:
+    text = f' {"<" if high_open else "<="} {num(high)}'
+  else:
+    text = ''
+  return text + (f' ({note})' if note else '')
+
+
 @dataclasses.dataclass(frozen=True)
 class Int:
   low: int | None = None
@@ -61,15 +76,7 @@ class Int:
     return None
 
   def _range(self) -> str:
-    if self.low is not None and self.high is not None:
-      text = f' in [{self.low}, {self.high}]'
-    elif self.low is not None:
-      text = f' >= {self.low}'
-    elif self.high is not None:
-      text = f' <= {self.high}'
-    else:
-      text = ''
-    return text + (f' ({self.note})' if self.note else '')
+    return describe_range(self.low, self.high, note=self.note)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,16 +97,7 @@ class Float:
     return None
 
   def _range(self) -> str:
-    if self.low is not None and self.high is not None:
-      text = (f' in {"(" if self.low_open else "["}{self.low:g}, {self.high:g}'
-              f'{")" if self.high_open else "]"}')
-    elif self.low is not None:
-      text = f' {">" if self.low_open else ">="} {self.low:g}'
-    elif self.high is not None:
-      text = f' {"<" if self.high_open else "<="} {self.high:g}'
-    else:
-      text = ''
-    return text + (f' ({self.note})' if self.note else '')
+    return describe_range(self.low, self.high, self.low_open, self.high_open, self.note)
 
 
 @dataclasses.dataclass(frozen=True)
