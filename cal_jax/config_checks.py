@@ -29,7 +29,10 @@ from typing import Any
 import ml_collections
 
 from cal_jax.losses.match_distill import KD1_FORMS
+from cal_jax.losses.metric_losses import PCL_FORMS
 from cal_jax.losses.region_losses import ATTENTION_DIV_FORMS
+from cal_jax.models.attention_adapter import SIMILARITIES
+from cal_jax.models.part_queries import PART_QUERIES
 
 # Builders with test protocols (cal_jax.evaluate.DATASET_PREFIX), and the
 # layout of `config.data.synthetic` that generates data for each.
@@ -192,10 +195,14 @@ RULES: dict[str, Any] = {
     'model.adapter_hidden': Int(1),
     'model.adapter_dim': Int(1),
     'model.channel_reduction': Int(1),
+    'model.part_queries': Choice(PART_QUERIES),
+    'model.attention_similarity': Choice(SIMILARITIES),
+    'model.channel_attention': Bool(),
     'model.embedding': Choice(('parts', 'global')),
     'model.pretrained': Text(),
     **{f'loss.{name}': _WEIGHT for name in LOSS_WEIGHTS},
     'loss.pcl_margin': Float(0.0, note='sigma of Eq. 15'),
+    'loss.pcl_form': Choice(PCL_FORMS),
     'loss.kd1_form': Choice(KD1_FORMS),
     'loss.query_matching': Bool(),
     'loss.attention_div_form': Choice(ATTENTION_DIV_FORMS),

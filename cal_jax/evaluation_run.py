@@ -25,7 +25,9 @@ def inference_variables(model: CAL, state: Any, counts: np.ndarray) -> tuple[dic
   """Eval variables with the visible prototypes reordered by M-hat, and M-hat."""
   m_hat = inference.most_frequent_assignment(counts, model.num_parts)
   params = state.params
-  if not model.shared_region_mining:
+  if model.part_queries == 'horizontal':  # Table 4's HS: stripe k is the same rows in both
+    m_hat = np.arange(model.num_parts, dtype=np.int32)
+  elif not model.shared_region_mining:
     params = inference.reorder_prototypes(params, m_hat)
   return {'params': params, 'batch_stats': state.batch_stats}, m_hat
 

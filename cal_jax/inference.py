@@ -53,7 +53,11 @@ def reorder_prototypes(params: Any, visible_part_for: np.ndarray) -> Any:
   order = np.asarray(visible_part_for)
   if sorted(order.tolist()) != list(range(len(order))):
     raise ValueError(f'{order.tolist()} is not a permutation of the parts')
-  prototypes = params['region_mining_visible']['prototypes']
+  visible = params['region_mining_visible']
+  if 'vectors' in visible:  # Table 4's LV: the learned queries are the prototypes
+    visible['vectors'] = visible['vectors'][order]
+    return params
+  prototypes = visible['prototypes']
   prototypes['kernel'] = prototypes['kernel'][..., order]
   prototypes['bias'] = prototypes['bias'][..., order]
   return params

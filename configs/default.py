@@ -59,6 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.adapter_hidden = 512  # width of the TSAA MLPs (Eq. 10)
   config.model.adapter_dim = 256  # d: output width of the similarity MLPs
   config.model.channel_reduction = 16  # TSAA channel-attention MLP: C -> C/16 -> C
+  # Table 4's ablations (not exported to PyTorch): the part queries P are DRM's
+  # part features, or "learnable" (LV) vectors, or "horizontal" (HS) stripes;
+  # the similarity is Eq. (9), or "scaled_dot" (SD, Eq. 6); channel attention on.
+  config.model.part_queries = "drm"
+  config.model.attention_similarity = "tsaa"
+  config.model.channel_attention = True
   config.model.embedding = "parts"  # test-time feature: "parts" (CAL) | "global" (baseline)
   config.model.pretrained = ""  # torchvision ResNet checkpoint (.pth / .safetensors)
 
@@ -72,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.dis = 0.1  # lambda_3
   config.loss.div = 0.1  # lambda_4
   config.loss.pcl_margin = 0.6  # sigma of Eq. (15)
+  config.loss.pcl_form = "pcl"  # "pcl": Eq. (14); Table 4: "triplet" | "center" in its place
   # L_kd1's form on the matched maps: "dot" is Eq. (18) literally (optimum: one-hot
   # maps, the attention collapses); "cosine" | "kl" | "mse" align the maps. With
   # "kl" alone the maps stop depending on the query, hence attention_div. The

@@ -100,8 +100,8 @@ def test_select_rows():
       'baseline', 'tca', 'full', 'kd1_kl']
   with pytest.raises(ValueError, match="unknown row or table 'tabel3'"):
     ablations.select_rows('tabel3')
-  with pytest.raises(ValueError, match='horizontal split'):
-    ablations.select_rows('drm_hs')
+  with pytest.raises(ValueError, match='ICA&CCA'):
+    ablations.select_rows('pcl_ica_cca')
   with pytest.raises(ValueError, match='empty'):
     ablations.select_rows(' , ')
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from cal_jax.losses import match_distill
+from cal_jax.losses import match_distill, metric_losses
 from cal_jax.losses.part_center_loss import part_center_loss
 from cal_jax.losses.region_losses import (attention_diversity_loss, discriminability_loss,
                                           diversity_loss)
@@ -27,6 +27,25 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   labels = jnp.broadcast_to(labels.reshape(labels.shape + (1,) * (logits.ndim - 2)),
                             logits.shape[:-1])
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def _metric_loss(outputs: dict[str, jax.Array], labels_visible: jax.Array,
+                 labels_infrared: jax.Array, weights: ml_collections.ConfigDict,
+                 axis_name: Optional[str]) -> jax.Array:
+  """L_pcl of Eq. (14), or Table 4's replacement for it (`loss.pcl_form`)."""
+  form = weights.get('pcl_form', 'pcl')
+  if form == 'pcl':
+    return part_center_loss(outputs['f_vv'], outputs['f_ii'], outputs['f_vi'], outputs['f_iv'],
+                            labels_visible, labels_infrared, weights.pcl_margin, axis_name)
+  if form == 'triplet':
+    return metric_losses.batch_hard_triplet_loss(
+        jnp.concatenate([outputs['f_vv'], outputs['f_ii']]),
+        jnp.concatenate([labels_visible, labels_infrared]), axis_name=axis_name)
+  if form == 'center':
+    refined = jnp.concatenate([outputs[k] for k in ('f_vv', 'f_ii', 'f_vi', 'f_iv')])
+    labels = jnp.concatenate([labels_visible, labels_infrared, labels_infrared, labels_visible])
+    return metric_losses.center_loss(refined, labels, outputs['class_centers'])
+  raise ValueError(f'config.loss.pcl_form must be one of {metric_losses.PCL_FORMS}, got {form!r}')
 
 
 def cal_objective(outputs: dict[str, jax.Array], labels_visible: jax.Array,
@@ -42,7 +61,7 @@ def cal_objective(outputs: dict[str, jax.Array], labels_visible: jax.Array,
     partner_of_infrared, partner_of_visible: [B] partner indices (see CAL).
     weights: `config.loss` (id, global_id, pcl, kd1, kd2, dis, div, pcl_margin,
       kd1_form, query_matching, stop_teacher_gradient, attention_div,
-      attention_div_form).
+      attention_div_form, pcl_form).
     axis_name: mapped axis the batch is split over, or None.
   Returns:
     (total loss, dict of each unweighted term and the total, matchings [2B, N_p]
@@ -56,13 +75,15 @@ def cal_objective(outputs: dict[str, jax.Array], labels_visible: jax.Array,
       cross_entropy(outputs['logits_vi'], labels_infrared),
       cross_entropy(outputs['logits_iv'], labels_visible)]))
 
-  loss_pcl = part_center_loss(outputs['f_vv'], outputs['f_ii'], outputs['f_vi'], outputs['f_iv'],
-                              labels_visible, labels_infrared, weights.pcl_margin, axis_name)
+  loss_pcl = _metric_loss(outputs, labels_visible, labels_infrared, weights, axis_name)
 
-  loss_dis = 0.5 * (discriminability_loss(outputs['part_logits_vis'], labels_visible)
-                    + discriminability_loss(outputs['part_logits_ir'], labels_infrared))
-  loss_div = 0.5 * (diversity_loss(outputs['selected_vis'])
-                    + diversity_loss(outputs['selected_ir']))
+  if 'part_logits_vis' in outputs:  # DRM's regions (Table 4's LV and HS have none)
+    loss_dis = 0.5 * (discriminability_loss(outputs['part_logits_vis'], labels_visible)
+                      + discriminability_loss(outputs['part_logits_ir'], labels_infrared))
+    loss_div = 0.5 * (diversity_loss(outputs['selected_vis'])
+                      + diversity_loss(outputs['selected_ir']))
+  else:
+    loss_dis = loss_div = jnp.zeros((), loss_id.dtype)
   # Not in the paper: a diversity term on the TSAA maps of the self-refinement
   # (the inference path), weight `attention_div` (0 = the paper). It keeps the
   # part queries attending different tokens (docs/decisions.md, "L_kd1: the

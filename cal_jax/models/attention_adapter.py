@@ -13,6 +13,11 @@ the query-guided channel attention, a sigmoid-gated MLP of the raw query.
 The adapter is shared by both modalities. Its pieces are exposed separately so
 that each image's T_hat and each query's P_hat are computed once and reused
 by the self- and cross-refinements of Eqs. (11)-(12).
+
+Table 4's TSAA ablations are attributes: `similarity='scaled_dot'` replaces
+Eq. (9) by the scaled dot product of Eq. (6), softmax(P T^T / sqrt(C)) on the
+raw queries and tokens (no IN, no MLPs: T_hat = T, P_hat = P), and
+`channel_attention=False` drops M(P; theta_3) from Eq. (8) (gates of 1).
 """
 
 import flax.linen as nn
@@ -20,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 INSTANCE_NORM_EPSILON = 1e-5
+SIMILARITIES = ('tsaa', 'scaled_dot')  # Eq. (9) | Eq. (6), Table 4 "TSAA (SD)"
 
 
 def token_statistics(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -60,28 +66,41 @@ class AttentionAdapter(nn.Module):
     hidden: hidden width of the similarity MLPs theta_1 and theta_2.
     dim: d, their output width.
     channel_reduction: theta_3's hidden width is C // channel_reduction.
+    similarity: 'tsaa' (Eqs. 7, 9, 10) or 'scaled_dot' (Eq. 6; Table 4 "SD").
+    channel_attention: False drops M(P; theta_3) (Table 4 "w/o CA").
   """
   channels: int
   hidden: int = 512
   dim: int = 256
   channel_reduction: int = 16
+  similarity: str = 'tsaa'
+  channel_attention: bool = True
 
   def setup(self):
+    if self.similarity not in SIMILARITIES:
+      raise ValueError(f'config.model.attention_similarity must be one of {SIMILARITIES}, '
+                       f'got {self.similarity!r}')
     self.token_mlp = MLP(self.hidden, self.dim)  # theta_1
     self.query_mlp = MLP(self.hidden, self.dim)  # theta_2
     self.channel_mlp = MLP(max(1, self.channels // self.channel_reduction),
                            self.channels)  # theta_3
 
-  def channel_attention(self, parts: jax.Array) -> jax.Array:
-    """M(P; theta_3) of Eq. (8): [B, N_p, C] -> gates in (0, 1), [B, N_p, C]."""
+  def channel_gates(self, parts: jax.Array) -> jax.Array:
+    """M(P; theta_3) of Eq. (8): [B, N_p, C] -> gates in (0, 1), [B, N_p, C] (1 w/o CA)."""
+    if not self.channel_attention:
+      return jnp.ones_like(parts)
     return jax.nn.sigmoid(self.channel_mlp(parts))
 
   def encode_tokens(self, tokens: jax.Array) -> jax.Array:
-    """T_hat = M(IN(T); theta_1): [B, H*W, C] -> [B, H*W, d]."""
+    """T_hat = M(IN(T); theta_1): [B, H*W, C] -> [B, H*W, d] (T itself for Eq. 6)."""
+    if self.similarity == 'scaled_dot':
+      return tokens
     return self.token_mlp(instance_normalize(tokens, tokens))
 
   def encode_queries(self, parts: jax.Array, source_tokens: jax.Array) -> jax.Array:
-    """P_hat = M(IN(P); theta_2), IN with the statistics of T_P: -> [B, N_p, d]."""
+    """P_hat = M(IN(P); theta_2), IN with the statistics of T_P: -> [B, N_p, d] (P for Eq. 6)."""
+    if self.similarity == 'scaled_dot':
+      return parts
     return self.query_mlp(instance_normalize(parts, source_tokens))
 
   def __call__(self, tokens: jax.Array, parts: jax.Array,
@@ -96,7 +115,7 @@ class AttentionAdapter(nn.Module):
       (refined features [B, N_p, C], similarity S [B, N_p, H*W]).
     """
     return refine(tokens, self.encode_tokens(tokens),
-                  self.encode_queries(parts, source_tokens), self.channel_attention(parts))
+                  self.encode_queries(parts, source_tokens), self.channel_gates(parts))
 
 
 def refine(tokens: jax.Array, tokens_hat: jax.Array, queries_hat: jax.Array,

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cal_jax.models import attention_adapter
+from cal_jax.models import part_queries as part_queries_lib
 from cal_jax.models import resnet
 from cal_jax.models.batch_norm import BatchNorm
 from cal_jax.models.region_mining import RegionMining
@@ -57,6 +58,10 @@ class CAL(nn.Module):
   adapter_hidden: int = 512
   adapter_dim: int = 256
   channel_reduction: int = 16
+  part_queries: str = 'drm'  # Table 4: 'learnable' (LV) | 'horizontal' (HS)
+  attention_similarity: str = 'tsaa'  # Table 4: 'scaled_dot' (SD)
+  channel_attention: bool = True  # Table 4: False is "w/o CA"
+  class_centers: bool = False  # learned centres of Table 4's "PCL -> Center loss"
   axis_name: Optional[str] = None
 
   def setup(self):
@@ -64,14 +69,23 @@ class CAL(nn.Module):
     self.stem_infrared = (resnet.Stem(self.width, self.axis_name)
                           if self.modality_specific_stem else self.stem_visible)
     self.stages = resnet.Stages(self.depth, self.width, self.last_stride, self.axis_name)
-    drm = lambda: RegionMining(self.num_parts, self.select_ratio, self.num_classes,
-                               tuple(self.pool_sizes))
+    if self.part_queries not in part_queries_lib.PART_QUERIES:
+      raise ValueError(f'config.model.part_queries must be one of '
+                       f'{part_queries_lib.PART_QUERIES}, got {self.part_queries!r}')
+    # The module that turns a feature map into part queries P: DRM, or one of
+    # Table 4's alternatives (named like DRM, so pictures and export find them).
+    drm = {'drm': lambda: RegionMining(self.num_parts, self.select_ratio, self.num_classes,
+                                       tuple(self.pool_sizes)),
+           'learnable': lambda: part_queries_lib.LearnableQueries(self.num_parts),
+           'horizontal': lambda: part_queries_lib.HorizontalStripes(self.num_parts),
+           }[self.part_queries]
     self.region_mining_visible = drm()
     self.region_mining_infrared = (self.region_mining_visible if self.shared_region_mining
                                    else drm())
     self.adapter = attention_adapter.AttentionAdapter(
         resnet.output_channels(self.depth, self.width), self.adapter_hidden,
-        self.adapter_dim, self.channel_reduction)
+        self.adapter_dim, self.channel_reduction, self.attention_similarity,
+        self.channel_attention)
     # BNNeck (AGW): batch norm without shift before a bias-free classifier.
     self.global_neck = BatchNorm(use_bias=False, axis_name=self.axis_name)
     self.global_classifier = nn.Dense(self.num_classes, use_bias=False,
@@ -79,6 +93,11 @@ class CAL(nn.Module):
     self.part_neck = BatchNorm(use_bias=False, axis_name=self.axis_name)
     self.part_classifier = nn.Dense(self.num_classes, use_bias=False,
                                     kernel_init=classifier_init)
+    if self.class_centers:  # [K, N_p, C], for `metric_losses.center_loss`
+      channels = resnet.output_channels(self.depth, self.width)
+      self.centers = self.param(
+          'class_centers', nn.initializers.normal(stddev=channels ** -0.5),
+          (self.num_classes, self.num_parts, channels), jnp.float32)
 
   def feature_maps(self, images_visible: jax.Array, images_infrared: jax.Array,
                    train: bool) -> tuple[jax.Array, jax.Array]:
@@ -99,8 +118,8 @@ class CAL(nn.Module):
       partner_of_visible: [B] index of an infrared sample of the same identity.
     Returns:
       dict with, per modality m in (vis, ir): 'global_logits' [2B, K] (visible
-      first); 'part_logits_m' (Phi_k(P_k), Eq. 4) and 'selected_m' (S_hat,
-      Eq. 5); refined features 'f_vv', 'f_ii', 'f_vi', 'f_iv' [B, N_p, C],
+      first); 'part_logits_m' (Phi_k(P_k), Eq. 4; DRM only) and 'selected_m'
+      (S_hat, Eq. 5); refined features 'f_vv', 'f_ii', 'f_vi', 'f_iv' [B, N_p, C],
       their similarity maps 'sim_*' [B, N_p, H*W] and classifier logits
       'logits_*' [B, N_p, K]. 'f_vi' is f^{V,I}: visible tokens of the partner,
       infrared queries of sample i.
@@ -117,8 +136,8 @@ class CAL(nn.Module):
     tokens_hat_i = self.adapter.encode_tokens(tokens_i)
     queries_hat_v = self.adapter.encode_queries(drm_v['parts'], tokens_v)
     queries_hat_i = self.adapter.encode_queries(drm_i['parts'], tokens_i)
-    gates_v = self.adapter.channel_attention(drm_v['parts'])
-    gates_i = self.adapter.channel_attention(drm_i['parts'])
+    gates_v = self.adapter.channel_gates(drm_v['parts'])
+    gates_i = self.adapter.channel_gates(drm_i['parts'])
 
     refine = attention_adapter.refine
     f_vv, sim_vv = refine(tokens_v, tokens_hat_v, queries_hat_v, gates_v)
@@ -131,15 +150,20 @@ class CAL(nn.Module):
     refined = jnp.concatenate([f_vv, f_ii, f_vi, f_iv], axis=0)  # [4B, N_p, C]
     logits = self.part_classifier(self.part_neck(refined, not train))
     logits_vv, logits_ii, logits_vi, logits_iv = jnp.split(logits, 4, axis=0)
-    return {
+    outputs = {
         'global_logits': global_logits,
-        'part_logits_vis': drm_v['part_logits'], 'part_logits_ir': drm_i['part_logits'],
         'selected_vis': drm_v['selected'], 'selected_ir': drm_i['selected'],
         'f_vv': f_vv, 'f_ii': f_ii, 'f_vi': f_vi, 'f_iv': f_iv,
         'sim_vv': sim_vv, 'sim_ii': sim_ii, 'sim_vi': sim_vi, 'sim_iv': sim_iv,
         'logits_vv': logits_vv, 'logits_ii': logits_ii,
         'logits_vi': logits_vi, 'logits_iv': logits_iv,
     }
+    if self.class_centers:
+      outputs['class_centers'] = self.centers
+    if 'part_logits' in drm_v:  # DRM only: LV and HS have no regions for Eqs. (4)-(5)
+      outputs |= {'part_logits_vis': drm_v['part_logits'],
+                  'part_logits_ir': drm_i['part_logits']}
+    return outputs
 
   def embed(self, images: jax.Array, modality: int) -> jax.Array:
     """Inference embedding of one modality (Sec. 3.4), eval-mode batch norm.
@@ -211,4 +235,9 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
              num_parts=m.num_parts, select_ratio=m.select_ratio,
              pool_sizes=tuple(m.pool_sizes), shared_region_mining=m.shared_region_mining,
              adapter_hidden=m.adapter_hidden, adapter_dim=m.adapter_dim,
-             channel_reduction=m.channel_reduction, axis_name=axis_name)
+             channel_reduction=m.channel_reduction,
+             part_queries=m.get('part_queries', 'drm'),
+             attention_similarity=m.get('attention_similarity', 'tsaa'),
+             channel_attention=m.get('channel_attention', True),
+             class_centers=config.get('loss', {}).get('pcl_form', 'pcl') == 'center',
+             axis_name=axis_name)
