@@ -7,13 +7,10 @@ global identity loss is on, and images are matched by the pooled feature
 after its BNNeck (the AGW baseline, the paper's Table 3 "Baseline" row).
 """
 
+from cal_jax import ablations
 from configs import synthetic
 
 
 def get_config():
-  config = synthetic.get_config()
-  for term in ("id", "pcl", "kd1", "kd2", "dis", "div"):
-    config.loss[term] = 0.0
-  config.loss.global_id = 1.0
-  config.model.embedding = "global"
-  return config
+  # The ablation command's "baseline" row: every CAL term 0, global ID loss 1.
+  return ablations.apply(synthetic.get_config(), ablations.ROWS["baseline"])
