@@ -12,8 +12,9 @@ batch (P = 8 identities x K = 4 images per modality = 64), on the same
 or stride 8, cost 3-4x per step on a CPU and are left to an accelerator).
 The infrared gap and the schedule are the embedded default's.
 
-Cost: 73 steps per epoch, 12 epochs = 876 steps of 0.75 s on a quiet 2-core
-CPU: about 11 minutes per run, 15 with the evaluation of 96 identities.
+Cost: 69 steps per epoch, 12 epochs = 828 steps of about 0.75 s on a quiet 2-core
+CPU (0.37 s at K = 2): about 11 minutes per run, data generation (5000 images)
+and evaluation included.
 The README's status section has what it reaches.
 """
 
