@@ -36,7 +36,7 @@ ROWS = {r.name: r for r in [
     Row('baseline', 'Baseline (ID loss)', _BASELINE),
     _row('tca', '+ TCA (DRM, TSAA, PCL)', loss__kd1=0.0, loss__kd2=0.0),
     _row('full', '+ MatchDistill (CAL)'),
-    _row('paper', 'CAL as written (Eq. 18, no attention diversity)', loss__kd1_form='dot',
+    _row('paper', 'CAL as written (Eq. 20 with Eq. 18)', loss__kd1=1.0, loss__kd1_form='dot',
          loss__attention_div=0.0),
     # Table 4: DRM, TSAA and PCL variants that the model has switches for.
     _row('drm_no_div', 'DRM w/o L_div', loss__div=0.0),
@@ -52,23 +52,26 @@ ROWS = {r.name: r for r in [
     _row('pcl_none', 'w/o PCL', loss__pcl=0.0),
     _row('pcl_triplet', 'PCL -> Triplet loss', loss__pcl_form='triplet'),
     _row('pcl_center', 'PCL -> Center loss', loss__pcl_form='center'),
-    # Table 5: MatchDistill's levels and the query matching (CQM).
-    _row('kd1_only', 'L_kd1 only', loss__kd2=0.0),
-    _row('kd2_only', 'L_kd2 only', loss__kd1=0.0),
-    _row('no_cqm', 'L_kd1 + L_kd2 w/o CQM', loss__query_matching=False),
-    _row('cqm', 'L_kd1 + L_kd2 with CQM (CAL)'),
+    # Table 5: MatchDistill's levels and the query matching (CQM). L_kd1 is off
+    # in the default (docs/decisions.md), so the rows set both weights.
+    _row('kd1_only', 'L_kd1 only', loss__kd1=1.0, loss__kd2=0.0),
+    _row('kd2_only', 'L_kd2 only', loss__kd1=0.0, loss__kd2=1.0),
+    _row('no_cqm', 'L_kd1 + L_kd2 w/o CQM', loss__kd1=1.0, loss__kd2=1.0,
+         loss__query_matching=False),
+    _row('cqm', 'L_kd1 + L_kd2 with CQM', loss__kd1=1.0, loss__kd2=1.0),
     # Fig. 3: N_p and alpha.
     *[_row(f'parts_{n}', f'N_p = {n}', model__num_parts=n) for n in (2, 3, 4, 5, 6)],
     *[_row(f'alpha_{a}', f'alpha = 0.{a}', model__select_ratio=a / 10) for a in (2, 4, 6, 8)],
     _row('alpha_10', 'alpha = 1.0', model__select_ratio=1.0),
     # Diagnosis of the attention collapse (docs/decisions.md): one change each.
-    _row('kd1_dot', 'L_kd1 = -<S_a, S_b> (Eq. 18)', loss__kd1_form='dot'),
-    _row('kd1_cosine', 'L_kd1 = 1 - cos(S_a, S_b)', loss__kd1_form='cosine'),
-    _row('kd1_kl', 'L_kd1 = KL(S_a || S_b)', loss__kd1_form='kl'),
-    _row('kd1_mse', 'L_kd1 = |S_a - S_b|^2', loss__kd1_form='mse'),
-    _row('no_attention_div', 'w/o attention diversity', loss__attention_div=0.0),
-    _row('attention_div_cosine', 'attention diversity of the maps\' cosines',
-         loss__attention_div_form='cosine'),
+    *[_row(f'kd1_{form}', f'+ L_kd1 = {label}', loss__kd1=1.0, loss__kd1_form=form)
+      for form, label in (('dot', '-<S_a, S_b> (Eq. 18)'), ('cosine', '1 - cos(S_a, S_b)'),
+                          ('kl', 'KL(S_a || S_b)'), ('mse', '|S_a - S_b|^2'))],
+    _row('kd1_kl_attention_div', '+ L_kd1 (KL) + attention diversity', loss__kd1=1.0,
+         loss__kd1_form='kl', loss__attention_div=1.0),
+    _row('attention_div', '+ attention diversity (Eq. 5 form)', loss__attention_div=1.0),
+    _row('attention_div_cosine', '+ attention diversity of the maps\' cosines',
+         loss__attention_div=1.0, loss__attention_div_form='cosine'),
     _row('no_stop_gradient', 'teachers not stopped', loss__stop_teacher_gradient=False),
     _row('no_global_id', 'w/o global ID loss', loss__global_id=0.0),
 ]}
@@ -81,8 +84,9 @@ TABLES = {
     'table5': ('kd1_only', 'kd2_only', 'no_cqm', 'cqm'),
     'fig3_parts': tuple(f'parts_{n}' for n in (2, 3, 4, 5, 6)),
     'fig3_alpha': ('alpha_2', 'alpha_4', 'alpha_6', 'alpha_8', 'alpha_10'),
-    'diagnosis': ('full', 'paper', 'kd1_dot', 'kd1_cosine', 'kd1_kl', 'kd1_mse', 'no_attention_div', 'attention_div_cosine',
-                  'kd2_only', 'pcl_none', 'no_stop_gradient', 'no_global_id', 'baseline'),
+    'diagnosis': ('full', 'paper', 'kd1_dot', 'kd1_cosine', 'kd1_kl', 'kd1_mse',
+                  'kd1_kl_attention_div', 'attention_div', 'attention_div_cosine', 'tca',
+                  'pcl_none', 'no_stop_gradient', 'no_global_id', 'baseline'),
 }
 
 MISSING = {

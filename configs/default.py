@@ -73,20 +73,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.id = 1.0  # identity loss on the refined part features
   config.loss.global_id = 1.0  # identity loss on the pooled map (the baseline's)
   config.loss.pcl = 1.0
-  config.loss.kd1 = 1.0  # lambda_1
+  # lambda_1: 0, L_kd1 off. The paper's 1 with Eq. (18) collapses the attention,
+  # and every aligning form measured lowered Rank-1 (docs/decisions.md, "L_kd1:
+  # the attention collapse"); the ablation row `paper` sets it back to 1.
+  config.loss.kd1 = 0.0
   config.loss.kd2 = 1.0  # lambda_2
   config.loss.dis = 0.1  # lambda_3
   config.loss.div = 0.1  # lambda_4
   config.loss.pcl_margin = 0.6  # sigma of Eq. (15)
   config.loss.pcl_form = "pcl"  # "pcl": Eq. (14); Table 4: "triplet" | "center" in its place
-  # L_kd1's form on the matched maps: "dot" is Eq. (18) literally (optimum: one-hot
-  # maps, the attention collapses); "cosine" | "kl" | "mse" align the maps. With
-  # "kl" alone the maps stop depending on the query, hence attention_div. The
-  # paper exactly: kd1_form="dot", attention_div=0. See docs/decisions.md,
-  # "L_kd1: the attention collapse".
+  # L_kd1's form on the matched maps, when lambda_1 > 0: "dot" is Eq. (18)
+  # literally (optimum: one-hot maps, the attention collapses); "cosine" | "kl" |
+  # "mse" align the maps. The paper exactly: kd1=1, kd1_form="dot".
   config.loss.kd1_form = "kl"
   config.loss.query_matching = True  # CQM: Hungarian matching (Eq. 17); False: identity
-  config.loss.attention_div = 1.0  # a diversity term on the TSAA maps (not in the paper)
+  config.loss.attention_div = 0.0  # diversity of the TSAA maps (not in the paper; hurt here)
   config.loss.attention_div_form = "dot"  # "dot": Eq. (5)'s form; "cosine": of the maps
   config.loss.stop_teacher_gradient = True  # cross-refined teachers of L_kd1/L_kd2 stopped
 
