@@ -14,8 +14,10 @@ from typing import Any
 
 import ml_collections
 
-# Every loss term of Eq. (20) and the additions (see configs/default.py).
-_ALL_TERMS = ('id', 'pcl', 'kd1', 'kd2', 'dis', 'div', 'attention_div')
+from cal_jax.losses import LOSS_TERMS
+
+# Every loss term of Eq. (20) and the additions but the baseline's global ID loss.
+_ALL_TERMS = tuple(t for t in LOSS_TERMS if t != 'global_id')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,16 +28,18 @@ from typing import Any
 
 import ml_collections
 
+from cal_jax.data.datasets.specs import SPECS
+from cal_jax.losses import LOSS_TERMS
 from cal_jax.losses.match_distill import KD1_FORMS
 from cal_jax.losses.region_losses import ATTENTION_DIV_FORMS
 
-# Builders with test protocols (cal_jax.evaluate.DATASET_PREFIX), and the
-# layout of `config.data.synthetic` that generates data for each.
-DATASETS = ('sysu_mm01', 'regdb', 'llcm')
-SYNTHETIC_LAYOUTS = {'sysu': 'sysu_mm01', 'regdb': 'regdb', 'llcm': 'llcm'}
-REGDB_BUILDER_CONFIGS = tuple(f'trial_{t}' for t in range(1, 11))
+# Builders with test protocols (the data set table), and the layout of
+# `config.data.synthetic` that generates data for each.
+DATASETS = tuple(SPECS)
+SYNTHETIC_LAYOUTS = {spec.short: spec.builder for spec in SPECS.values()}
+REGDB_BUILDER_CONFIGS = SPECS['regdb'].builder_configs
 PRETRAINED_SUFFIXES = ('.pth', '.pt', '.safetensors')
-LOSS_WEIGHTS = ('id', 'global_id', 'pcl', 'kd1', 'kd2', 'dis', 'div', 'attention_div')
+LOSS_WEIGHTS = LOSS_TERMS  # config.loss holds one weight per term
 # N_p! part assignments are counted (every checkpoint keeps the counts): 10! is
 # 3.6 million int64 counts, 29 MB; 12! would be 3.8 GB.
 MAX_NUM_PARTS = 10

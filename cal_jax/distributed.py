@@ -1,4 +1,10 @@
-"""Multi-host runs: starting JAX's multi-controller runtime, and the few cross-process steps.
+"""Devices and processes: the pmap axis, replicated pytrees, and multi-host runs.
+
+Arrays of the pmapped steps are laid out with a leading axis of local devices
+and sharded over a mesh whose axis is named like the step's (`AXIS`, 'batch'),
+which is what a pmapped step returns: inputs replicated this way (`replicate`)
+hit the same compiled executable as the step's own outputs (flax's
+`jax_utils.replicate` names its mesh differently and costs a second compilation).
 
 Every process runs the same program (`python -m cal_jax.main ...`, see `launch/`).
 `initialize` calls `jax.distributed.initialize` when the run is multi-process:
@@ -20,13 +26,15 @@ import glob
 import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+AXIS = 'batch'  # the mapped axis of the train step and of every collective in it
 MODES = ('auto', 'always', 'never')
 LOOPBACK_HOSTS = ('127.0.0.1', 'localhost', '[::1]', '::1')
 # The variables `jax.distributed.initialize` reads on a SLURM step (jax._src.clusters.slurm_cluster).
@@ -193,3 +201,21 @@ def host_share_summary(labels: np.ndarray) -> str:
   per_device = [sorted(set(np.asarray(row).tolist())) for row in labels]
   return (f'process {jax.process_index()} of {jax.process_count()}, identities per local '
           f'device: {per_device}')
+
+
+def local_sharding(devices: Optional[Sequence[jax.Device]] = None) -> NamedSharding:
+  mesh = Mesh(np.array(devices or jax.local_devices()), (AXIS,))
+  return NamedSharding(mesh, PartitionSpec(AXIS))
+
+
+def replicate(tree: Any, devices: Optional[Sequence[jax.Device]] = None) -> Any:
+  """One copy of every leaf per device (default: the local ones): [...] -> [devices, ...]."""
+  devices = devices or jax.local_devices()
+  stacked = jax.tree_util.tree_map(
+      lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), tree)
+  return jax.device_put(stacked, local_sharding(devices))
+
+
+def unreplicate(tree: Any) -> Any:
+  """The first device's copy of every leaf, on the host."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), tree)

@@ -28,7 +28,8 @@ from ml_collections import config_flags  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from cal_jax import cli, distributed, stopping, train  # noqa: E402
+from cal_jax import cli, distributed, stopping  # noqa: E402
+from cal_jax.training import loop  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.',
                                           lock_config=True)
@@ -85,9 +86,9 @@ def main(argv):
   workdir = cli.absolute_path(_WORKDIR.value)
   try:
     if _MODE.value == 'train':
-      train.train_and_evaluate(config, workdir)
+      loop.train_and_evaluate(config, workdir)
     else:
-      train.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
+      loop.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
   except cli.USER_ERRORS as error:  # a message naming what to fix, not a traceback
     cli.exit_with('cal_jax.main', error)
   except stopping.Stopped as stopped:  # SIGTERM / SIGINT: the step is saved

@@ -15,6 +15,7 @@ overrides, as to cal_jax.main); the checkpoint is restored as `--mode eval`
 restores it, and M-hat is applied. `cmc` needs only eval_results.json.
 """
 
+import dataclasses
 import json
 import os
 
@@ -24,10 +25,15 @@ from absl import app, flags  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cal_jax import cli, config_checks, evaluate, evaluation_run, pictures, plots  # noqa: E402
-from cal_jax import train  # noqa: E402
-from cal_jax import results as results_lib  # noqa: E402
+from absl import logging  # noqa: E402
+
+from cal_jax import cli, config_checks  # noqa: E402
 from cal_jax import workdir as workdir_lib  # noqa: E402
+from cal_jax.evaluation import evaluator, run  # noqa: E402
+from cal_jax.evaluation import results as results_lib  # noqa: E402
+from cal_jax.pictures import figures  # noqa: E402
+from cal_jax.pictures import plots  # noqa: E402
+from cal_jax.training import loop  # noqa: E402
 
 KINDS = ('regions', 'attention', 'ranking', 'cmc')
 
@@ -69,39 +75,41 @@ def draw(config: ml_collections.ConfigDict, workdir: str, what: list[str], outpu
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
       raise ValueError(f'--{name}={value}: must be an integer >= {low}')
   workdir_lib.check_writable(output)  # before the work, not after
-  figures = {}
+  drawn = {}
   if 'cmc' in what:
     path = os.path.join(workdir, 'eval_results.json')
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path} does not exist: evaluate first '
                               '(python -m cal_jax.main --mode eval ...)')
     results, meta = results_lib.read_results(path)
-    figures['cmc'] = plots.cmc_figure(
-        pictures.cmc_curves(results),
+    drawn['cmc'] = plots.cmc_figure(
+        figures.cmc_curves(results),
         f'CMC, {meta.get("dataset", "")} at step {meta.get("checkpoint_step", "?")}')
   if set(what) - {'cmc'}:
-    setup = train.TrainingSetup(config, workdir)
-    try:
-      state, counts = train.restore_for_evaluation(setup, checkpoint)
-    finally:
-      setup.checkpointer.close()
-    embedder = evaluation_run.make_embedder(config, setup.model, state, counts)
-    test = setup.splits.test
+    trained = loop.restore_trained(config, workdir, checkpoint)
+    settings = evaluator.EvalSettings.from_config(config)
+    embedder = run.make_embedder(trained.model, trained.state, trained.counts.m_hat(),
+                                 settings.embedding)
+    test, name = trained.splits.test, trained.splits.name
     if {'regions', 'attention'} & set(what):
-      maps = pictures.part_map_figures(embedder, test, num_ids)
-      figures.update({k: v for k, v in maps.items() if k in what})
+      maps = figures.part_map_figures(embedder, test, settings.image_size, num_ids)
+      drawn.update({k: v for k, v in maps.items() if k in what})
     if 'ranking' in what:
-      keys = evaluate.protocol_keys(setup.splits.name)
+      keys = evaluator.protocol_keys(name)
       key = protocol or keys[0]
       if key not in keys:
-        raise ValueError(f'--protocol={key!r} is not a protocol of {setup.splits.name}; '
+        raise ValueError(f'--protocol={key!r} is not a protocol of {name}; '
                          f'choose one of {keys}')
-      ranked = pictures.ranked_lists(embedder, test, key, num_queries, trial=trial)
-      figures[f'ranking_{key.replace("/", "_")}'] = pictures.ranking_figure(
-          ranked, test, pictures.image_size(config))
+      # The protocol's trials up to `trial`, evaluated as the results file was.
+      evaluation = evaluator.evaluate(
+          embedder, test, name, dataclasses.replace(settings, num_trials=trial + 1),
+          keys=[key], log=logging.info)
+      ranked = figures.ranked_lists(evaluation, test, key, num_queries, trial=trial)
+      drawn[f'ranking_{key.replace("/", "_")}'] = figures.ranking_figure(
+          ranked, test, settings.image_size)
   paths = []
-  for name, fig in figures.items():
-    path = os.path.join(output, f'{name}.png')
+  for kind, fig in drawn.items():
+    path = os.path.join(output, f'{kind}.png')
     with open(path, 'wb') as f:
       f.write(plots.to_png(fig))
     paths.append(path)

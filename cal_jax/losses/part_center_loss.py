@@ -21,7 +21,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from cal_jax.models.cal import l2_normalize
+from cal_jax.models.normalize import l2_normalize
 
 
 def class_centroids(features: jax.Array, labels: jax.Array) -> jax.Array:

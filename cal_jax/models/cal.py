@@ -23,20 +23,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cal_jax.modality import INFRARED, VISIBLE
 from cal_jax.models import attention_adapter
 from cal_jax.models import resnet
 from cal_jax.models.batch_norm import BatchNorm
+from cal_jax.models.normalize import l2_normalize
 from cal_jax.models.region_mining import RegionMining
 
-VISIBLE = 0
-INFRARED = 1
-
 classifier_init = nn.initializers.normal(stddev=0.001)  # AGW's classifier init
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, epsilon: float = 1e-12) -> jax.Array:
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True),
-                                       epsilon))
 
 
 class CAL(nn.Module):
