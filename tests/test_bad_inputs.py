@@ -7,11 +7,11 @@ leaves what a run had written (checkpoints, config.json, eval_results.json) as
 it was. Most cases start from a copy of the shared tiny run (`tiny_run`).
 
 Unit-level variants live beside the code they test: every data set layout in
-test_datasets.py, every pretrained mismatch (missing, unexpected and reshaped
-keys, width, DataParallel prefixes) in test_pretrained.py, the fingerprint in
-test_checkpointing.py, the atomic results file in test_evaluate.py, the
-sampler's checks in test_sampler.py and the non-finite loss in
-test_train_loop.py.
+data/test_datasets.py, every pretrained mismatch (missing, unexpected and reshaped
+keys, width, DataParallel prefixes) in models/test_torchvision_weights.py, the fingerprint in
+training/test_checkpointing.py, the atomic results file in evaluation/test_evaluator.py, the
+sampler's checks in data/test_sampler.py and the non-finite loss in
+training/test_loop.py.
 """
 
 import errno
@@ -25,9 +25,10 @@ import sys
 import numpy as np
 import pytest
 
-from cal_jax import train
+from cal_jax.training import loop
 from cal_jax import workdir as workdir_lib
-from cal_jax.datasets import images, records, synthetic
+from cal_jax.data import images
+from cal_jax.data.datasets import records, synthetic
 from configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,14 +110,14 @@ def test_truncated_image_fails_naming_it(sysu_tree, run_copy, tmp_path):
   (root / victim).write_bytes(data[:len(data) // 3])
   config = real_data_config(root, tmp_path / 'tfds')
   with pytest.raises(images.CorruptImageError) as error:
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   assert error.value.path == str(root / victim)
   assert 'skip_corrupt_images=True' in str(error.value)
   assert snapshot(workdir) == before
   assert not (tmp_path / 'tfds' / 'sysu_mm01' / '1.0.0').exists()  # nothing half-prepared
 
   # Asked to, the preparation leaves it out, and every run names it again.
-  from cal_jax import data  # pylint: disable=g-import-not-at-top
+  from cal_jax.data import splits as data  # pylint: disable=g-import-not-at-top
   config.data.skip_corrupt_images = True
   lines = []
   handler = _CollectWarnings(lines)
@@ -155,7 +156,7 @@ def test_training_identity_with_one_modality_is_named(sysu_tree, run_copy, tmp_p
     shutil.rmtree(root / camera / f'{train_ids[2]:04d}', ignore_errors=True)
   with pytest.raises(ValueError, match=rf'have no infrared image.*\[{train_ids[2]}\].*restore '
                      'the missing infrared images, or remove these identities'):
-    train.train_and_evaluate(real_data_config(root, tmp_path / 'tfds'), workdir)
+    loop.train_and_evaluate(real_data_config(root, tmp_path / 'tfds'), workdir)
   assert snapshot(workdir) == before
 
 
@@ -190,14 +191,14 @@ def test_batch_not_divisible_by_the_devices(run_copy):
   with pytest.raises(ValueError, match=re.escape(
       'config.data.num_ids_per_batch=3 must be divisible by num_hosts * local_devices = '
       '1 * 2 = 2')):
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   assert snapshot(workdir) == before
 
 
 def test_pretrained_file_of_another_architecture(tiny_run, tmp_path):
   """Read at a fresh start only (a resumed run has the weights in its checkpoint)."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from cal_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from cal_jax.models import torchvision_weights as pretrained  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'fresh')
   config = tiny.get_config()
   config.data.manual_dir = os.path.join(tiny_run[1], 'synthetic_data')
@@ -207,7 +208,7 @@ def test_pretrained_file_of_another_architecture(tiny_run, tmp_path):
              for name, target in pretrained.param_mapping(18, config.model.width).items()}, path)
   config.model.pretrained = path
   with pytest.raises(pretrained.CheckpointMismatchError) as error:
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   message = str(error.value)
   assert path in message and 'looks like a resnet18 checkpoint' in message
   assert 'config.model.depth=18' in message
@@ -241,7 +242,7 @@ def test_read_only_workdir(run_copy, monkeypatch):
     with pytest.raises(workdir_lib.WorkdirError,
                        match=rf"cannot write in the workdir '{re.escape(workdir)}': "
                              r'(Read-only file system|Permission denied)\. Choose another'):
-      train.evaluate_checkpoint(tiny.get_config(), workdir)
+      loop.evaluate_checkpoint(tiny.get_config(), workdir)
   finally:
     os.chmod(workdir, 0o755)
   assert snapshot(workdir) == before
@@ -259,7 +260,7 @@ def test_workdir_on_a_full_disk(run_copy, monkeypatch):
   with pytest.raises(workdir_lib.WorkdirError,
                      match=rf"the disk of the workdir '{re.escape(workdir)}' has 1\.0 MiB free; "
                            r'this run needs about \d+\.\d MiB .*lower config\.keep_checkpoints'):
-    train.train_and_evaluate(tiny.get_config(), workdir)
+    loop.train_and_evaluate(tiny.get_config(), workdir)
   assert snapshot(workdir) == before
 
 
@@ -373,7 +374,7 @@ def test_test_identities_in_the_training_list(sysu_tree, run_copy, tmp_path):
   with pytest.raises(ValueError, match=re.escape(
       f'identities listed for both training and test (test identities would be trained on): '
       f'1 ids in both exp/train_id.txt and exp/test_id.txt: {test_ids[1]}')):
-    train.train_and_evaluate(real_data_config(root, tmp_path / 'tfds'), workdir)
+    loop.train_and_evaluate(real_data_config(root, tmp_path / 'tfds'), workdir)
   assert snapshot(workdir) == before
 
 
@@ -399,7 +400,7 @@ def test_manual_dir_that_does_not_exist_beside_data_prepared_earlier(sysu_tree, 
                                                                       tmp_path):
   """tfds would reuse the prepared copy without looking at manual_dir: refused instead,
   and every run says which prepared data it uses and where it came from."""
-  from cal_jax import data  # pylint: disable=g-import-not-at-top
+  from cal_jax.data import splits as data  # pylint: disable=g-import-not-at-top
   workdir, before = run_copy
   root = tmp_path / 'SYSU-MM01'
   shutil.copytree(sysu_tree, root)
@@ -451,14 +452,14 @@ def test_convert_refuses_to_overwrite_without_the_flag(run_copy, tmp_path):
   assert output.read_bytes() == b'an earlier export'
   result = run_convert('--workdir', workdir, '--output', str(output), '--overwrite')
   assert result.returncode == 0, result.stderr[-3000:]
-  from cal_jax import torch_model  # pylint: disable=g-import-not-at-top
+  from cal_jax.interop import torch_model  # pylint: disable=g-import-not-at-top
   assert torch_model.load(str(output)).metadata['checkpoint_step'] == 0
   assert snapshot(workdir) == before
 
 
 def test_convert_output_that_cannot_be_written(run_copy, tmp_path, monkeypatch):
   """A folder, a path under a file, a read-only disk: refused before the checkpoint is read."""
-  from cal_jax import convert  # pylint: disable=g-import-not-at-top
+  from cal_jax.interop import export as convert  # pylint: disable=g-import-not-at-top
   workdir, before = run_copy
   folder = tmp_path / 'exports.safetensors'
   folder.mkdir()
@@ -561,7 +562,7 @@ EXPORTED_FILE_ERRORS = {
 
 def test_exported_files_that_must_not_load(tmp_path):
   """torch_model.load: one message naming the file, no code run, nothing allocated first."""
-  from cal_jax import torch_model  # pylint: disable=g-import-not-at-top
+  from cal_jax.interop import torch_model  # pylint: disable=g-import-not-at-top
   files, marker = _bad_weight_files(tmp_path)
   for name, fragment in EXPORTED_FILE_ERRORS.items():
     with pytest.raises(torch_model.WeightFileError) as error:
@@ -585,7 +586,7 @@ PRETRAINED_FILE_ERRORS = {
 @pytest.mark.parametrize('name', sorted(PRETRAINED_FILE_ERRORS))
 def test_pretrained_files_that_must_not_load(name, tmp_path):
   """config.model.pretrained: a ValueError naming the file (one line from cal_jax.main)."""
-  from cal_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from cal_jax.models import torchvision_weights as pretrained  # pylint: disable=g-import-not-at-top
   files, marker = _bad_weight_files(tmp_path)
   with pytest.raises(ValueError) as error:
     pretrained.load_torchvision_resnet(str(files[name]), 'resnet50')
@@ -605,7 +606,7 @@ def test_pretrained_random_bytes_through_training(run_copy, tmp_path):
   config.data.data_dir = os.path.join(workdir, 'tfds')
   fresh = str(tmp_path / 'fresh')
   with pytest.raises(ValueError, match=re.escape(f'{files["random.pth"]}: not a readable torch')):
-    train.train_and_evaluate(config, fresh)
+    loop.train_and_evaluate(config, fresh)
   assert not os.path.exists(os.path.join(fresh, 'checkpoints', '0'))
   assert snapshot(workdir) == before
 

@@ -130,7 +130,7 @@ def initial_params():
   """The runs' initial parameters: `create_train_state` on the same config and seed (compiled
   at XLA's default level here: the same values up to rounding, far below an update)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from cal_jax import train_state  # pylint: disable=g-import-not-at-top
+  from cal_jax.training import state as train_state  # pylint: disable=g-import-not-at-top
   from cal_jax.models.cal import create_model  # pylint: disable=g-import-not-at-top
   config = tiny_config(OVERRIDES)
   state = train_state.create_train_state(create_model(config, NUM_CLASSES), config,
@@ -163,7 +163,7 @@ def test_each_process_feeds_its_own_identities(runs):
 
 
 def test_only_process_zero_writes(runs):
-  from cal_jax import results as results_lib  # pylint: disable=g-import-not-at-top
+  from cal_jax.evaluation import results as results_lib  # pylint: disable=g-import-not-at-top
   workdir = runs['two']
   events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
   assert len(events) == 1  # one TensorBoard writer

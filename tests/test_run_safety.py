@@ -23,14 +23,17 @@ import numpy as np
 import pytest
 
 import fake_training
-from cal_jax import checkpointing, cli, config_checks, evaluation_run, train
+from cal_jax import cli, config_checks
+from cal_jax.evaluation import run as evaluation_run
+from cal_jax.training import checkpoint_files, checkpointing, loop
 from cal_jax import workdir as workdir_lib
 from configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
 FAKE_MAIN = os.path.join(REPO, 'tests', 'fake_training.py')
-TMP_MARKER = checkpointing.TMP_MARKER
+FAKE_STEP = fake_training.fake_make_p_train_step
+TMP_MARKER = checkpoint_files.TMP_MARKER
 
 
 def run_command(args, *, fake=True, env_extra=None, cwd=REPO, timeout=300):
@@ -92,21 +95,19 @@ class Warnings:
 def test_failing_final_evaluation_keeps_the_final_checkpoint(run_copy, monkeypatch):
   """The last step is saved before it is evaluated; the rerun evaluates it without
   training again, and records its mAP for the best-checkpoint policy."""
-  monkeypatch.setattr(train, 'make_p_train_step', fake_training.fake_make_p_train_step)
 
   def broken(*args, **kwargs):
     raise RuntimeError('the evaluation broke')
   monkeypatch.setattr(evaluation_run, 'evaluate_state', broken)
   with pytest.raises(RuntimeError, match='the evaluation broke'):
-    train.train_and_evaluate(tiny.get_config(), run_copy)
+    loop.train_and_evaluate(tiny.get_config(), run_copy, make_step=FAKE_STEP)
   assert steps_on_disk(run_copy) == ([0, 4, 8], [])
 
   monkeypatch.undo()
   def no_training(config, devices=None):
     del config, devices
     return lambda *args: pytest.fail('trained again')
-  monkeypatch.setattr(train, 'make_p_train_step', no_training)
-  results = train.train_and_evaluate(tiny.get_config(), run_copy)
+  results = loop.train_and_evaluate(tiny.get_config(), run_copy, make_step=no_training)
   with open(os.path.join(run_copy, 'eval_results.json')) as f:
     assert json.load(f)['meta']['checkpoint_step'] == 8
   with checkpointing.Checkpointer(os.path.join(run_copy, 'checkpoints'), tiny.get_config(),
@@ -142,9 +143,10 @@ def test_a_crash_keeps_its_traceback_and_leaves_no_partial_checkpoint(run_copy, 
   and the same command then resumes from the last committed step."""
   args = ['--config', TINY, '--workdir', run_copy, '--config.eval.enabled=False']
   if where == 'train_step':
-    code = ('import sys, fake_training; from absl import app; from cal_jax import cli, main, '
-            'train\ntrain.make_p_train_step = lambda c, d=None: '
-            'fake_training.fake_make_p_train_step(c, d, fail_at=6)\n'
+    code = ('import functools, sys, fake_training; from absl import app; from cal_jax import cli, '
+            'main; from cal_jax.training import loop\nloop.train_and_evaluate = functools.partial('
+            'loop.train_and_evaluate, make_step=lambda c: '
+            'fake_training.fake_make_p_train_step(c, fail_at=6))\n'
             'sys.argv[0] = "cal_jax.main"; app.run(main.main, flags_parser=cli.parse_flags)')
     crashed = subprocess.run([sys.executable, '-c', code] + args, cwd=REPO, text=True,
                              capture_output=True, timeout=300,
@@ -262,7 +264,7 @@ def _drop_manifest(step_dir):
 def _truncate_unlisted(step_dir):
   """As a run killed right after the commit leaves it: no file list to check against,
   so the damage shows when the state is read."""
-  os.remove(os.path.join(step_dir, checkpointing.MANIFEST))
+  os.remove(os.path.join(step_dir, checkpoint_files.MANIFEST))
   _truncate(step_dir)
   return os.path.join(step_dir, 'state') + ' cannot be read ('
 
@@ -273,12 +275,11 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(run_copy,
                                                                        damage):
   """Training resumes from step 4 when step 8 is damaged, with one warning naming the
   step and the file; the damaged step is moved aside, not deleted."""
-  monkeypatch.setattr(train, 'make_p_train_step', fake_training.fake_make_p_train_step)
-  train.train_and_evaluate(quiet_config(), run_copy)
+  loop.train_and_evaluate(quiet_config(), run_copy, make_step=FAKE_STEP)
   assert steps_on_disk(run_copy) == ([0, 4, 8], [])
   damaged_file = damage(os.path.join(run_copy, 'checkpoints', '8'))
   with Warnings() as warnings:
-    train.train_and_evaluate(quiet_config(), run_copy)
+    loop.train_and_evaluate(quiet_config(), run_copy, make_step=FAKE_STEP)
   aside = os.path.join(run_copy, 'checkpoints.damaged', '8')
   [line] = [w for w in warnings if 'checkpoints is damaged' in w]
   assert line.startswith(f'The checkpoint of step 8 in {run_copy}/checkpoints is damaged: '
@@ -309,16 +310,16 @@ def test_full_disk_during_a_save_is_one_line_naming_the_disk(run_copy):
 def test_pretrained_file_is_only_needed_by_a_fresh_start(run_copy, tiny_run, tmp_path,
                                                          monkeypatch):
   gone = str(tmp_path / 'moved_away' / 'resnet50.pth')
-  monkeypatch.setattr(train, 'make_p_train_step', fake_training.fake_make_p_train_step)
-  train.train_and_evaluate(quiet_config(**{'model.pretrained': gone}), run_copy)  # resumes
+  loop.train_and_evaluate(quiet_config(**{'model.pretrained': gone}), run_copy,  # resumes
+                          make_step=FAKE_STEP)
   assert steps_on_disk(run_copy) == ([0, 4, 8], [])
-  results = train.evaluate_checkpoint(quiet_config(**{'model.pretrained': gone}), run_copy)
+  results = loop.evaluate_checkpoint(quiet_config(**{'model.pretrained': gone}), run_copy)
   assert 'sysu/all/single' in results
   fresh = str(tmp_path / 'fresh')
   data = os.path.join(tiny_run[1], 'synthetic_data'), os.path.join(tiny_run[1], 'tfds')
   with pytest.raises(config_checks.ConfigError, match=gone):  # before anything is read
-    train.train_and_evaluate(quiet_config(**{'model.pretrained': gone, 'data.manual_dir': data[0],
-                                             'data.data_dir': data[1]}), fresh)
+    loop.train_and_evaluate(quiet_config(**{'model.pretrained': gone, 'data.manual_dir': data[0],
+                                            'data.data_dir': data[1]}), fresh)
   assert not os.path.exists(os.path.join(fresh, 'checkpoints', '0'))
 
 

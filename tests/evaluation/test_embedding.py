@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from cal_jax import inference
+from cal_jax.evaluation import embedding as inference
 from cal_jax.models.cal import CAL, INFRARED, VISIBLE, create_model
 from conftest import NUM_CLASSES
 
@@ -55,17 +55,6 @@ def test_reordering_prototypes_permutes_the_visible_parts_only(eval_setup):
   np.testing.assert_allclose(after, before[:, m_hat], rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(inference.embed(model, reordered, images_i, INFRARED),
                                 inference.embed(model, variables, images_i, INFRARED))
-
-
-def test_most_frequent_assignment():
-  counts = np.zeros(24, np.int64)
-  assert inference.most_frequent_assignment(counts, 4).tolist() == [0, 1, 2, 3]
-  perms = list(itertools.permutations(range(4)))
-  counts[perms.index((1, 3, 0, 2))] = 5
-  counts[perms.index((3, 2, 1, 0))] = 4
-  assert inference.most_frequent_assignment(counts, 4).tolist() == [1, 3, 0, 2]
-  with pytest.raises(ValueError, match='num_parts=3'):
-    inference.most_frequent_assignment(counts, 3)
 
 
 def test_reorder_refuses_a_non_permutation(eval_setup):

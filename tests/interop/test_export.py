@@ -20,15 +20,17 @@ import jax
 import numpy as np
 import pytest
 
-from cal_jax import checkpointing, convert, inference
+from cal_jax.evaluation import embedding as inference
+from cal_jax.interop import export as convert
+from cal_jax.training import checkpointing
 from cal_jax.models.cal import CAL, INFRARED, VISIBLE, create_model
 from conftest import NUM_CLASSES
 
 torch = pytest.importorskip('torch')
 safetensors = pytest.importorskip('safetensors')
-from cal_jax import torch_model  # noqa: E402  (needs torch)
+from cal_jax.interop import torch_model  # noqa: E402  (needs torch)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 M_HAT = np.array([2, 0, 3, 1])  # infrared part k <-> visible part M_HAT[k]
 IMAGE_SIZES = [(64, 32), (67, 35)]  # the tiny config's, and an odd one
 TOLERANCE = 1e-4  # max abs difference of per-part unit vectors, float32
@@ -245,19 +247,19 @@ def test_shared_stem_and_region_mining(tmp_path, tiny_config, trained):
 
 def test_torch_model_imports_no_jax():
   """torch_model.py runs alone (loaded by path) and through the package, without JAX."""
-  path = os.path.join(REPO, 'cal_jax', 'torch_model.py')
+  path = os.path.join(REPO, 'cal_jax', 'interop', 'torch_model.py')
   code = (f'import importlib.util, sys\n'
           f'spec = importlib.util.spec_from_file_location("standalone", {path!r})\n'
           f'spec.loader.exec_module(importlib.util.module_from_spec(spec))\n'
-          f'import cal_jax.torch_model\n'
+          f'import cal_jax.interop.torch_model\n'
           f'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax",'
           f' "optax", "orbax", "tensorflow") or (m.startswith("cal_jax.") and '
-          f'm != "cal_jax.torch_model")))\n')
+          f'm not in ("cal_jax.interop", "cal_jax.interop.torch_model"))))\n')
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == '[]'
-  assert importlib.util.find_spec('cal_jax.torch_model') is not None
+  assert importlib.util.find_spec('cal_jax.interop.torch_model') is not None
 
 
 def save_workdir(workdir, config, state, variables, step: int) -> None:

@@ -14,9 +14,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-import cal_jax.datasets  # registers the builders
-from cal_jax.datasets import records
-from cal_jax.datasets import synthetic
+import cal_jax.data.datasets  # registers the builders
+from cal_jax.data.datasets import records
+from cal_jax.data.datasets import synthetic
 
 tfds.disable_progress_bar()
 

@@ -3,8 +3,8 @@
 import jax
 import numpy as np
 
-from cal_jax import parallel
-from cal_jax.train_step import make_p_train_step
+from cal_jax import distributed as parallel
+from cal_jax.training.step import make_p_train_step
 from conftest import make_identity_batch
 
 LOSS_TERMS = ('loss', 'id', 'global_id', 'pcl', 'kd1', 'kd2', 'dis', 'div', 'attention_div')

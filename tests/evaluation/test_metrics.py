@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from cal_jax import metrics
-from cal_jax.metrics import evaluate_ranking
+from cal_jax.evaluation import metrics
+from cal_jax.evaluation.metrics import evaluate_ranking
 from reference_eval import loop_eval
 
 RTOL = 1e-12

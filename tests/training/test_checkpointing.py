@@ -14,12 +14,12 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from cal_jax import checkpointing
-from cal_jax.checkpointing import Checkpointer, IncompatibleCheckpointError
-from cal_jax.train_state import TrainState
+from cal_jax.training import checkpoint_files, checkpointing
+from cal_jax.training.checkpointing import Checkpointer, IncompatibleCheckpointError
+from cal_jax.training.state import TrainState
 from conftest import NUM_CLASSES
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
 
 
@@ -140,15 +140,18 @@ def test_save_refuses_old_steps_and_metrics_without_map(tmp_path, tiny_config):
 
 def test_missing_checkpoint(tmp_path, tiny_config):
   with Checkpointer(str(tmp_path), tiny_config, NUM_CLASSES) as checkpointer:
-    assert checkpointing.restore_or_none(checkpointer, small_state()) is None
+    assert checkpointer.latest_step() is None
+    assert checkpointing.committed_steps(str(tmp_path)) == []
     with pytest.raises(FileNotFoundError, match='No complete checkpoint'):
       checkpointer.restore(small_state())
     save_steps(checkpointer, {2: None})
     checkpointer.wait_until_finished()
     with pytest.raises(FileNotFoundError, match=r'committed steps are \[2\]'):
       checkpointer.restore(small_state(), step=3)
-    state, extra = checkpointing.restore_or_none(checkpointer, small_state())
+    state, extra = checkpointer.restore(small_state())
     assert extra == {'step': 2}
+    assert checkpointing.committed_steps(str(tmp_path)) == [2]
+    assert checkpointing.saved_meta(str(tmp_path), 2)['extra'] == {'step': 2}
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path, tiny_config):
@@ -213,8 +216,8 @@ _KILLED_MID_SAVE = textwrap.dedent('''
   import os, sys
   import numpy as np, optax
   from configs import tiny
-  from cal_jax.checkpointing import Checkpointer
-  from cal_jax.train_state import TrainState
+  from cal_jax.training.checkpointing import Checkpointer
+  from cal_jax.training.state import TrainState
 
   def state(seed, size):
     kernel = np.random.default_rng(seed).normal(size=(size, 3)).astype(np.float32)
@@ -273,7 +276,7 @@ def test_damaged_step_named_with_its_file(tmp_path, tiny_config):
   overwritten file is named; restoring the latest skips to the newest intact step."""
   with Checkpointer(str(tmp_path), tiny_config, NUM_CLASSES) as checkpointer:
     save_steps(checkpointer, {1: None, 2: None})
-  listed = json.loads((tmp_path / '2' / checkpointing.MANIFEST).read_text())
+  listed = json.loads((tmp_path / '2' / checkpoint_files.MANIFEST).read_text())
   assert 'state/manifest.ocdbt' in listed and 'meta/metadata' in listed
   data = max((p for p in (tmp_path / '2').rglob('*') if p.is_file() and p.parent.name == 'd'),
              key=lambda p: p.stat().st_size)

@@ -1,18 +1,18 @@
-"""Tests of cal_jax.input_pipeline on tiny in-memory data."""
+"""Tests of the input pipeline (`cal_jax.data`: augment, images, splits, streams) on tiny in-memory data."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from cal_jax import input_pipeline as ip
-from cal_jax import sampler as sampler_lib
+from cal_jax.data import augment, eval_batches, images, splits, train_stream
+from cal_jax.data import sampler as sampler_lib
 
 SOURCE = (40, 20)  # stored image size: every image is resized
 SIZE = (32, 16)
-OFF = ip.TrainTransform(image_size=SIZE, pad=0, flip=False, random_erasing=0.0,
+OFF = augment.TrainTransform(image_size=SIZE, pad=0, flip=False, random_erasing=0.0,
                         channel_aug=False)
-ON = ip.TrainTransform(image_size=SIZE, pad=2)
-MEAN, STD = np.array(ip.IMAGENET_MEAN), np.array(ip.IMAGENET_STD)
+ON = augment.TrainTransform(image_size=SIZE, pad=2)
+MEAN, STD = np.array(augment.IMAGENET_MEAN), np.array(augment.IMAGENET_STD)
 ONE_LEVEL = 1.01 / 255 / STD.min()  # one 8-bit level after normalisation
 
 
@@ -41,7 +41,7 @@ def split(pixels):
       "modality": np.tile(np.repeat([0, 1], 4), 6).astype(np.int32),
       "path": [f"cam1/{i:04d}.png" for i in range(n)],
   }
-  return ip.load_split(tf.data.Dataset.from_tensor_slices(features))
+  return splits.load_split(tf.data.Dataset.from_tensor_slices(features))
 
 
 def _sampler(split, local_devices=2):
@@ -51,7 +51,7 @@ def _sampler(split, local_devices=2):
 
 
 def _batches(split, transform, start_step=0, num_steps=3, seed=1):
-  return list(ip.create_train_iterator(
+  return list(train_stream.create_train_iterator(
       split, _sampler(split), transform, seed=seed, start_step=start_step,
       num_steps=num_steps))
 
@@ -81,9 +81,9 @@ def _lanczos_reference(image: np.ndarray, height: int,
 
 def _uniforms(n: int, **columns) -> tf.Tensor:
   """[n, NUM_UNIFORMS] of 0.25 with some columns set."""
-  u = np.full((n, ip.NUM_UNIFORMS), 0.25, np.float32)
+  u = np.full((n, augment.NUM_UNIFORMS), 0.25, np.float32)
   for name, value in columns.items():
-    u[:, getattr(ip, name)] = value
+    u[:, getattr(augment, name)] = value
   return tf.constant(u)
 
 
@@ -92,18 +92,18 @@ def test_load_split_keeps_bytes_and_columns(split, pixels):
   np.testing.assert_array_equal(
       tf.io.decode_png(split.image[7]).numpy(), pixels[7])
   assert split.path[3] == "cam1/0003.png" and split.id[8] == 5
-  minimal = ip.load_split(tf.data.Dataset.from_tensor_slices(
+  minimal = splits.load_split(tf.data.Dataset.from_tensor_slices(
       {"image": [_png(pixels[0])], "id": [4], "modality": [1]}))
   assert minimal.camera.tolist() == [-1] and minimal.path.tolist() == [""]
 
 
 def test_resize_matches_an_independent_lanczos(split, pixels):
-  resized = ip.resize_images(split.image[:6], SIZE)
+  resized = images.resize_images(split.image[:6], SIZE)
   assert resized.shape == (6,) + SIZE + (3,) and resized.dtype == np.uint8
   for i in range(6):
     reference = _lanczos_reference(pixels[i], *SIZE)
     assert np.abs(resized[i] - reference).max() <= 1
-  gray = ip.resize_images([_png(pixels[0][..., :1])], SIZE)[0]
+  gray = images.resize_images([_png(pixels[0][..., :1])], SIZE)[0]
   np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
 
 
@@ -134,10 +134,10 @@ def test_without_augmentation_output_is_resize_and_normalise(split, pixels):
 
 def test_normalisation_of_a_constant_image():
   constant = tf.fill((1,) + SIZE + (3,), tf.constant(100, tf.uint8))
-  out = ip.augment(constant, tf.constant([0]), _uniforms(1), OFF).numpy()
+  out = augment.augment(constant, tf.constant([0]), _uniforms(1), OFF).numpy()
   np.testing.assert_allclose(
       out, np.broadcast_to(_normalized(np.full(3, 100)), out.shape), atol=1e-5)
-  np.testing.assert_allclose(ip.normalize(constant).numpy(), out, atol=1e-5)
+  np.testing.assert_allclose(augment.normalize(constant).numpy(), out, atol=1e-5)
 
 
 def test_resume_gives_the_uninterrupted_batches(split):
@@ -158,25 +158,25 @@ def test_pad_crop_flip():
     for left in (0, 4, 6):
       u = _uniforms(2, U_CROP_TOP=(top + 0.5) / 7, U_CROP_LEFT=(left + 0.5) / 7,
                     U_FLIP=np.array([0.2, 0.7], np.float32))
-      out = ip.pad_crop_flip(x, 3, True, u).numpy()
+      out = augment.pad_crop_flip(x, 3, True, u).numpy()
       window = padded[:, top:top + SIZE[0], left:left + SIZE[1]]
       np.testing.assert_array_equal(out[0], window[0, :, ::-1])  # flipped
       np.testing.assert_array_equal(out[1], window[1])
   np.testing.assert_array_equal(
-      ip.pad_crop_flip(x, 0, False, _uniforms(2)).numpy(), x.numpy())
+      augment.pad_crop_flip(x, 0, False, _uniforms(2)).numpy(), x.numpy())
 
 
 def test_erasing_boxes():
-  u = tf.random.stateless_uniform([500, ip.NUM_UNIFORMS], [0, 1])
-  boxes = ip.erasing_boxes(u, 1.0, *SIZE).numpy()
+  u = tf.random.stateless_uniform([500, augment.NUM_UNIFORMS], [0, 1])
+  boxes = augment.erasing_boxes(u, 1.0, *SIZE).numpy()
   top, left, h, w = boxes.T
   assert (h > 0).all() and (h < SIZE[0]).all() and (w < SIZE[1]).all()
   assert (top >= 0).all() and (top + h <= SIZE[0]).all()
   assert (left >= 0).all() and (left + w <= SIZE[1]).all()
   fraction = h * w / np.prod(SIZE)
   assert fraction.min() >= 0.01 and fraction.max() <= 0.5
-  assert (ip.erasing_boxes(u, 0.0, *SIZE).numpy()[:, 2] == 0).all()
-  half = ip.erasing_boxes(u, 0.5, *SIZE).numpy()[:, 2] > 0
+  assert (augment.erasing_boxes(u, 0.0, *SIZE).numpy()[:, 2] == 0).all()
+  half = augment.erasing_boxes(u, 0.5, *SIZE).numpy()[:, 2] > 0
   assert 0.4 < half.mean() < 0.6
 
 
@@ -184,23 +184,23 @@ def test_normalize_erase_mix_is_caj_order():
   rng = np.random.default_rng(2)
   x = rng.integers(0, 256, (3,) + SIZE + (3,), dtype=np.uint8)
   boxes = np.array([[2, 3, 5, 4], [0, 0, 0, 9], [10, 1, 3, 15]], np.int32)
-  gray = np.tile(np.array(ip.GRAY_WEIGHTS)[:, None], (1, 3))
+  gray = np.tile(np.array(augment.GRAY_WEIGHTS)[:, None], (1, 3))
   mixing = np.stack([np.eye(3), gray, np.tile([[0.], [1.], [0.]], (1, 3))])
-  out = ip.normalize_erase_mix(tf.constant(x), tf.constant(boxes),
+  out = augment.normalize_erase_mix(tf.constant(x), tf.constant(boxes),
                                tf.constant(mixing, tf.float32)).numpy()
   for i, (top, left, h, w) in enumerate(boxes):
     expected = _normalized(x[i])
-    expected[top:top + h, left:left + w] = ip.ERASING_FILL
+    expected[top:top + h, left:left + w] = augment.ERASING_FILL
     expected = expected @ mixing[i]
     np.testing.assert_allclose(out[i], expected, atol=1e-4)
 
 
 def test_channel_mixing():
-  u = tf.random.stateless_uniform([400, ip.NUM_UNIFORMS], [0, 2])
+  u = tf.random.stateless_uniform([400, augment.NUM_UNIFORMS], [0, 2])
   modality = tf.constant([0, 1] * 200)
-  mixing = ip.channel_mixing(modality, u, 0.5).numpy()
+  mixing = augment.channel_mixing(modality, u, 0.5).numpy()
   copies = [np.tile(np.eye(3)[:, c:c + 1], (1, 3)) for c in range(3)]
-  gray = np.tile(np.array(ip.GRAY_WEIGHTS)[:, None], (1, 3))
+  gray = np.tile(np.array(augment.GRAY_WEIGHTS)[:, None], (1, 3))
   kinds = []
   for m, mix in zip(modality.numpy(), mixing):
     matches = [np.allclose(mix, c) for c in copies]
@@ -211,13 +211,13 @@ def test_channel_mixing():
   infrared_copied = np.mean([k[1] >= 0 for k in kinds if k[0] == 1])
   assert 0.4 < visible_exchanged < 0.6  # channel_aug_prob
   assert 0.65 < infrared_copied < 0.85  # 3 of 4 choices
-  none = ip.channel_mixing(modality, u, 0.0).numpy()[::2]
+  none = augment.channel_mixing(modality, u, 0.0).numpy()[::2]
   np.testing.assert_array_equal(none, np.broadcast_to(np.eye(3), none.shape))
 
 
 def test_eval_batches_are_padded_and_ordered(split, pixels):
   indices = [9, 4, 30, 17, 1]
-  dataset = ip.create_eval_dataset(split, indices, image_size=SIZE,
+  dataset = eval_batches.create_eval_dataset(split, indices, image_size=SIZE,
                                    batch_size=4, flip=True)
   batches = list(dataset.as_numpy_iterator())
   assert len(batches) == 2
@@ -233,7 +233,7 @@ def test_eval_batches_are_padded_and_ordered(split, pixels):
   np.testing.assert_allclose(batches[0]["image"][2], expected, atol=ONE_LEVEL)
   again = next(dataset.as_numpy_iterator())  # re-iterable, same result
   np.testing.assert_array_equal(again["image"], batches[0]["image"])
-  sharded = next(ip.create_eval_dataset(
+  sharded = next(eval_batches.create_eval_dataset(
       split, indices, image_size=SIZE, batch_size=4,
       local_devices=2).as_numpy_iterator())
   assert sharded["image"].shape == (2, 2) + SIZE + (3,)
@@ -245,7 +245,7 @@ def test_eval_batches_are_padded_and_ordered(split, pixels):
 def test_device_prefetch(split):
   import jax  # pylint: disable=g-import-not-at-top
   s = _sampler(split, local_devices=jax.local_device_count())
-  batch = next(ip.create_train_iterator(split, s, OFF, num_steps=1,
+  batch = next(train_stream.create_train_iterator(split, s, OFF, num_steps=1,
                                         device_prefetch=1))
   assert batch["image"].shape[:2] == (jax.local_device_count(),
                                       s.per_device_batch)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cal_jax import sampler as sampler_lib
+from cal_jax.data import sampler as sampler_lib
 
 P, K = 4, 3
 

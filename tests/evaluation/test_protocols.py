@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from cal_jax import protocols
+from cal_jax.evaluation import protocols
 from reference_eval import (agw_sysu_gallery, agw_sysu_query,
                             deen_llcm_gallery, deen_llcm_query,
                             mpanet_gallery_names)
@@ -151,10 +151,10 @@ def test_build_split_sysu_defaults(sysu):
 def test_record_table_input_is_equivalent(sysu):
   _, records, _ = sysu
   table = protocols.RecordTable(
-      paths=np.array([r.path for r in records], dtype=object),
-      ids=np.array([r.id for r in records]),
-      cameras=np.array([r.camera for r in records]),
-      modalities=np.array([r.modality for r in records]))
+      path=np.array([r.path for r in records], dtype=object),
+      id=np.array([r.id for r in records]),
+      camera=np.array([r.camera for r in records]),
+      modality=np.array([r.modality for r in records]))
   for key in ("sysu/all/single", "sysu/all/multi"):
     a = protocols.build_split(records, key, 2)
     b = protocols.build_split(table, key, 2)

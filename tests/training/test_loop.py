@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
 # Shared by the runs below: the tiny config's data, and no final evaluation.
 COMMON = ['--config.eval.enabled=False']
@@ -27,7 +27,8 @@ COMMON = ['--config.eval.enabled=False']
 KILLING_MAIN = textwrap.dedent('''
     import os, signal, sys
     from absl import app
-    from cal_jax import checkpointing, main
+    from cal_jax import main
+    from cal_jax.training import checkpointing
     kill_at = int(os.environ['KILL_AT'])
     save = checkpointing.Checkpointer.save
     def save_then_die(self, step, *args, **kwargs):
@@ -108,18 +109,18 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, shared_data,
 # Run as `python -c`: cal_jax.main with each train step followed by STEP_SLEEP seconds, so
 # that a signal sent once step 2 is logged arrives well before the last step.
 SLOW_MAIN = textwrap.dedent('''
-    import os, sys, time
+    import functools, os, sys, time
     from absl import app
-    from cal_jax import cli, main, train
-    make = train.make_p_train_step
-    def slow(config, devices=None):
-      step = make(config, devices)
+    from cal_jax import cli, main
+    from cal_jax.training import loop, step as step_lib
+    def slow(config):
+      step = step_lib.make_p_train_step(config)
       def slowed(*args):
         out = step(*args)
         time.sleep(float(os.environ['STEP_SLEEP']))
         return out
       return slowed
-    train.make_p_train_step = slow
+    loop.train_and_evaluate = functools.partial(loop.train_and_evaluate, make_step=slow)
     sys.argv[0] = 'cal_jax.main'
     app.run(main.main, flags_parser=cli.parse_flags)
 ''')
@@ -166,26 +167,26 @@ def test_sigterm_saves_the_current_step_and_resumes_to_the_uninterrupted_result(
     np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data, monkeypatch):
+def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data):
   """The loop checks every loss before it saves: the NaN step is reported, the last
   good checkpoint stays and no later one is written."""
-  from cal_jax import train  # pylint: disable=g-import-not-at-top
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from cal_jax.training import loop
+  from cal_jax.training.step import SCALARS
+  from configs import tiny
   config = tiny.get_config()
   config.data.manual_dir, config.data.data_dir = (a.split('=', 1)[1] for a in shared_data)
   config.checkpoint_every_steps = 2
   config.eval.enabled = False
 
-  def fake_p_train_step(config, devices=None):
-    del config, devices
+  def fake_p_train_step(config):
+    del config
     calls = []
 
     def step(state, batch, key):
       del key
       calls.append(1)
       devices = batch['label'].shape[0]
-      metrics = {term: np.ones(devices)
-                 for term in train.LOSS_TERMS + train.ATTENTION_STATISTICS + ('grad_norm',)}
+      metrics = {term: np.ones(devices) for term in SCALARS}
       if len(calls) >= 3:
         metrics['pcl'] = np.full(devices, np.nan)
       metrics['assignment_counts'] = np.zeros((devices, 24), np.int32)
@@ -193,16 +194,16 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data, monke
       return state, metrics
     return step
 
-  monkeypatch.setattr(train, 'make_p_train_step', fake_p_train_step)
-  with pytest.raises(train.NonFiniteLossError, match=r'step 4: pcl=nan'):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(loop.NonFiniteLossError, match=r'step 4: pcl=nan'):
+    loop.train_and_evaluate(config, str(tmp_path), make_step=fake_p_train_step)
   assert sorted(os.listdir(os.path.join(tmp_path, 'checkpoints'))) == ['2']
 
 
 def test_eval_mode_writes_results_for_every_protocol(tmp_path, shared_data, uninterrupted_run):
   """`--mode eval` on a finished run: eval_results.json with every SYSU key and field."""
-  import json  # pylint: disable=g-import-not-at-top
-  from cal_jax.results import MODE_NAMES  # pylint: disable=g-import-not-at-top
+  import json
+
+  from cal_jax.evaluation.results import MODE_NAMES
   workdir = str(tmp_path / 'run')
   shutil.copytree(uninterrupted_run, workdir)
   result = run_main(['--config', TINY, '--workdir', workdir, '--mode', 'eval'] + shared_data)

@@ -1,4 +1,4 @@
-"""Tests of cal_jax.evaluate and cal_jax.results on a small synthetic SYSU-MM01.
+"""Tests of the evaluator and the results on a small synthetic SYSU-MM01.
 
 The embedding functions are fakes whose features are known: each looks up
 which test image (and which view, plain or mirrored) it was given by nearest
@@ -8,6 +8,7 @@ on features built here, with query and gallery sets from `build_split`.
 """
 
 import collections
+import dataclasses
 import json
 import os
 
@@ -15,13 +16,15 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import cal_jax.datasets  # registers the builders
-from cal_jax import evaluate as evaluate_lib
-from cal_jax import input_pipeline
-from cal_jax import metrics
-from cal_jax import protocols
-from cal_jax import results as results_lib
-from cal_jax.datasets import synthetic
+import cal_jax.data.datasets  # registers the builders
+from cal_jax.evaluation import embedding as inference
+from cal_jax.evaluation import evaluator as evaluate_lib
+from cal_jax.data import augment, images
+from cal_jax.data.splits import SplitArrays, load_builder_split
+from cal_jax.evaluation import metrics
+from cal_jax.evaluation import protocols
+from cal_jax.evaluation import results as results_lib
+from cal_jax.data.datasets import synthetic
 from configs import default
 
 tfds.disable_progress_bar()
@@ -45,18 +48,24 @@ def split(tmp_path_factory):
   builder = tfds.builder("sysu_mm01", data_dir=str(base / "tfds"))
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=str(base / "manual")))
-  return input_pipeline.load_tfds_split("sysu_mm01", "test",
-                                        data_dir=str(base / "tfds"))
+  return load_builder_split(builder, "test")
 
 
 @pytest.fixture
-def config():
+def settings():
   config = default.get_config()
   config.data.image_height, config.data.image_width = IMAGE_SIZE
   config.data.eval_batch_size = BATCH
   config.data.eval_flip = True
   config.model.num_parts = NUM_PARTS
-  return config
+  return evaluate_lib.EvalSettings.from_config(config)
+
+
+def test_settings_of_the_baseline_normalise_the_whole_feature():
+  config = default.get_config()
+  assert evaluate_lib.EvalSettings.from_config(config).num_parts == config.model.num_parts
+  config.model.embedding = "global"
+  assert evaluate_lib.EvalSettings.from_config(config).num_parts == 1
 
 
 def _as_llcm(split):
@@ -64,7 +73,7 @@ def _as_llcm(split):
   camera = split.camera.copy()
   camera[(split.modality == 1) & (camera == 3)] = 7
   camera[(split.modality == 1) & (camera == 6)] = 8
-  return input_pipeline.SplitArrays(split.image, split.id, camera,
+  return SplitArrays(split.image, split.id, camera,
                                     split.modality, split.path)
 
 
@@ -78,9 +87,9 @@ class FakeEmbed:
   """
 
   def __init__(self, split, table):
-    pixels = input_pipeline.resize_images(split.image, IMAGE_SIZE)
-    plain = ((pixels / np.float32(255) - input_pipeline.IMAGENET_MEAN)
-             / input_pipeline.IMAGENET_STD).astype(np.float32)
+    pixels = images.resize_images(split.image, IMAGE_SIZE)
+    plain = ((pixels / np.float32(255) - augment.IMAGENET_MEAN)
+             / augment.IMAGENET_STD).astype(np.float32)
     views = np.stack([plain, plain[:, :, ::-1]], axis=1)  # [N, 2, H, W, 3]
     self.candidates = views.reshape(-1, plain[0].size)
     self.modality = split.modality
@@ -145,7 +154,7 @@ def test_extract_features_flip_and_parts(split, flip, local_devices):
   fake = FakeEmbed(split, _random_table(len(split)))
   visible = np.flatnonzero(split.modality == 0)
   indices = np.random.default_rng(1).permutation(visible)[:11]  # 2 batches
-  got = evaluate_lib.extract_features(
+  got = inference.extract_features(
       fake, split, indices, modality=0, image_size=IMAGE_SIZE, batch_size=BATCH,
       flip=flip, num_parts=NUM_PARTS, local_devices=local_devices)
   want = _numpy_features(fake.table, flip)[indices]
@@ -161,18 +170,18 @@ def test_extract_features_one_modality(split):
   mixed = [int(np.flatnonzero(split.modality == 0)[0]),
            int(np.flatnonzero(split.modality == 1)[0])]
   with pytest.raises(ValueError, match="one modality per call"):
-    evaluate_lib.extract_features(
+    inference.extract_features(
         fake, split, mixed, modality=0, image_size=IMAGE_SIZE,
         batch_size=BATCH, flip=True, num_parts=NUM_PARTS)
   assert not fake.calls
 
 
-def test_identity_embedding_is_perfect(split, config):
+def test_identity_embedding_is_perfect(split, settings):
   ids = np.unique(split.id)
   one_hot = (split.id[:, None] == ids[None]).astype(np.float32)
   table = np.tile(one_hot, (1, NUM_PARTS))[:, None].repeat(2, axis=1)
   out = evaluate_lib.evaluate(FakeEmbed(split, table), split, "sysu_mm01",
-                              config=config, log=lambda _: None)
+                              settings, log=lambda _: None).results
   assert list(out) == SYSU_KEYS
   for key, r in out.items():
     for name in results_lib.METRICS:
@@ -183,13 +192,14 @@ def test_identity_embedding_is_perfect(split, config):
 
 
 @pytest.mark.parametrize("dataset", ["sysu_mm01", "regdb", "llcm"])
-def test_random_embedding_equals_direct_ranking(split, config, dataset):
+def test_random_embedding_equals_direct_ranking(split, settings, dataset):
   data = _as_llcm(split) if dataset == "llcm" else split
-  config.data.builder_config = "trial_3" if dataset == "regdb" else ""
+  settings = dataclasses.replace(
+      settings, builder_config="trial_3" if dataset == "regdb" else "", num_trials=3)
   fake = FakeEmbed(data, _random_table(len(data), seed=2))
   lines = []
-  out = evaluate_lib.evaluate(fake, data, dataset, config=config, num_trials=3,
-                              log=lines.append)
+  evaluation = evaluate_lib.evaluate(fake, data, dataset, settings, log=lines.append)
+  out = evaluation.results
   features = _numpy_features(fake.table)
   trials = 1 if dataset == "regdb" else 3
   assert list(out) == evaluate_lib.protocol_keys(dataset)
@@ -200,6 +210,10 @@ def test_random_embedding_equals_direct_ranking(split, config, dataset):
     for t in range(trials):
       want, s = _direct(features, data, key, t)
       used |= set(s.query.tolist()) | set(s.gallery.tolist())
+      got = evaluation.splits[key][t]  # what the pictures read
+      np.testing.assert_array_equal(got.gallery, s.gallery)
+      np.testing.assert_allclose(evaluation.features_of(got.query), features[s.query],
+                                 rtol=1e-5, atol=1e-6)
       per_trial.append(want)
       for name, value in want.items():
         assert r["per_trial"][t][name] == pytest.approx(value, abs=1e-9)
@@ -232,20 +246,20 @@ def test_random_embedding_equals_direct_ranking(split, config, dataset):
       assert embedded[iv] == 1 + (-n) % BATCH
 
 
-def test_evaluate_checks_keys(split, config):
+def test_evaluate_checks_keys(split, settings):
   fake = FakeEmbed(split, _random_table(len(split)))
   with pytest.raises(ValueError, match="does not belong"):
-    evaluate_lib.evaluate(fake, split, "sysu_mm01", config=config,
+    evaluate_lib.evaluate(fake, split, "sysu_mm01", settings,
                           keys=["regdb/v2t"])
   with pytest.raises(ValueError, match="only applies to SYSU"):
-    evaluate_lib.evaluate(fake, split, "regdb", config=config,
-                          rand_perm_path="rand_perm_cam.mat")
+    evaluate_lib.evaluate(fake, split, "regdb",
+                          dataclasses.replace(settings, rand_perm_path="rand_perm_cam.mat"))
   visible = split.modality == 0
-  only_visible = input_pipeline.SplitArrays(
+  only_visible = SplitArrays(
       *(getattr(split, f)[visible] for f in ("image", "id", "camera",
                                               "modality", "path")))
   with pytest.raises(ValueError, match="is empty"):
-    evaluate_lib.evaluate(fake, only_visible, "regdb", config=config)
+    evaluate_lib.evaluate(fake, only_visible, "regdb", settings)
   assert not fake.calls
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cal_jax import pretrained
+from cal_jax.models import torchvision_weights as pretrained
 from cal_jax.models import resnet
 from cal_jax.models.cal import CAL
 

@@ -1,4 +1,4 @@
-"""Pictures: `cal_jax.plots` on hand-made arrays, then `cal_jax.pictures` and
+"""Pictures: `cal_jax.pictures.plots` on hand-made arrays, then `cal_jax.pictures.figures` and
 `python -m cal_jax.visualize` on the shared 2-step tiny run (`tiny_run`)."""
 
 import glob
@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cal_jax import evaluation_run, inference, input_pipeline, pictures, plots, train, visualize
+from cal_jax import visualize
+from cal_jax.data.images import resize_images
+from cal_jax.evaluation import embedding as inference
+from cal_jax.evaluation import evaluator, run
+from cal_jax.pictures import figures as pictures
+from cal_jax.pictures import plots
+from cal_jax.training import loop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.filterwarnings('ignore:gallery of .* is smaller than max_rank')
 
 
@@ -110,26 +116,27 @@ def test_periodic_evaluation_writes_the_pictures_and_table_to_tensorboard(tiny_r
 @pytest.fixture(scope='module')
 def restored(tiny_run):
   config, workdir = tiny_run
-  setup = train.TrainingSetup(config, workdir)
-  state, counts = train.restore_for_evaluation(setup)
-  setup.checkpointer.close()
-  return setup.splits.test, evaluation_run.make_embedder(config, setup.model, state, counts)
+  trained = loop.restore_trained(config, workdir)
+  settings = evaluator.EvalSettings.from_config(config)
+  embedder = run.make_embedder(trained.model, trained.state, trained.counts.m_hat())
+  evaluation = evaluator.evaluate(embedder, trained.splits.test, trained.splits.name, settings,
+                                  keys=['sysu/all/single'])
+  return trained.splits.test, embedder, evaluation, settings
 
 
 def test_ranked_lists_are_the_evaluators_ranking(restored):
   """Top-10 by the part-cosine similarity of `inference.embed`, without the gallery
   images SYSU-MM01 removes (camera 2 for a camera-3 query), correct = same identity."""
-  test, embedder = restored
-  ranked = pictures.ranked_lists(embedder, test, 'sysu/all/single', num_queries=4)
+  test, embedder, evaluation, settings = restored
+  ranked = pictures.ranked_lists(evaluation, test, 'sysu/all/single', num_queries=4)
   assert ranked.query.shape == (4,) and ranked.gallery.shape == (4, 10)
   assert (test.modality[ranked.query] == 1).all() and (test.modality[ranked.gallery] == 0).all()
-  size = pictures.image_size(embedder.config)
-  batch = embedder.config.data.eval_batch_size
+  size, batch = settings.image_size, settings.batch_size
 
   def embed(indices, modality):  # padded to the evaluation's batch: its compiled embedding
     assert len(indices) <= batch
     padded = np.resize(np.asarray(indices), batch)
-    images = pictures.network_input(input_pipeline.resize_images(test.image[padded], size))
+    images = pictures.network_input(resize_images(test.image[padded], size))
     return np.asarray(inference.embed(embedder.model, embedder.variables, images,
                                       modality))[:len(indices)]
   similarity = embed(ranked.query, 1) @ embed(ranked.split.gallery, 0).T
