@@ -70,7 +70,7 @@ def save_steps(checkpointer, maps: dict[int, float | None]) -> None:
 
 def test_fingerprint_is_plain_json(tiny_config):
   fingerprint = checkpointing.compatibility_fingerprint(tiny_config, NUM_CLASSES)
-  assert set(fingerprint) == set(checkpointing.FINGERPRINT_FIELDS) | {'num_classes'}
+  assert set(fingerprint) == set(checkpoint_files.FINGERPRINT_FIELDS) | {'num_classes'}
   assert fingerprint['pool_sizes'] == [1, 3, 5]
   assert fingerprint['num_classes'] == NUM_CLASSES
   assert fingerprint['depth'] == tiny_config.model.depth
