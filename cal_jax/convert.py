@@ -23,20 +23,28 @@ def main(argv):
   output = cli.absolute_path(flag.output)
   config = cli.resolve_config_paths(flag.config) if flag.config is not None else None
   try:
-    metadata = export.export_checkpoint(cli.absolute_path(flag.workdir), output,
-                                        step=flag.checkpoint, config=config,
-                                        overwrite=flag.overwrite)
+    metadata = export.export_checkpoint(
+      cli.absolute_path(flag.workdir),
+      output,
+      step=flag.checkpoint,
+      config=config,
+      overwrite=flag.overwrite,
+    )
   except cli.USER_ERRORS as error:  # a message for the user, no traceback
     cli.exit_with('cal_jax.convert', error)
-  print(f"wrote {output}: step {metadata['checkpoint_step']}, "
-        f"M-hat {metadata['m_hat']}, {metadata['config']}", flush=True)
+  print(
+    f'wrote {output}: step {metadata["checkpoint_step"]}, '
+    f'M-hat {metadata["m_hat"]}, {metadata["config"]}',
+    flush=True,
+  )
 
 
 def define_flags() -> None:
   """The flags, defined when run as a command only: importing this module beside
   cal_jax.main (which defines --config and --workdir too) must not clash."""
-  config_flags.DEFINE_config_file('config', None, "Config file (default: the workdir's "
-                                  'config.json).', lock_config=True)
+  config_flags.DEFINE_config_file(
+    'config', None, "Config file (default: the workdir's config.json).", lock_config=True
+  )
   flags.DEFINE_string('workdir', None, 'A training workdir.')
   flags.DEFINE_string('output', None, 'The file to write: *.safetensors or *.pt.')
   flags.DEFINE_integer('checkpoint', None, 'The checkpoint step (default: the latest).')

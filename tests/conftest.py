@@ -35,14 +35,17 @@ def make_identity_batch(config, devices: int, seed: int = 0) -> dict:
     images.append(img)
     labels.append(lab)
     modality.append(mod)
-  return {'image': np.stack(images).astype(np.float32),
-          'label': np.stack(labels).astype(np.int32),
-          'modality': np.stack(modality).astype(np.int32)}
+  return {
+    'image': np.stack(images).astype(np.float32),
+    'label': np.stack(labels).astype(np.int32),
+    'modality': np.stack(modality).astype(np.int32),
+  }
 
 
 @pytest.fixture(scope='session')
 def tiny_config():
   from configs import tiny
+
   config = tiny.get_config()
   # Constant learning rate, no weight decay: a parameter moves iff its gradient is non-zero.
   config.optim.weight_decay = 0.0
@@ -54,16 +57,18 @@ def tiny_config():
 def tiny_state(tiny_config):
   """An unreplicated initial train state of the tiny CAL (compiled once per session)."""
   import jax
-  from cal_jax.training import state as train_state
+
   from cal_jax.models.cal import create_model
+  from cal_jax.training import state as train_state
+
   model = create_model(tiny_config, NUM_CLASSES, axis_name='batch')
-  return train_state.create_train_state(model, tiny_config, jax.random.key(0),
-                                        steps_per_epoch=4)
+  return train_state.create_train_state(model, tiny_config, jax.random.key(0), steps_per_epoch=4)
 
 
 @pytest.fixture(scope='session')
 def p_train_step(tiny_config):
   from cal_jax.training.step import make_p_train_step
+
   return make_p_train_step(tiny_config)
 
 
@@ -72,6 +77,7 @@ def single_torch_thread():
   """torch's thread pool is 10-100x slower on tiny maps beside XLA's: one thread
   for the modules that compare against PyTorch (`pytestmark` in those files)."""
   import torch
+
   threads = torch.get_num_threads()
   torch.set_num_threads(1)
   yield
@@ -85,10 +91,12 @@ def tiny_run(tmp_path_factory):
   periodic evaluation of it (eval_results.json, TensorBoard metrics and pictures).
   Shared: copy the workdir before changing anything in it."""
   from clu import metric_writers
+
   from cal_jax.training import loop
   from cal_jax.training import state as train_state
   from cal_jax.training.assignments import AssignmentCounts
   from configs import tiny
+
   config = tiny.get_config()
   workdir = str(tmp_path_factory.mktemp('tiny_run'))
   setup = loop.TrainingSetup(config, workdir)

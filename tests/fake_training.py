@@ -41,6 +41,7 @@ def fake_make_p_train_step(config, devices=None, *, fail_at=None):
     metrics['assignment_counts'] = np.zeros((devices, num_assignments), np.int32)
     metrics['bad_pairs'] = np.zeros(devices)
     return state.replace(step=state.step + 1), metrics
+
   return step
 
 
@@ -60,11 +61,13 @@ def _injected(config, devices=None):
         f.write(str(os.getpid()))
       time.sleep(120)
     return out
+
   return injected
 
 
 def _fail_saves():
   from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler  # pylint: disable=g-import-not-at-top
+
   at, kind = os.environ['FAKE_FAIL_SAVE_AT'], os.environ.get('FAKE_FAIL', 'enospc')
   save = handler.JsonCheckpointHandler._save_fn
 
@@ -74,12 +77,15 @@ def _fail_saves():
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
       raise RuntimeError(f'injected bug while writing {directory}')
     return await save(self, x, directory)
+
   handler.JsonCheckpointHandler._save_fn = failing
 
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
+
   from cal_jax import cli, main  # noqa: E402
+
   # The command line's loop, with the fake step injected.
   loop.train_and_evaluate = functools.partial(loop.train_and_evaluate, make_step=_injected)
   if os.environ.get('FAKE_FAIL_SAVE_AT'):

@@ -32,8 +32,17 @@ ERASING_FILL = (0.4914, 0.4822, 0.4465)
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # CAJ's grayscale
 
 # Columns of the per-image uniform draws.
-(U_CROP_TOP, U_CROP_LEFT, U_FLIP, U_ERASE, U_ERASE_TOP, U_ERASE_LEFT,
- U_CHANNEL, U_CHANNEL_CHOICE, U_GRAY) = range(9)
+(
+  U_CROP_TOP,
+  U_CROP_LEFT,
+  U_FLIP,
+  U_ERASE,
+  U_ERASE_TOP,
+  U_ERASE_LEFT,
+  U_CHANNEL,
+  U_CHANNEL_CHOICE,
+  U_GRAY,
+) = range(9)
 U_ERASE_AREA = slice(9, 9 + ERASING_ATTEMPTS)
 U_ERASE_ASPECT = slice(9 + ERASING_ATTEMPTS, 9 + 2 * ERASING_ATTEMPTS)
 NUM_UNIFORMS = 9 + 2 * ERASING_ATTEMPTS
@@ -65,13 +74,13 @@ class TrainTransform:
   def from_config(cls, data: Any) -> TrainTransform:
     """Reads config.data (channel_aug_prob defaults to 0.5 when absent)."""
     return cls(
-        image_size=(int(data.image_height), int(data.image_width)),
-        pad=int(data.pad),
-        flip=bool(data.flip),
-        random_erasing=float(data.random_erasing),
-        channel_aug=bool(data.channel_aug),
-        channel_aug_prob=float(data.get("channel_aug_prob", 0.5)))
-
+      image_size=(int(data.image_height), int(data.image_width)),
+      pad=int(data.pad),
+      flip=bool(data.flip),
+      random_erasing=float(data.random_erasing),
+      channel_aug=bool(data.channel_aug),
+      channel_aug_prob=float(data.get('channel_aug_prob', 0.5)),
+    )
 
 
 def _randint(uniform: tf.Tensor, maxval: tf.Tensor | int) -> tf.Tensor:
@@ -81,8 +90,7 @@ def _randint(uniform: tf.Tensor, maxval: tf.Tensor | int) -> tf.Tensor:
   return tf.minimum(draw, maxval - 1)
 
 
-def pad_crop_flip(pixels: tf.Tensor, pad: int, flip: bool,
-                  uniforms: tf.Tensor) -> tf.Tensor:
+def pad_crop_flip(pixels: tf.Tensor, pad: int, flip: bool, uniforms: tf.Tensor) -> tf.Tensor:
   """``Pad(pad)`` (zeros), ``RandomCrop`` back, ``RandomHorizontalFlip``.
 
   Args:
@@ -107,8 +115,7 @@ def pad_crop_flip(pixels: tf.Tensor, pad: int, flip: bool,
   return tf.gather(out, cols + left[:, None], axis=2, batch_dims=1)
 
 
-def erasing_boxes(uniforms: tf.Tensor, probability: float, height: int,
-                  width: int) -> tf.Tensor:
+def erasing_boxes(uniforms: tf.Tensor, probability: float, height: int, width: int) -> tf.Tensor:
   """CAJ's ``ChannelRandomErasing`` rectangles (Zhong et al.).
 
   With the given probability, up to ERASING_ATTEMPTS attempts draw an area
@@ -124,7 +131,8 @@ def erasing_boxes(uniforms: tf.Tensor, probability: float, height: int,
   low, high = ERASING_AREA
   area = (low + uniforms[:, U_ERASE_AREA] * (high - low)) * height * width
   aspect = ERASING_MIN_ASPECT + uniforms[:, U_ERASE_ASPECT] * (
-      1 / ERASING_MIN_ASPECT - ERASING_MIN_ASPECT)
+    1 / ERASING_MIN_ASPECT - ERASING_MIN_ASPECT
+  )
   h = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
   w = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
   fits = (h < height) & (w < width)
@@ -137,8 +145,7 @@ def erasing_boxes(uniforms: tf.Tensor, probability: float, height: int,
   return tf.stack([top, left, tf.where(erase, h, 0), w], axis=1)
 
 
-def channel_mixing(modality: tf.Tensor, uniforms: tf.Tensor,
-                   visible_prob: float) -> tf.Tensor:
+def channel_mixing(modality: tf.Tensor, uniforms: tf.Tensor, visible_prob: float) -> tf.Tensor:
   """CAJ channel augmentation as [N, 3, 3] matrices M (out = x @ M).
 
   Visible: with probability `visible_prob`, ``ChannelExchange(gray=2)``: one of
@@ -147,6 +154,7 @@ def channel_mixing(modality: tf.Tensor, uniforms: tf.Tensor,
   copied to all three, 'other' turns the image grayscale (0.2989 R + 0.587 G +
   0.114 B) with probability 0.5 and otherwise leaves it.
   """
+
   def copy(channel):
     return tf.tile(tf.one_hot(channel, 3)[:, :, None], [1, 1, 3])
 
@@ -154,18 +162,14 @@ def channel_mixing(modality: tf.Tensor, uniforms: tf.Tensor,
   identity = tf.eye(3, batch_shape=[n])
   gray = tf.tile(tf.constant(GRAY_WEIGHTS)[None, :, None], [n, 1, 3])
   exchange = copy(_randint(uniforms[:, U_CHANNEL_CHOICE], 3))
-  visible = tf.where((uniforms[:, U_CHANNEL] < visible_prob)[:, None, None],
-                     exchange, identity)
+  visible = tf.where((uniforms[:, U_CHANNEL] < visible_prob)[:, None, None], exchange, identity)
   choice = _randint(uniforms[:, U_CHANNEL_CHOICE], 4)
   other = tf.where((uniforms[:, U_GRAY] <= 0.5)[:, None, None], gray, identity)
-  infrared = tf.where((choice < 3)[:, None, None],
-                      copy(tf.minimum(choice, 2)), other)
-  return tf.where(
-      tf.equal(modality, VISIBLE)[:, None, None], visible, infrared)
+  infrared = tf.where((choice < 3)[:, None, None], copy(tf.minimum(choice, 2)), other)
+  return tf.where(tf.equal(modality, VISIBLE)[:, None, None], visible, infrared)
 
 
-def normalize_erase_mix(pixels: tf.Tensor, boxes: tf.Tensor | None,
-                        mixing: tf.Tensor) -> tf.Tensor:
+def normalize_erase_mix(pixels: tf.Tensor, boxes: tf.Tensor | None, mixing: tf.Tensor) -> tf.Tensor:
   """``Normalize``, then erase `boxes`, then mix channels, as one affine map.
 
   Args:
@@ -179,23 +183,24 @@ def normalize_erase_mix(pixels: tf.Tensor, boxes: tf.Tensor | None,
   """
   scale = 1.0 / (255.0 * tf.constant(IMAGENET_STD))
   bias = -tf.constant(IMAGENET_MEAN) / tf.constant(IMAGENET_STD)
-  out = tf.einsum("nhwc,ncd->nhwd", tf.cast(pixels, tf.float32),
-                  scale[None, :, None] * mixing)
-  out += tf.einsum("c,ncd->nd", bias, mixing)[:, None, None, :]
+  out = tf.einsum('nhwc,ncd->nhwd', tf.cast(pixels, tf.float32), scale[None, :, None] * mixing)
+  out += tf.einsum('c,ncd->nd', bias, mixing)[:, None, None, :]
   if boxes is None:
     return out
   height, width = pixels.shape[1], pixels.shape[2]
   top, left, h, w = (boxes[:, i][:, None] for i in range(4))
   rows = tf.range(height)[None, :]
   cols = tf.range(width)[None, :]
-  inside = (((rows >= top) & (rows < top + h))[:, :, None] &
-            ((cols >= left) & (cols < left + w))[:, None, :])
-  fill = tf.einsum("c,ncd->nd", tf.constant(ERASING_FILL), mixing)
+  inside = ((rows >= top) & (rows < top + h))[:, :, None] & ((cols >= left) & (cols < left + w))[
+    :, None, :
+  ]
+  fill = tf.einsum('c,ncd->nd', tf.constant(ERASING_FILL), mixing)
   return tf.where(inside[..., None], fill[:, None, None, :], out)
 
 
-def augment(pixels: tf.Tensor, modality: tf.Tensor, uniforms: tf.Tensor,
-            transform: TrainTransform) -> tf.Tensor:
+def augment(
+  pixels: tf.Tensor, modality: tf.Tensor, uniforms: tf.Tensor, transform: TrainTransform
+) -> tf.Tensor:
   """The training transform of a batch of resized images.
 
   Args:
@@ -222,6 +227,6 @@ def augment(pixels: tf.Tensor, modality: tf.Tensor, uniforms: tf.Tensor,
 
 def normalize(pixels: tf.Tensor) -> tf.Tensor:
   """[..., 3] values in [0, 255] -> ImageNet-normalised float32."""
-  return ((tf.cast(pixels, tf.float32) / 255.0 - tf.constant(IMAGENET_MEAN)) /
-          tf.constant(IMAGENET_STD))
-
+  return (tf.cast(pixels, tf.float32) / 255.0 - tf.constant(IMAGENET_MEAN)) / tf.constant(
+    IMAGENET_STD
+  )

@@ -20,8 +20,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 
 class CorruptImageError(ValueError):
@@ -29,9 +28,11 @@ class CorruptImageError(ValueError):
 
   def __init__(self, path: str, reason: str):
     self.path = path
-    super().__init__(f'cannot decode image {path!r}: {reason}. Copy this file '
-                     'again from the original archive, or leave such files out with '
-                     '--config.data.skip_corrupt_images=True (they are counted and named).')
+    super().__init__(
+      f'cannot decode image {path!r}: {reason}. Copy this file '
+      'again from the original archive, or leave such files out with '
+      '--config.data.skip_corrupt_images=True (they are counted and named).'
+    )
 
 
 def _open(path: str) -> tuple[bytes, Image.Image]:
@@ -41,8 +42,9 @@ def _open(path: str) -> tuple[bytes, Image.Image]:
     image = Image.open(io.BytesIO(data))
     image.load()  # decodes every pixel: a truncated file fails here
   except UnidentifiedImageError as e:
-    raise CorruptImageError(os.fspath(path), 'not an image file PIL can '
-                            'identify (unknown format or cut short)') from e
+    raise CorruptImageError(
+      os.fspath(path), 'not an image file PIL can identify (unknown format or cut short)'
+    ) from e
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise CorruptImageError(os.fspath(path), f'{type(e).__name__}: {e}') from e
   return data, image
@@ -65,8 +67,9 @@ def tfds_image(path: str) -> bytes:
   return buffer.getvalue()
 
 
-def resize_images(encoded: Sequence[bytes], image_size: tuple[int, int], *,
-                  num_threads: int | None = None) -> np.ndarray:
+def resize_images(
+  encoded: Sequence[bytes], image_size: tuple[int, int], *, num_threads: int | None = None
+) -> np.ndarray:
   """Decodes and resizes with PIL's Lanczos filter, as the standard code.
 
   Args:
@@ -82,16 +85,13 @@ def resize_images(encoded: Sequence[bytes], image_size: tuple[int, int], *,
 
   def one(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
-      image = image.convert("RGB") if image.mode != "RGB" else image
-      return np.asarray(image.resize((width, height),
-                                     Image.Resampling.LANCZOS))
+      image = image.convert('RGB') if image.mode != 'RGB' else image
+      return np.asarray(image.resize((width, height), Image.Resampling.LANCZOS))
 
   out = np.empty((len(encoded), height, width, 3), np.uint8)
   chunk = 4096  # bounds the finished-but-unread results held by the pool
-  with concurrent.futures.ThreadPoolExecutor(
-      num_threads or os.cpu_count()) as pool:
+  with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count()) as pool:
     for start in range(0, len(encoded), chunk):
-      for i, pixels in enumerate(pool.map(one, encoded[start:start + chunk])):
+      for i, pixels in enumerate(pool.map(one, encoded[start : start + chunk])):
         out[start + i] = pixels
   return out
-

@@ -68,15 +68,15 @@ class _EpochPlan:
 class _ModalityIndex:
   """Example indices of one modality grouped by label."""
 
-  def __init__(self, labels: np.ndarray, example_ids: np.ndarray,
-               num_classes: int):
-    order = np.argsort(labels, kind="stable")
+  def __init__(self, labels: np.ndarray, example_ids: np.ndarray, num_classes: int):
+    order = np.argsort(labels, kind='stable')
     self.examples = example_ids[order]
     self.count = np.bincount(labels, minlength=num_classes)
     self.start = np.concatenate([[0], np.cumsum(self.count)[:-1]])
 
-  def draw(self, rng: np.random.Generator, chosen: np.ndarray, k: int,
-           without_replacement: bool) -> np.ndarray:
+  def draw(
+    self, rng: np.random.Generator, chosen: np.ndarray, k: int, without_replacement: bool
+  ) -> np.ndarray:
     """Draws k example indices per chosen label: [*chosen.shape, k]."""
     count = self.count[chosen][..., None]
     offset = rng.integers(0, count, size=chosen.shape + (k,))
@@ -103,18 +103,18 @@ class CrossModalIdentitySampler:
   """
 
   def __init__(
-      self,
-      ids: Sequence[int] | np.ndarray,
-      modality: Sequence[int] | np.ndarray,
-      *,
-      num_ids_per_batch: int,
-      num_pos: int,
-      seed: int,
-      local_devices: int = 1,
-      num_hosts: int = 1,
-      host_index: int = 0,
-      steps_per_epoch: int = 0,
-      balanced: bool = False,
+    self,
+    ids: Sequence[int] | np.ndarray,
+    modality: Sequence[int] | np.ndarray,
+    *,
+    num_ids_per_batch: int,
+    num_pos: int,
+    seed: int,
+    local_devices: int = 1,
+    num_hosts: int = 1,
+    host_index: int = 0,
+    steps_per_epoch: int = 0,
+    balanced: bool = False,
   ):
     """Builds the sampler.
 
@@ -140,45 +140,48 @@ class CrossModalIdentitySampler:
     modality = np.asarray(modality).astype(np.int64)
     if ids.ndim != 1 or ids.shape != modality.shape or not ids.size:
       raise ValueError(
-          f"ids {ids.shape} and modality {modality.shape} must be equal, "
-          "non-empty vectors")
+        f'ids {ids.shape} and modality {modality.shape} must be equal, non-empty vectors'
+      )
     if not np.isin(modality, (VISIBLE, INFRARED)).all():
       raise ValueError(
-          f"modality must be 0 (visible) or 1 (infrared), got values "
-          f"{sorted(set(np.unique(modality).tolist()) - {0, 1})}")
+        f'modality must be 0 (visible) or 1 (infrared), got values '
+        f'{sorted(set(np.unique(modality).tolist()) - {0, 1})}'
+      )
     num_shards = num_hosts * local_devices
     if num_ids_per_batch % num_shards:
       raise ValueError(
-          f"config.data.num_ids_per_batch={num_ids_per_batch} must be "
-          f"divisible by num_hosts * local_devices = {num_hosts} * "
-          f"{local_devices} = {num_shards}: every device holds whole "
-          "identities")
+        f'config.data.num_ids_per_batch={num_ids_per_batch} must be '
+        f'divisible by num_hosts * local_devices = {num_hosts} * '
+        f'{local_devices} = {num_shards}: every device holds whole '
+        'identities'
+      )
     if not 0 <= host_index < num_hosts:
-      raise ValueError(f"host_index={host_index} not in [0, {num_hosts})")
+      raise ValueError(f'host_index={host_index} not in [0, {num_hosts})')
     if num_pos < 1:
-      raise ValueError(f"config.data.num_pos={num_pos} must be positive")
+      raise ValueError(f'config.data.num_pos={num_pos} must be positive')
 
     self.identities, self.labels = np.unique(ids, return_inverse=True)
     self.num_classes = len(self.identities)
     examples = np.arange(len(ids))
     self._by_modality = []
-    for m, name in ((VISIBLE, "visible"), (INFRARED, "infrared")):
+    for m, name in ((VISIBLE, 'visible'), (INFRARED, 'infrared')):
       in_m = modality == m
-      index = _ModalityIndex(self.labels[in_m], examples[in_m],
-                             self.num_classes)
+      index = _ModalityIndex(self.labels[in_m], examples[in_m], self.num_classes)
       missing = self.identities[index.count == 0]
       if missing.size:
         raise ValueError(
-            f"{missing.size} training identities have no {name} image, so no "
-            f"cross-modal batch can hold them: {missing.tolist()}. Every "
-            "training identity needs images of both modalities: restore the "
-            f"missing {name} images, or remove these identities from the "
-            "data set's training list")
+          f'{missing.size} training identities have no {name} image, so no '
+          f'cross-modal batch can hold them: {missing.tolist()}. Every '
+          'training identity needs images of both modalities: restore the '
+          f'missing {name} images, or remove these identities from the '
+          "data set's training list"
+        )
       self._by_modality.append(index)
     if num_ids_per_batch > self.num_classes:
       raise ValueError(
-          f"config.data.num_ids_per_batch={num_ids_per_batch} exceeds the "
-          f"{self.num_classes} training identities")
+        f'config.data.num_ids_per_batch={num_ids_per_batch} exceeds the '
+        f'{self.num_classes} training identities'
+      )
 
     self.num_ids_per_batch = num_ids_per_batch
     self.num_pos = num_pos
@@ -191,33 +194,34 @@ class CrossModalIdentitySampler:
     self.per_device_batch = 2 * num_pos * self.ids_per_shard
     self.balanced = balanced
     largest = max(int((modality == m).sum()) for m in (VISIBLE, INFRARED))
-    self.steps_per_epoch = (steps_per_epoch or
-                            largest // (num_ids_per_batch * num_pos) + 1)
+    self.steps_per_epoch = steps_per_epoch or largest // (num_ids_per_batch * num_pos) + 1
     self._cache: tuple[int, _EpochPlan] | None = None
 
   @classmethod
   def from_config(
-      cls,
-      config: Any,
-      ids: Sequence[int] | np.ndarray,
-      modality: Sequence[int] | np.ndarray,
-      *,
-      local_devices: int,
-      num_hosts: int = 1,
-      host_index: int = 0,
+    cls,
+    config: Any,
+    ids: Sequence[int] | np.ndarray,
+    modality: Sequence[int] | np.ndarray,
+    *,
+    local_devices: int,
+    num_hosts: int = 1,
+    host_index: int = 0,
   ) -> CrossModalIdentitySampler:
     """Reads config.seed, config.data.{num_ids_per_batch, num_pos,
     balanced_sampler (default False)} and config.optim.steps_per_epoch."""
     return cls(
-        ids, modality,
-        num_ids_per_batch=int(config.data.num_ids_per_batch),
-        num_pos=int(config.data.num_pos),
-        seed=int(config.seed),
-        local_devices=local_devices,
-        num_hosts=num_hosts,
-        host_index=host_index,
-        steps_per_epoch=int(config.optim.get("steps_per_epoch", 0)),
-        balanced=bool(config.data.get("balanced_sampler", False)))
+      ids,
+      modality,
+      num_ids_per_batch=int(config.data.num_ids_per_batch),
+      num_pos=int(config.data.num_pos),
+      seed=int(config.seed),
+      local_devices=local_devices,
+      num_hosts=num_hosts,
+      host_index=host_index,
+      steps_per_epoch=int(config.optim.get('steps_per_epoch', 0)),
+      balanced=bool(config.data.get('balanced_sampler', False)),
+    )
 
   def _plan(self, epoch: int) -> _EpochPlan:
     """The batches of one epoch; a pure function of (seed, epoch)."""
@@ -229,18 +233,17 @@ class CrossModalIdentitySampler:
       per_pass = n // p
       passes = -(-steps // per_pass)
       order = rng.permuted(np.tile(np.arange(n), (passes, 1)), axis=1)
-      chosen = order[:, :per_pass * p].reshape(-1, p)[:steps]
+      chosen = order[:, : per_pass * p].reshape(-1, p)[:steps]
     else:
       chosen = np.argsort(rng.random((steps, n)), axis=1)[:, :p]
     visible, infrared = (
-        index.draw(rng, chosen, self.num_pos, self.balanced)
-        for index in self._by_modality)
+      index.draw(rng, chosen, self.num_pos, self.balanced) for index in self._by_modality
+    )
     plan = _EpochPlan(chosen, visible, infrared)
     self._cache = (epoch, plan)
     return plan
 
-  def global_batch(self, step: int) -> tuple[np.ndarray, np.ndarray,
-                                               np.ndarray]:
+  def global_batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The whole global batch of a step, as every host computes it.
 
     Args:
@@ -250,7 +253,7 @@ class CrossModalIdentitySampler:
       labels [P], visible example indices [P, K], infrared ones [P, K].
     """
     if step < 0:
-      raise ValueError(f"step={step} must be non-negative")
+      raise ValueError(f'step={step} must be non-negative')
     epoch, i = divmod(int(step), self.steps_per_epoch)
     plan = self._plan(epoch)
     return plan.identities[i], plan.visible[i], plan.infrared[i]
@@ -270,15 +273,18 @@ class CrossModalIdentitySampler:
     shards = np.arange(first, first + self.local_devices)
     ids_of_shard = shards[:, None] * q + np.arange(q)  # [L, q]
     index = np.concatenate(
-        [visible[ids_of_shard].reshape(len(shards), q * k),
-         infrared[ids_of_shard].reshape(len(shards), q * k)], axis=1)
+      [
+        visible[ids_of_shard].reshape(len(shards), q * k),
+        infrared[ids_of_shard].reshape(len(shards), q * k),
+      ],
+      axis=1,
+    )
     label = np.repeat(labels[ids_of_shard], k, axis=1)
-    modality = np.repeat(
-        np.array([[VISIBLE, INFRARED]]), q * k, axis=1)
-    position = shards[:, None] * self.per_device_batch + np.arange(
-        self.per_device_batch)
+    modality = np.repeat(np.array([[VISIBLE, INFRARED]]), q * k, axis=1)
+    position = shards[:, None] * self.per_device_batch + np.arange(self.per_device_batch)
     return ShardedBatch(
-        index=index.astype(np.int64),
-        label=np.tile(label, (1, 2)).astype(np.int32),
-        modality=np.broadcast_to(modality, index.shape).astype(np.int32),
-        position=position.astype(np.int64))
+      index=index.astype(np.int64),
+      label=np.tile(label, (1, 2)).astype(np.int32),
+      modality=np.broadcast_to(modality, index.shape).astype(np.int32),
+      position=position.astype(np.int64),
+    )

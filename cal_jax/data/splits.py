@@ -48,7 +48,6 @@ class SplitArrays:
     return len(self.id)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Splits:
   name: str  # builder name: sysu_mm01 | regdb | llcm
@@ -60,21 +59,27 @@ def resolve_paths(data: ml_collections.ConfigDict, workdir: str) -> tuple[str, s
   """(builder name, manual_dir, data_dir) for `config.data` and a workdir."""
   if data.synthetic:
     if data.synthetic not in specs.BY_SHORT:
-      raise ValueError(f'config.data.synthetic={data.synthetic!r}: choose one of '
-                       f'{sorted(specs.BY_SHORT)} or "" for real data')
+      raise ValueError(
+        f'config.data.synthetic={data.synthetic!r}: choose one of '
+        f'{sorted(specs.BY_SHORT)} or "" for real data'
+      )
     name = specs.BY_SHORT[data.synthetic].builder
     manual_dir = data.manual_dir or os.path.join(workdir, 'synthetic_data')
     data_dir = data.data_dir or os.path.join(workdir, 'tfds')
     return name, manual_dir, data_dir
   if not data.manual_dir:
-    raise ValueError(f'config.data.manual_dir is empty: set it to the folder of {data.name} '
-                     'as its owners distribute it (--config.data.manual_dir=/path/to/it), or '
-                     'use configs/synthetic.py for the built-in synthetic data')
+    raise ValueError(
+      f'config.data.manual_dir is empty: set it to the folder of {data.name} '
+      'as its owners distribute it (--config.data.manual_dir=/path/to/it), or '
+      'use configs/synthetic.py for the built-in synthetic data'
+    )
   if not os.path.isdir(data.manual_dir):
     # tfds would reuse a data set prepared earlier in data_dir without looking at it.
-    raise FileNotFoundError(f'config.data.manual_dir={data.manual_dir!r} does not exist: point '
-                            f'it at the folder of {data.name}; data prepared from it earlier is '
-                            'not used without it')
+    raise FileNotFoundError(
+      f'config.data.manual_dir={data.manual_dir!r} does not exist: point '
+      f'it at the folder of {data.name}; data prepared from it earlier is '
+      'not used without it'
+    )
   return data.name, data.manual_dir, data.data_dir
 
 
@@ -83,8 +88,9 @@ def data_source_root(name: str, manual_dir: str) -> str:
   return records.find_root(specs.SPECS[name].short, manual_dir)
 
 
-def ensure_synthetic(layout: str, root: str, num_ids: int, seed: int, height: int,
-                     infrared_gap: float = 1.0) -> None:
+def ensure_synthetic(
+  layout: str, root: str, num_ids: int, seed: int, height: int, infrared_gap: float = 1.0
+) -> None:
   """Generates the synthetic set into `root` unless it is there; atomic (temp dir + rename)."""
   if os.path.isdir(root) and os.listdir(root):
     return
@@ -92,13 +98,15 @@ def ensure_synthetic(layout: str, root: str, num_ids: int, seed: int, height: in
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix='.synthetic-', dir=parent)
   try:
-    summary = synthetic.generate(layout, os.path.join(staging, 'tree'), num_ids, seed,
-                                 height=height, infrared_gap=infrared_gap)
+    summary = synthetic.generate(
+      layout, os.path.join(staging, 'tree'), num_ids, seed, height=height, infrared_gap=infrared_gap
+    )
     if os.path.isdir(root):
       os.rmdir(root)
     os.replace(os.path.join(staging, 'tree'), root)
-    logging.info('Generated a synthetic %s data set: %d images in %s', layout,
-                 summary.num_images, root)
+    logging.info(
+      'Generated a synthetic %s data set: %d images in %s', layout, summary.num_images, root
+    )
   finally:
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -108,32 +116,54 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
   data = config.data
   name, manual_dir, data_dir = resolve_paths(data, workdir)
   if data.synthetic:
-    ensure_synthetic(data.synthetic, manual_dir, data.synthetic_num_ids, config.seed,
-                     data.synthetic_height, data.synthetic_infrared_gap)
+    ensure_synthetic(
+      data.synthetic,
+      manual_dir,
+      data.synthetic_num_ids,
+      config.seed,
+      data.synthetic_height,
+      data.synthetic_infrared_gap,
+    )
   full_name = f'{name}/{data.builder_config}' if data.builder_config else name
-  builder = tfds.builder(full_name, data_dir=data_dir or None,
-                         skip_corrupt_images=data.get('skip_corrupt_images', False))
+  builder = tfds.builder(
+    full_name, data_dir=data_dir or None, skip_corrupt_images=data.get('skip_corrupt_images', False)
+  )
   prepared = builder.is_prepared()
   if not prepared:
     logging.info('Preparing %s from %s into %s.', full_name, manual_dir, builder.data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   source = (builder.info.metadata or {}).get('prepared_from', 'a folder not recorded')
   if prepared:
-    logging.info('Using %s prepared earlier in %s from %s (config.data.manual_dir=%s).',
-                 full_name, builder.data_dir, source, manual_dir)
+    logging.info(
+      'Using %s prepared earlier in %s from %s (config.data.manual_dir=%s).',
+      full_name,
+      builder.data_dir,
+      source,
+      manual_dir,
+    )
     if os.path.realpath(source) != os.path.realpath(data_source_root(name, manual_dir)):
-      logging.warning('%s in %s was prepared from %s, not from config.data.manual_dir=%s: the '
-                      'prepared copy is used. Delete %s to prepare it again from %s.', full_name,
-                      builder.data_dir, source, manual_dir, builder.data_dir, manual_dir)
+      logging.warning(
+        '%s in %s was prepared from %s, not from config.data.manual_dir=%s: the '
+        'prepared copy is used. Delete %s to prepare it again from %s.',
+        full_name,
+        builder.data_dir,
+        source,
+        manual_dir,
+        builder.data_dir,
+        manual_dir,
+      )
   skipped = (builder.info.metadata or {}).get('skipped_images', [])
   if skipped:
-    logging.warning('%d unreadable images were left out when %s was prepared '
-                    '(config.data.skip_corrupt_images): %s', len(skipped), full_name,
-                    ', '.join(skipped))
-  return Splits(name=name,
-                train=load_builder_split(builder, 'train'),
-                test=load_builder_split(builder, 'test'))
+    logging.warning(
+      '%d unreadable images were left out when %s was prepared '
+      '(config.data.skip_corrupt_images): %s',
+      len(skipped),
+      full_name,
+      ', '.join(skipped),
+    )
+  return Splits(
+    name=name, train=load_builder_split(builder, 'train'), test=load_builder_split(builder, 'test')
+  )
 
 
 def load_split(dataset: tf.data.Dataset, batch_size: int = 1024) -> SplitArrays:
@@ -153,23 +183,22 @@ def load_split(dataset: tf.data.Dataset, batch_size: int = 1024) -> SplitArrays:
     for key, value in batch.items():
       columns.setdefault(key, []).append(value)
   if not columns:
-    raise ValueError("the split is empty")
+    raise ValueError('the split is empty')
   full = {key: np.concatenate(values) for key, values in columns.items()}
-  n = len(full["id"])
-  paths = full.get("path", np.full(n, b"", object))
+  n = len(full['id'])
+  paths = full.get('path', np.full(n, b'', object))
   return SplitArrays(
-      image=full["image"].astype(object),
-      id=full["id"].astype(np.int32),
-      camera=full.get("camera", np.full(n, -1)).astype(np.int32),
-      modality=full["modality"].astype(np.int32),
-      path=np.array([p.decode() if isinstance(p, bytes) else str(p)
-                     for p in paths], dtype=object))
+    image=full['image'].astype(object),
+    id=full['id'].astype(np.int32),
+    camera=full.get('camera', np.full(n, -1)).astype(np.int32),
+    modality=full['modality'].astype(np.int32),
+    path=np.array([p.decode() if isinstance(p, bytes) else str(p) for p in paths], dtype=object),
+  )
 
 
 def load_builder_split(builder: Any, split: str) -> SplitArrays:
   """Reads a split of a prepared tfds builder, images left encoded."""
   dataset = builder.as_dataset(
-      split=split, shuffle_files=False,
-      decoders={"image": tfds.decode.SkipDecoding()})
+    split=split, shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()}
+  )
   return load_split(dataset)
-

@@ -28,20 +28,20 @@ from cal_jax.data.augment import NUM_UNIFORMS, TrainTransform, augment
 from cal_jax.data.images import resize_images
 from cal_jax.data.splits import SplitArrays
 
-_ALG = "philox"
+_ALG = 'philox'
 
 
 def create_train_iterator(
-    split: SplitArrays,
-    sampler: sampler_lib.CrossModalIdentitySampler,
-    transform: TrainTransform,
-    *,
-    seed: int | None = None,
-    start_step: int = 0,
-    num_steps: int | None = None,
-    pixels: np.ndarray | None = None,
-    prefetch: int = 2,
-    device_prefetch: int = 0,
+  split: SplitArrays,
+  sampler: sampler_lib.CrossModalIdentitySampler,
+  transform: TrainTransform,
+  *,
+  seed: int | None = None,
+  start_step: int = 0,
+  num_steps: int | None = None,
+  pixels: np.ndarray | None = None,
+  prefetch: int = 2,
+  device_prefetch: int = 0,
 ) -> Iterator[dict[str, Any]]:
   """This host's training batches for ``jax.pmap``, from `start_step` on.
 
@@ -66,49 +66,59 @@ def create_train_iterator(
     device_prefetch.
   """
   if len(split) != len(sampler.labels):
-    raise ValueError(f"the sampler covers {len(sampler.labels)} examples, "
-                     f"the split has {len(split)}")
+    raise ValueError(
+      f'the sampler covers {len(sampler.labels)} examples, the split has {len(split)}'
+    )
   if pixels is None:
     pixels = resize_images(split.image, transform.image_size)
   if pixels.shape != (len(split),) + tuple(transform.image_size) + (3,):
-    raise ValueError(f"pixels {pixels.shape} do not match the split and "
-                     f"image size {transform.image_size}")
+    raise ValueError(
+      f'pixels {pixels.shape} do not match the split and image size {transform.image_size}'
+    )
   local, per_device = sampler.local_devices, sampler.per_device_batch
   size = local * per_device
   global_size = sampler.num_shards * per_device
   seed = sampler.seed if seed is None else seed
   base_key = tf.constant([seed % 2**63, 0], tf.int64)
   # XLA fuses the elementwise work: about 5x faster than TF's kernels here.
-  augment_batch = tf.function(
-      functools.partial(augment, transform=transform), jit_compile=True)
+  augment_batch = tf.function(functools.partial(augment, transform=transform), jit_compile=True)
 
   def load(step: np.int64):
     batch = sampler.batch_indices(int(step))
-    return (pixels[batch.index.ravel()], batch.label.ravel(),
-            batch.modality.ravel(), batch.position.ravel())
+    return (
+      pixels[batch.index.ravel()],
+      batch.label.ravel(),
+      batch.modality.ravel(),
+      batch.position.ravel(),
+    )
 
   def step_batch(step: tf.Tensor) -> dict[str, tf.Tensor]:
     images, label, modality, position = tf.numpy_function(
-        load, [step], [tf.uint8, tf.int32, tf.int32, tf.int64])
+      load, [step], [tf.uint8, tf.int32, tf.int32, tf.int64]
+    )
     images = tf.ensure_shape(images, [size] + list(pixels.shape[1:]))
-    label, modality, position = (tf.ensure_shape(x, [size])
-                                 for x in (label, modality, position))
+    label, modality, position = (tf.ensure_shape(x, [size]) for x in (label, modality, position))
     key = tf.random.experimental.stateless_fold_in(base_key, step, alg=_ALG)
-    uniforms = tf.random.stateless_uniform([global_size, NUM_UNIFORMS], key,
-                                           alg=_ALG)
+    uniforms = tf.random.stateless_uniform([global_size, NUM_UNIFORMS], key, alg=_ALG)
     images = augment_batch(images, modality, tf.gather(uniforms, position))
     shape = [local, per_device]
-    return {"image": tf.reshape(images, shape + list(pixels.shape[1:])),
-            "label": tf.reshape(label, shape),
-            "modality": tf.reshape(modality, shape)}
+    return {
+      'image': tf.reshape(images, shape + list(pixels.shape[1:])),
+      'label': tf.reshape(label, shape),
+      'modality': tf.reshape(modality, shape),
+    }
 
   stop = 2**62 if num_steps is None else start_step + num_steps
-  dataset = tf.data.Dataset.range(start_step, stop).map(
-      step_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(prefetch)
+  dataset = (
+    tf.data.Dataset.range(start_step, stop)
+    .map(step_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    .prefetch(prefetch)
+  )
   options = tf.data.Options()
   options.deterministic = True
   iterator = dataset.with_options(options).as_numpy_iterator()
   if device_prefetch:
     from flax import jax_utils  # pylint: disable=g-import-not-at-top
+
     iterator = jax_utils.prefetch_to_device(iterator, device_prefetch)
   return iterator

@@ -39,8 +39,10 @@ def reorder_prototypes(params: Any, visible_part_for: np.ndarray) -> Any:
   """
   params = flax.core.unfreeze(params)
   if 'region_mining_infrared' not in params:
-    raise ValueError('the DRM is shared between modalities (config.model.shared_region_mining);'
-                     ' its prototypes cannot be reordered for one modality only')
+    raise ValueError(
+      'the DRM is shared between modalities (config.model.shared_region_mining);'
+      ' its prototypes cannot be reordered for one modality only'
+    )
   order = np.asarray(visible_part_for)
   if sorted(order.tolist()) != list(range(len(order))):
     raise ValueError(f'{order.tolist()} is not a permutation of the parts')
@@ -51,8 +53,9 @@ def reorder_prototypes(params: Any, visible_part_for: np.ndarray) -> Any:
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'modality', 'kind'))
-def embed(model: CAL, variables: Any, images: jax.Array, modality: int,
-          kind: str = 'parts') -> jax.Array:
+def embed(
+  model: CAL, variables: Any, images: jax.Array, modality: int, kind: str = 'parts'
+) -> jax.Array:
   """Images of one modality [B, H, W, 3] -> embeddings.
 
   kind 'parts' (CAL, Sec. 3.4): [B, N_p * C], see `CAL.embed`; 'global' (the
@@ -70,8 +73,7 @@ def part_cosine_similarity(visible: jax.Array, infrared: jax.Array) -> jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'modality'))
-def part_maps(model: CAL, variables: Any, images: jax.Array, modality: int
-              ) -> dict[str, jax.Array]:
+def part_maps(model: CAL, variables: Any, images: jax.Array, modality: int) -> dict[str, jax.Array]:
   """Images of one modality [B, H, W, 3] -> DRM's S_hat and TSAA's S as
   [B, N_p, h, w] maps ('selected', 'attention'), see `CAL.part_maps`."""
   return model.apply(variables, images, modality, method=CAL.part_maps)
@@ -89,25 +91,25 @@ def normalize_parts(features: np.ndarray, num_parts: int) -> np.ndarray:
   """
   n, dim = features.shape
   if dim % num_parts:
-    raise ValueError(f"feature width {dim} is not a multiple of "
-                     f"num_parts={num_parts} (config.model.num_parts)")
+    raise ValueError(
+      f'feature width {dim} is not a multiple of num_parts={num_parts} (config.model.num_parts)'
+    )
   parts = np.asarray(features, np.float32).reshape(n, num_parts, -1)
-  squared = np.maximum(np.sum(np.square(parts), axis=-1, keepdims=True),
-                       L2_EPSILON)
+  squared = np.maximum(np.sum(np.square(parts), axis=-1, keepdims=True), L2_EPSILON)
   return (parts / np.sqrt(squared)).reshape(n, dim)
 
 
 def extract_features(
-    embed_fn: EmbedFn,
-    split: SplitArrays,
-    indices: Sequence[int] | np.ndarray,
-    *,
-    modality: int,
-    image_size: tuple[int, int],
-    batch_size: int,
-    flip: bool,
-    num_parts: int,
-    local_devices: int | None = None,
+  embed_fn: EmbedFn,
+  split: SplitArrays,
+  indices: Sequence[int] | np.ndarray,
+  *,
+  modality: int,
+  image_size: tuple[int, int],
+  batch_size: int,
+  flip: bool,
+  num_parts: int,
+  local_devices: int | None = None,
 ) -> np.ndarray:
   """Embeds the given images of one modality.
 
@@ -137,33 +139,38 @@ def extract_features(
     if found.tolist() != [modality]:
       names = [MODALITY_NAMES.get(int(m), str(m)) for m in found]
       raise ValueError(
-          f"extract_features embeds images of one modality per call: asked "
-          f"for {MODALITY_NAMES.get(modality, modality)} ({modality}), the "
-          f"indices hold {names}")
+        f'extract_features embeds images of one modality per call: asked '
+        f'for {MODALITY_NAMES.get(modality, modality)} ({modality}), the '
+        f'indices hold {names}'
+      )
   dataset = create_eval_dataset(
-      split, indices, image_size=image_size, batch_size=batch_size, flip=flip,
-      local_devices=local_devices)
+    split,
+    indices,
+    image_size=image_size,
+    batch_size=batch_size,
+    flip=flip,
+    local_devices=local_devices,
+  )
   chunks, order = [], []
   for batch in dataset.as_numpy_iterator():
-    out = _embed(embed_fn, batch["image"], modality, batch_size)
+    out = _embed(embed_fn, batch['image'], modality, batch_size)
     if flip:
-      out = 0.5 * (out + _embed(embed_fn, batch["image_flipped"], modality,
-                                batch_size))
-    mask = batch["mask"].reshape(-1)
+      out = 0.5 * (out + _embed(embed_fn, batch['image_flipped'], modality, batch_size))
+    mask = batch['mask'].reshape(-1)
     chunks.append(out[mask])
-    order.append(batch["index"].reshape(-1)[mask])
+    order.append(batch['index'].reshape(-1)[mask])
   if not np.array_equal(np.concatenate(order), indices):
-    raise RuntimeError("the evaluation batches did not return the images in "
-                       "the order asked")
+    raise RuntimeError('the evaluation batches did not return the images in the order asked')
   return normalize_parts(np.concatenate(chunks), num_parts)
 
 
-def _embed(embed_fn: EmbedFn, images: np.ndarray, modality: int,
-           batch_size: int) -> np.ndarray:
+def _embed(embed_fn: EmbedFn, images: np.ndarray, modality: int, batch_size: int) -> np.ndarray:
   """One call of embed_fn, its output as float32 [batch_size, D]."""
   out = np.asarray(embed_fn(images, modality), np.float32)
   if out.ndim != images.ndim - 2 or out.shape[:-1] != images.shape[:-3]:
-    raise ValueError(f"embed_fn returned shape {out.shape} for images of "
-                     f"shape {images.shape}; expected {images.shape[:-3]} "
-                     "+ (D,)")
+    raise ValueError(
+      f'embed_fn returned shape {out.shape} for images of '
+      f'shape {images.shape}; expected {images.shape[:-3]} '
+      '+ (D,)'
+    )
   return out.reshape(batch_size, -1)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOLS = ("sysu", "regdb", "llcm")
+PROTOCOLS = ('sysu', 'regdb', 'llcm')
 
 # Bytes of working memory per (query, gallery) element of a chunk: the
 # argsort indices (8), the sorted distances for the tie check (8), the ranked
@@ -43,14 +43,14 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
 def evaluate_ranking(
-    distmat: Any,
-    q_pids: Any,
-    g_pids: Any,
-    q_camids: Any = None,
-    g_camids: Any = None,
-    protocol: str = "sysu",
-    max_rank: int = 20,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+  distmat: Any,
+  q_pids: Any,
+  g_pids: Any,
+  q_camids: Any = None,
+  g_camids: Any = None,
+  protocol: str = 'sysu',
+  max_rank: int = 20,
+  memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> dict[str, Any]:
   """Scores a query-by-gallery distance matrix (smaller is closer).
 
@@ -76,28 +76,31 @@ def evaluate_ranking(
       NaN distances, or when no query has a match in the gallery.
   """
   if protocol not in PROTOCOLS:
-    raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    raise ValueError(f'protocol must be one of {PROTOCOLS}, got {protocol!r}')
   distmat = np.asarray(distmat)
   if distmat.ndim != 2:
-    raise ValueError(f"distmat must be 2-D, got shape {distmat.shape}")
+    raise ValueError(f'distmat must be 2-D, got shape {distmat.shape}')
   num_q, num_g = distmat.shape
-  q_pids = _vector(q_pids, num_q, "q_pids")
-  g_pids = _vector(g_pids, num_g, "g_pids")
-  if protocol == "regdb":
+  q_pids = _vector(q_pids, num_q, 'q_pids')
+  g_pids = _vector(g_pids, num_g, 'g_pids')
+  if protocol == 'regdb':
     q_camids = np.zeros(num_q, np.int64)
     g_camids = np.zeros(num_g, np.int64)
   else:
     if q_camids is None or g_camids is None:
-      raise ValueError(f"protocol {protocol!r} needs q_camids and g_camids")
-    q_camids = _vector(q_camids, num_q, "q_camids")
-    g_camids = _vector(g_camids, num_g, "g_camids")
+      raise ValueError(f'protocol {protocol!r} needs q_camids and g_camids')
+    q_camids = _vector(q_camids, num_q, 'q_camids')
+    g_camids = _vector(g_camids, num_g, 'g_camids')
   if num_q == 0 or num_g == 0:
-    raise ValueError(f"empty query or gallery: distmat shape {distmat.shape}")
+    raise ValueError(f'empty query or gallery: distmat shape {distmat.shape}')
   if max_rank < 1:
-    raise ValueError(f"max_rank must be positive, got {max_rank}")
+    raise ValueError(f'max_rank must be positive, got {max_rank}')
   if num_g < max_rank:
-    warnings.warn(f"gallery of {num_g} images is smaller than max_rank "
-                  f"{max_rank}; the CMC curve is cut to {num_g} ranks")
+    warnings.warn(
+      f'gallery of {num_g} images is smaller than max_rank '
+      f'{max_rank}; the CMC curve is cut to {num_g} ranks',
+      stacklevel=2,
+    )
     max_rank = num_g
 
   # Identities as dense integers 0..U-1; a query identity absent from the
@@ -114,31 +117,34 @@ def evaluate_ranking(
     sl = slice(start, min(start + chunk, num_q))
     d = distmat[sl]
     if np.isnan(d).any():
-      raise ValueError("distmat contains NaN")
-    ranks, ap, inp = _score_chunk(d, q_dense[sl], q_camids[sl], g_dense,
-                                  g_camids, protocol, len(g_ids))
-    rank_counts += np.bincount(np.minimum(ranks, max_rank + 1) - 1,
-                               minlength=max_rank + 1)[:max_rank]
+      raise ValueError('distmat contains NaN')
+    ranks, ap, inp = _score_chunk(
+      d, q_dense[sl], q_camids[sl], g_dense, g_camids, protocol, len(g_ids)
+    )
+    rank_counts += np.bincount(np.minimum(ranks, max_rank + 1) - 1, minlength=max_rank + 1)[
+      :max_rank
+    ]
     all_ap.append(ap)
     all_inp.append(inp)
 
   all_ap = np.concatenate(all_ap)
   num_valid = len(all_ap)
   if num_valid == 0:
-    raise ValueError("no query identity has a match in the gallery "
-                     f"(protocol {protocol!r}): nothing to evaluate")
+    raise ValueError(
+      f'no query identity has a match in the gallery (protocol {protocol!r}): nothing to evaluate'
+    )
   return {
-      "cmc": np.cumsum(rank_counts) / num_valid,
-      "mAP": float(np.mean(all_ap)),
-      "mINP": float(np.mean(np.concatenate(all_inp))),
-      "num_valid_queries": int(num_valid),
+    'cmc': np.cumsum(rank_counts) / num_valid,
+    'mAP': float(np.mean(all_ap)),
+    'mINP': float(np.mean(np.concatenate(all_inp))),
+    'num_valid_queries': int(num_valid),
   }
 
 
 def _vector(x: Any, n: int, name: str) -> np.ndarray:
   x = np.asarray(x).reshape(-1)
   if x.shape != (n,):
-    raise ValueError(f"{name} must have {n} entries, got {x.shape[0]}")
+    raise ValueError(f'{name} must have {n} entries, got {x.shape[0]}')
   return x
 
 
@@ -154,13 +160,13 @@ def _rank(d: np.ndarray) -> np.ndarray:
   tied = (ranked[:, 1:] == ranked[:, :-1]).any(axis=1)
   del ranked
   if tied.any():
-    order[tied] = np.argsort(d[tied], axis=1, kind="stable")
+    order[tied] = np.argsort(d[tied], axis=1, kind='stable')
   return order
 
 
-def removed_from_gallery(protocol: str, q_pids: np.ndarray, q_cams: np.ndarray,
-                         g_pids: np.ndarray, g_cams: np.ndarray
-                         ) -> np.ndarray | None:
+def removed_from_gallery(
+  protocol: str, q_pids: np.ndarray, q_cams: np.ndarray, g_pids: np.ndarray, g_cams: np.ndarray
+) -> np.ndarray | None:
   """Which gallery images a protocol removes for each query (module doc).
 
   Args:
@@ -172,22 +178,23 @@ def removed_from_gallery(protocol: str, q_pids: np.ndarray, q_cams: np.ndarray,
     [Q, G] bool, True where gallery image g does not count for query q, in
     gallery order; None when the protocol removes nothing ("regdb").
   """
-  if protocol == "sysu":
+  if protocol == 'sysu':
     return (np.asarray(q_cams) == 3)[:, None] & (np.asarray(g_cams) == 2)[None, :]
-  if protocol == "llcm":
-    return ((np.asarray(g_pids)[None, :] == np.asarray(q_pids)[:, None])
-            & (np.asarray(g_cams)[None, :] == np.asarray(q_cams)[:, None]))
+  if protocol == 'llcm':
+    return (np.asarray(g_pids)[None, :] == np.asarray(q_pids)[:, None]) & (
+      np.asarray(g_cams)[None, :] == np.asarray(q_cams)[:, None]
+    )
   return None
 
 
 def _score_chunk(
-    d: np.ndarray,
-    q_dense: np.ndarray,
-    q_cam: np.ndarray,
-    g_dense: np.ndarray,
-    g_cam: np.ndarray,
-    protocol: str,
-    num_ids: int,
+  d: np.ndarray,
+  q_dense: np.ndarray,
+  q_cam: np.ndarray,
+  g_dense: np.ndarray,
+  g_cam: np.ndarray,
+  protocol: str,
+  num_ids: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Scores one chunk of queries.
 
@@ -234,21 +241,20 @@ def _score_chunk(
     ap = np.zeros(0)
   inp = num_rel[valid] / kept_rank[ends[valid] - 1]
 
-  if protocol == "regdb":
+  if protocol == 'regdb':
     first_rank = kept_rank[starts[valid]]
   else:
     first_col = np.full(num_c, num_g)
     first_col[valid] = cols[starts[valid]]
-    first_rank = _unique_identity_rank(ranked_ids, removed, first_col,
-                                       num_ids)[valid]
+    first_rank = _unique_identity_rank(ranked_ids, removed, first_col, num_ids)[valid]
   return first_rank, ap, inp
 
 
 def _unique_identity_rank(
-    ranked_ids: np.ndarray,
-    removed: np.ndarray,
-    first_col: np.ndarray,
-    num_ids: int,
+  ranked_ids: np.ndarray,
+  removed: np.ndarray,
+  first_col: np.ndarray,
+  num_ids: int,
 ) -> np.ndarray:
   """Rank of the query identity in the ranked list of unique identities.
 

@@ -30,7 +30,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,16 +41,16 @@ from cal_jax.modality import INFRARED, VISIBLE
 PROTOCOL_KEYS = specs.PROTOCOL_KEYS
 NUM_TRIALS = 10
 
-_SYSU_CAMERAS = specs.SPECS["sysu_mm01"].cameras
+_SYSU_CAMERAS = specs.SPECS['sysu_mm01'].cameras
 SYSU_QUERY_CAMERAS = _SYSU_CAMERAS[INFRARED]
 # Indoor search: the two indoor visible cameras.
-SYSU_GALLERY_CAMERAS = {"all": _SYSU_CAMERAS[VISIBLE], "indoor": (1, 2)}
-SYSU_SHOTS = {"single": 1, "multi": 10}
+SYSU_GALLERY_CAMERAS = {'all': _SYSU_CAMERAS[VISIBLE], 'indoor': (1, 2)}
+SYSU_SHOTS = {'single': 1, 'multi': 10}
 # Where the SYSU-MM01 distribution keeps its fixed gallery permutations.
-RAND_PERM_RELPATH = os.path.join("exp", "rand_perm_cam.mat")
+RAND_PERM_RELPATH = os.path.join('exp', 'rand_perm_cam.mat')
 
 # DEEN's camera lists: the near-infrared test set has no camera 3.
-LLCM_CAMERAS = specs.SPECS["llcm"].cameras
+LLCM_CAMERAS = specs.SPECS['llcm'].cameras
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +64,9 @@ class RecordTable:
 
   def __post_init__(self):
     n = len(self.path)
-    for name in ("id", "camera", "modality"):
+    for name in ('id', 'camera', 'modality'):
       if len(getattr(self, name)) != n:
-        raise ValueError(f"RecordTable.{name} has {len(getattr(self, name))} "
-                         f"entries, path has {n}")
+        raise ValueError(f'RecordTable.{name} has {len(getattr(self, name))} entries, path has {n}')
 
   def __len__(self) -> int:
     return len(self.path)
@@ -76,20 +76,22 @@ class RecordTable:
     """Builds the table from objects with path, id, camera, modality."""
     records = list(records)
     return cls(
-        path=np.array([str(r.path) for r in records], dtype=object),
-        id=np.array([int(r.id) for r in records], dtype=np.int64),
-        camera=np.array([int(r.camera) for r in records], dtype=np.int64),
-        modality=np.array([int(r.modality) for r in records],
-                          dtype=np.int64))
+      path=np.array([str(r.path) for r in records], dtype=object),
+      id=np.array([int(r.id) for r in records], dtype=np.int64),
+      camera=np.array([int(r.camera) for r in records], dtype=np.int64),
+      modality=np.array([int(r.modality) for r in records], dtype=np.int64),
+    )
 
   @classmethod
   def of_columns(cls, columns: Any) -> RecordTable:
     """The table of an object with array columns path, id, camera, modality
     (a test split, `cal_jax.data.splits.SplitArrays`)."""
-    return cls(path=np.asarray(columns.path, dtype=object),
-               id=np.asarray(columns.id, np.int64),
-               camera=np.asarray(columns.camera, np.int64),
-               modality=np.asarray(columns.modality, np.int64))
+    return cls(
+      path=np.asarray(columns.path, dtype=object),
+      id=np.asarray(columns.id, np.int64),
+      camera=np.asarray(columns.camera, np.int64),
+      modality=np.asarray(columns.modality, np.int64),
+    )
 
 
 def as_table(records: RecordTable | Sequence[Any]) -> RecordTable:
@@ -121,11 +123,11 @@ class Split:
 
 
 def build_split(
-    records: RecordTable | Sequence[Any],
-    key: str,
-    trial: int = 0,
-    rand_perm: np.ndarray | None = None,
-    llcm_v2n_as_released: bool = False,
+  records: RecordTable | Sequence[Any],
+  key: str,
+  trial: int = 0,
+  rand_perm: np.ndarray | None = None,
+  llcm_v2n_as_released: bool = False,
 ) -> Split:
   """Query and gallery of protocol ``key`` for one trial.
 
@@ -145,29 +147,28 @@ def build_split(
     The `Split`.
   """
   if key not in PROTOCOL_KEYS:
-    raise ValueError(f"unknown protocol key {key!r}; one of {PROTOCOL_KEYS}")
+    raise ValueError(f'unknown protocol key {key!r}; one of {PROTOCOL_KEYS}')
   table = as_table(records)
-  dataset, rest = key.split("/", 1)
-  if rand_perm is not None and dataset != "sysu":
-    raise ValueError("rand_perm only applies to SYSU-MM01")
-  if dataset == "sysu":
-    mode, shot = rest.split("/")
+  dataset, rest = key.split('/', 1)
+  if rand_perm is not None and dataset != 'sysu':
+    raise ValueError('rand_perm only applies to SYSU-MM01')
+  if dataset == 'sysu':
+    mode, shot = rest.split('/')
     query = sysu_query(table)
     gallery = sysu_gallery(table, mode, shot, trial, rand_perm)
-    draw = (f"rand_perm_cam.mat run {trial}" if rand_perm is not None
-            else f"random.seed({trial})")
-    return Split(key, trial, query, gallery, "sysu", draw)
-  if dataset == "regdb":
+    draw = f'rand_perm_cam.mat run {trial}' if rand_perm is not None else f'random.seed({trial})'
+    return Split(key, trial, query, gallery, 'sysu', draw)
+  if dataset == 'regdb':
     query, gallery = regdb_split(table, rest)
-    return Split(key, trial, query, gallery, "regdb", "whole test split")
-  probe_modality = VISIBLE if rest == "v2n" else INFRARED
+    return Split(key, trial, query, gallery, 'regdb', 'whole test split')
+  probe_modality = VISIBLE if rest == 'v2n' else INFRARED
   query = llcm_query(table, probe_modality)
   gallery = llcm_gallery(table, 1 - probe_modality, trial)
-  draw = f"random.seed({trial})"
-  if rest == "v2n" and llcm_v2n_as_released:
+  draw = f'random.seed({trial})'
+  if rest == 'v2n' and llcm_v2n_as_released:
     query, gallery = gallery, query
     draw += ", probes and gallery swapped as DEEN's released test.py"
-  return Split(key, trial, query, gallery, "llcm", draw)
+  return Split(key, trial, query, gallery, 'llcm', draw)
 
 
 def sysu_query(records: RecordTable | Sequence[Any]) -> np.ndarray:
@@ -181,11 +182,11 @@ def sysu_query(records: RecordTable | Sequence[Any]) -> np.ndarray:
 
 
 def sysu_gallery(
-    records: RecordTable | Sequence[Any],
-    mode: str = "all",
-    shot: str = "single",
-    trial: int = 0,
-    rand_perm: np.ndarray | None = None,
+  records: RecordTable | Sequence[Any],
+  mode: str = 'all',
+  shot: str = 'single',
+  trial: int = 0,
+  rand_perm: np.ndarray | None = None,
 ) -> np.ndarray:
   """The visible gallery of one SYSU-MM01 trial.
 
@@ -208,14 +209,14 @@ def sysu_gallery(
   if shot not in SYSU_SHOTS:
     raise ValueError(f"shot must be 'single' or 'multi', got {shot!r}")
   if trial < 0:
-    raise ValueError(f"trial must be non-negative, got {trial}")
+    raise ValueError(f'trial must be non-negative, got {trial}')
   table = as_table(records)
   groups = _group_files(table, SYSU_GALLERY_CAMERAS[mode], VISIBLE)
   if rand_perm is not None:
-    return _draw_rand_perm(table, groups, SYSU_GALLERY_CAMERAS[mode],
-                           SYSU_SHOTS[shot], trial, rand_perm)
-  return _draw_random(groups, SYSU_GALLERY_CAMERAS[mode], SYSU_SHOTS[shot],
-                      trial)
+    return _draw_rand_perm(
+      table, groups, SYSU_GALLERY_CAMERAS[mode], SYSU_SHOTS[shot], trial, rand_perm
+    )
+  return _draw_random(groups, SYSU_GALLERY_CAMERAS[mode], SYSU_SHOTS[shot], trial)
 
 
 def load_rand_perm(path: str) -> np.ndarray:
@@ -227,11 +228,11 @@ def load_rand_perm(path: str) -> np.ndarray:
   """
   import scipy.io  # pylint: disable=g-import-not-at-top
 
-  return scipy.io.loadmat(path)["rand_perm_cam"]
+  return scipy.io.loadmat(path)['rand_perm_cam']
 
 
 def regdb_split(
-    records: RecordTable | Sequence[Any], direction: str
+  records: RecordTable | Sequence[Any], direction: str
 ) -> tuple[np.ndarray, np.ndarray]:
   """Probes and gallery of one RegDB trial, in record (index file) order.
 
@@ -242,16 +243,15 @@ def regdb_split(
   Returns:
     ([Q], [G]) record indices.
   """
-  if direction not in ("v2t", "t2v"):
+  if direction not in ('v2t', 't2v'):
     raise ValueError(f"direction must be 'v2t' or 't2v', got {direction!r}")
   table = as_table(records)
   visible = np.flatnonzero(table.modality == VISIBLE)
   thermal = np.flatnonzero(table.modality == INFRARED)
-  return (visible, thermal) if direction == "v2t" else (thermal, visible)
+  return (visible, thermal) if direction == 'v2t' else (thermal, visible)
 
 
-def llcm_query(records: RecordTable | Sequence[Any],
-               modality: int) -> np.ndarray:
+def llcm_query(records: RecordTable | Sequence[Any], modality: int) -> np.ndarray:
   """Every LLCM test image of ``modality`` in DEEN's listing order.
 
   Returns:
@@ -261,40 +261,39 @@ def llcm_query(records: RecordTable | Sequence[Any],
   return _list_images(table, LLCM_CAMERAS[modality], modality)
 
 
-def llcm_gallery(records: RecordTable | Sequence[Any], modality: int,
-                 trial: int = 0) -> np.ndarray:
+def llcm_gallery(records: RecordTable | Sequence[Any], modality: int, trial: int = 0) -> np.ndarray:
   """One random LLCM test image of ``modality`` per (identity, camera).
 
   Returns:
     [G] record indices ordered by identity and camera (DEEN's order).
   """
   if trial < 0:
-    raise ValueError(f"trial must be non-negative, got {trial}")
+    raise ValueError(f'trial must be non-negative, got {trial}')
   table = as_table(records)
   groups = _group_files(table, LLCM_CAMERAS[modality], modality)
   return _draw_random(groups, LLCM_CAMERAS[modality], 1, trial)
 
 
-def _group_files(table: RecordTable, cameras: Sequence[int],
-                 modality: int) -> dict[tuple[int, int], list[int]]:
+def _group_files(
+  table: RecordTable, cameras: Sequence[int], modality: int
+) -> dict[tuple[int, int], list[int]]:
   """Record indices per (identity, camera), each list in file-name order.
 
   The reference lists a folder ``cam/id/`` and sorts the full paths; within
   one folder that is the order of the file names.
   """
-  selected = np.flatnonzero(np.isin(table.camera, cameras)
-                            & (table.modality == modality))
+  selected = np.flatnonzero(np.isin(table.camera, cameras) & (table.modality == modality))
   groups: dict[tuple[int, int], list[int]] = {}
   for i in selected:
-    groups.setdefault((int(table.id[i]), int(table.camera[i])),
-                      []).append(int(i))
+    groups.setdefault((int(table.id[i]), int(table.camera[i])), []).append(int(i))
   for members in groups.values():
     members.sort(key=lambda i: os.path.basename(table.path[i]))
   return groups
 
 
-def _visit(groups: dict[tuple[int, int], list[int]],
-           cameras: Sequence[int]) -> Iterable[tuple[int, int, list[int]]]:
+def _visit(
+  groups: dict[tuple[int, int], list[int]], cameras: Sequence[int]
+) -> Iterable[tuple[int, int, list[int]]]:
   """The reference's loop: identities sorted, then cameras in list order."""
   for pid in sorted({pid for pid, _ in groups}):
     for cam in cameras:
@@ -302,15 +301,15 @@ def _visit(groups: dict[tuple[int, int], list[int]],
         yield pid, cam, groups[(pid, cam)]
 
 
-def _list_images(table: RecordTable, cameras: Sequence[int],
-                 modality: int) -> np.ndarray:
+def _list_images(table: RecordTable, cameras: Sequence[int], modality: int) -> np.ndarray:
   groups = _group_files(table, cameras, modality)
   out = [i for _, _, members in _visit(groups, cameras) for i in members]
   return np.asarray(out, dtype=np.int64)
 
 
-def _draw_random(groups: dict[tuple[int, int], list[int]],
-                 cameras: Sequence[int], shots: int, trial: int) -> np.ndarray:
+def _draw_random(
+  groups: dict[tuple[int, int], list[int]], cameras: Sequence[int], shots: int, trial: int
+) -> np.ndarray:
   # A private generator seeded like the reference's ``random.seed(trial)``
   # yields the same draws without touching the global state.
   rng = random.Random(trial)
@@ -323,29 +322,34 @@ def _draw_random(groups: dict[tuple[int, int], list[int]],
   return np.asarray(out, dtype=np.int64)
 
 
-def _draw_rand_perm(table: RecordTable, groups: dict[tuple[int, int],
-                                                     list[int]],
-                    cameras: Sequence[int], shots: int, trial: int,
-                    rand_perm: np.ndarray) -> np.ndarray:
+def _draw_rand_perm(
+  table: RecordTable,
+  groups: dict[tuple[int, int], list[int]],
+  cameras: Sequence[int],
+  shots: int,
+  trial: int,
+  rand_perm: np.ndarray,
+) -> np.ndarray:
   """MPANet's ``get_gallery_names``: image ``cam/pid/%04d`` per pick."""
   out = []
   for pid, cam, members in _visit(groups, cameras):
     cam_perm = np.asarray(rand_perm[cam - 1][0]).squeeze()
-    entry = (np.asarray(cam_perm[pid - 1]) if pid - 1 < len(cam_perm)
-             else np.zeros((0, 0)))
+    entry = np.asarray(cam_perm[pid - 1]) if pid - 1 < len(cam_perm) else np.zeros((0, 0))
     if entry.size == 0:
-      raise ValueError(f"rand_perm_cam has no permutation for identity {pid} "
-                       f"in camera {cam}, which has {len(members)} images")
+      raise ValueError(
+        f'rand_perm_cam has no permutation for identity {pid} '
+        f'in camera {cam}, which has {len(members)} images'
+      )
     entry = np.atleast_2d(entry)
     if trial >= entry.shape[0]:
-      raise ValueError(f"rand_perm_cam has {entry.shape[0]} runs; "
-                       f"trial {trial} asked")
-    by_name = {os.path.splitext(os.path.basename(table.path[i]))[0]: i
-               for i in members}
+      raise ValueError(f'rand_perm_cam has {entry.shape[0]} runs; trial {trial} asked')
+    by_name = {os.path.splitext(os.path.basename(table.path[i]))[0]: i for i in members}
     for number in entry[trial][:shots]:
-      name = "%04d" % int(number)
+      name = f'{int(number):04d}'
       if name not in by_name:
-        raise ValueError(f"rand_perm_cam picks image {name} of identity "
-                         f"{pid} in camera {cam}, absent from the records")
+        raise ValueError(
+          f'rand_perm_cam picks image {name} of identity '
+          f'{pid} in camera {cam}, absent from the records'
+        )
       out.append(by_name[name])
   return np.asarray(out, dtype=np.int64)

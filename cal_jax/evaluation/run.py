@@ -8,7 +8,7 @@ Shared by the end of training, the periodic evaluations and `--mode eval`
 import dataclasses
 import datetime
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -46,6 +46,7 @@ class Embedder:
     m_hat: M-hat, [N_p].
     kind: 'parts' (CAL) or 'global' (the baseline), `embedding.embed`'s kind.
   """
+
   model: CAL
   variables: Any
   m_hat: np.ndarray
@@ -63,9 +64,16 @@ def make_embedder(model: CAL, state: Any, m_hat: np.ndarray, kind: str = 'parts'
   return Embedder(eval_model, jax.device_put(variables), m_hat, kind)
 
 
-def evaluate_state(embedder: Embedder, splits: Splits, settings: evaluator.EvalSettings,
-                   workdir: str, *, step: int, meta: Optional[dict[str, Any]] = None,
-                   writer: Optional[Any] = None) -> evaluator.Evaluation:
+def evaluate_state(
+  embedder: Embedder,
+  splits: Splits,
+  settings: evaluator.EvalSettings,
+  workdir: str,
+  *,
+  step: int,
+  meta: dict[str, Any] | None = None,
+  writer: Any | None = None,
+) -> evaluator.Evaluation:
   """Evaluates on every protocol of the data set; writes DIR/eval_results.json.
 
   Args:
@@ -77,22 +85,40 @@ def evaluate_state(embedder: Embedder, splits: Splits, settings: evaluator.EvalS
     meta: more entries for the results' 'meta' (e.g. config.data.synthetic).
     writer: a `clu` metric writer (training): the metrics and the table go there too.
   """
-  evaluation = evaluator.evaluate(embedder, splits.test, splits.name, settings,
-                                  distribute=distributed.split_and_gather, log=logging.info)
+  evaluation = evaluator.evaluate(
+    embedder,
+    splits.test,
+    splits.name,
+    settings,
+    distribute=distributed.split_and_gather,
+    log=logging.info,
+  )
   results = evaluation.results
-  meta = {'checkpoint_step': step, 'dataset': splits.name,
-          'builder_config': settings.builder_config, **(meta or {}),
-          'm_hat': embedder.m_hat.tolist(), 'embedding': settings.embedding,
-          'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
+  meta = {
+    'checkpoint_step': step,
+    'dataset': splits.name,
+    'builder_config': settings.builder_config,
+    **(meta or {}),
+    'm_hat': embedder.m_hat.tolist(),
+    'embedding': settings.embedding,
+    'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+  }
   table = results_lib.format_table(results)
   if jax.process_index() == 0:
     results_lib.write_results(os.path.join(workdir, 'eval_results.json'), results, meta)
     print(table, flush=True)
   if writer is not None:
-    writer.write_scalars(step, {f'eval/{key}/{name}': value
-                                for key, fields in results.items()
-                                for name, value in fields.items()
-                                if name in TENSORBOARD_METRICS})
+    writer.write_scalars(
+      step,
+      {
+        f'eval/{key}/{name}': value
+        for key, fields in results.items()
+        for name, value in fields.items()
+        if name in TENSORBOARD_METRICS
+      },
+    )
     # Indented: a Markdown code block, so TensorBoard keeps the columns.
-    writer.write_texts(step, {'eval/table': '\n'.join('    ' + line for line in table.splitlines())})
+    writer.write_texts(
+      step, {'eval/table': '\n'.join('    ' + line for line in table.splitlines())}
+    )
   return evaluation

@@ -1,1 +1,1 @@
-"""PyTorch interoperability: `export` writes a trained CAL for `torch_model`, which needs torch only."""
+"""PyTorch interoperability: `export` writes a trained CAL; `torch_model` needs torch only."""

@@ -28,7 +28,7 @@ import errno
 import json
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any
 
 import flax
 import ml_collections
@@ -45,47 +45,63 @@ FORMAT = 'cal_jax.torch_model/1'  # the format `cal_jax.interop.torch_model.load
 SUFFIXES = ('.safetensors', '.pt')
 
 # config.model fields that are the hyper-parameters of `torch_model.CALInference`.
-MODEL_FIELDS = ('depth', 'width', 'last_stride', 'modality_specific_stem',
-                'shared_region_mining', 'num_parts', 'select_ratio', 'pool_sizes',
-                'adapter_hidden', 'adapter_dim', 'channel_reduction')
+MODEL_FIELDS = (
+  'depth',
+  'width',
+  'last_stride',
+  'modality_specific_stem',
+  'shared_region_mining',
+  'num_parts',
+  'select_ratio',
+  'pool_sizes',
+  'adapter_hidden',
+  'adapter_dim',
+  'channel_reduction',
+)
 
 # Kind of tensor -> axis permutation from the Flax layout to the torch one.
 TO_TORCH = {
-    'conv': tuple(int(i) for i in np.argsort(pretrained.TRANSPOSES['conv'])),  # HWIO -> OIHW
-    'dense': (1, 0),  # Dense kernel [in, out] -> Linear weight [out, in]
-    'vector': (0,),
+  'conv': tuple(int(i) for i in np.argsort(pretrained.TRANSPOSES['conv'])),  # HWIO -> OIHW
+  'dense': (1, 0),  # Dense kernel [in, out] -> Linear weight [out, in]
+  'vector': (0,),
 }
 
 # CAL backbone module -> (its torch prefix, the `resnet.ResNet` module whose
 # torchvision names `pretrained.param_mapping` gives).
 BACKBONE_MODULES = {
-    'stem_visible': ('stem_visible.', 'stem'),
-    'stem_infrared': ('stem_infrared.', 'stem'),
-    'stages': ('', 'stages'),
+  'stem_visible': ('stem_visible.', 'stem'),
+  'stem_infrared': ('stem_infrared.', 'stem'),
+  'stages': ('', 'stages'),
 }
 
 # CAL head module path -> torch module name.
 HEAD_MODULES = {
-    ('region_mining_visible', 'prototypes'): 'region_mining_visible.prototypes',
-    ('region_mining_infrared', 'prototypes'): 'region_mining_infrared.prototypes',
-    **{('adapter', mlp, fc): f'adapter.{mlp}.{fc}'
-       for mlp in ('token_mlp', 'query_mlp', 'channel_mlp') for fc in ('fc1', 'fc2')},
-    ('part_neck',): 'part_neck',
+  ('region_mining_visible', 'prototypes'): 'region_mining_visible.prototypes',
+  ('region_mining_infrared', 'prototypes'): 'region_mining_infrared.prototypes',
+  **{
+    ('adapter', mlp, fc): f'adapter.{mlp}.{fc}'
+    for mlp in ('token_mlp', 'query_mlp', 'channel_mlp')
+    for fc in ('fc1', 'fc2')
+  },
+  ('part_neck',): 'part_neck',
 }
 
 # (Flax collection, Flax leaf) of a head module -> (torch leaf, kind).
 HEAD_LEAVES = {
-    ('params', 'kernel'): ('weight', 'dense'),
-    ('params', 'bias'): ('bias', 'vector'),
-    ('params', 'scale'): ('weight', 'vector'),
-    ('batch_stats', 'mean'): ('running_mean', 'vector'),
-    ('batch_stats', 'var'): ('running_var', 'vector'),
+  ('params', 'kernel'): ('weight', 'dense'),
+  ('params', 'bias'): ('bias', 'vector'),
+  ('params', 'scale'): ('weight', 'vector'),
+  ('batch_stats', 'mean'): ('running_mean', 'vector'),
+  ('batch_stats', 'var'): ('running_var', 'vector'),
 }
 
 # CAL module paths that only training uses: not exported.
 TRAINING_ONLY = (
-    ('global_neck',), ('global_classifier',), ('part_classifier',),
-    ('region_mining_visible', 'part_classifiers'), ('region_mining_infrared', 'part_classifiers'),
+  ('global_neck',),
+  ('global_classifier',),
+  ('part_classifier',),
+  ('region_mining_visible', 'part_classifiers'),
+  ('region_mining_infrared', 'part_classifiers'),
 )
 
 
@@ -95,7 +111,7 @@ def model_hyperparameters(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _startswith(path: tuple[str, ...], prefixes: tuple[tuple[str, ...], ...]) -> bool:
-  return any(path[:len(prefix)] == prefix for prefix in prefixes)
+  return any(path[: len(prefix)] == prefix for prefix in prefixes)
 
 
 def torch_state_dict(variables: Any, depth: int, width: int) -> dict[str, np.ndarray]:
@@ -111,8 +127,9 @@ def torch_state_dict(variables: Any, depth: int, width: int) -> dict[str, np.nda
     ValueError: a variable that no rule names, or a backbone shape that
       differs from `pretrained.param_mapping(depth, width)`.
   """
-  backbone = {(t.collection, t.path): (key, t)
-              for key, t in pretrained.param_mapping(depth, width).items()}
+  backbone = {
+    (t.collection, t.path): (key, t) for key, t in pretrained.param_mapping(depth, width).items()
+  }
   state, problems = {}, []
   for collection in ('params', 'batch_stats'):
     for path, value in flax.traverse_util.flatten_dict(dict(variables[collection])).items():
@@ -128,8 +145,9 @@ def torch_state_dict(variables: Any, depth: int, width: int) -> dict[str, np.nda
           continue
         key, target = found
         if value.shape != target.shape:
-          problems.append(f'  {name}: shape {value.shape}, a resnet{depth} of width {width} '
-                          f'has {target.shape}')
+          problems.append(
+            f'  {name}: shape {value.shape}, a resnet{depth} of width {width} has {target.shape}'
+          )
           continue
         key, kind = prefix + key, target.kind
       elif path[:-1] in HEAD_MODULES and (collection, path[-1]) in HEAD_LEAVES:
@@ -154,8 +172,9 @@ class OutputError(OSError):
 def check_suffix(path: str) -> str:
   suffix = os.path.splitext(os.fspath(path))[1].lower()
   if suffix not in SUFFIXES:
-    raise ValueError(f'{path}: unknown output format {suffix!r}; name the file '
-                     f'*.safetensors or *.pt')
+    raise ValueError(
+      f'{path}: unknown output format {suffix!r}; name the file *.safetensors or *.pt'
+    )
   return suffix
 
 
@@ -168,38 +187,57 @@ def check_output(path: str, overwrite: bool = False) -> None:
   """
   path = os.path.abspath(os.fspath(path))
   if os.path.isdir(path):
-    raise OutputError(errno.EISDIR, f'--output {path!r} is a folder: name the file to write, '
-                      f'e.g. {os.path.join(path, "cal.safetensors")!r}')
+    raise OutputError(
+      errno.EISDIR,
+      f'--output {path!r} is a folder: name the file to write, '
+      f'e.g. {os.path.join(path, "cal.safetensors")!r}',
+    )
   if os.path.lexists(path) and not overwrite:
-    raise OutputError(errno.EEXIST, f'--output {path!r} exists: pass --overwrite to replace '
-                      'it, or choose another --output')
+    raise OutputError(
+      errno.EEXIST,
+      f'--output {path!r} exists: pass --overwrite to replace it, or choose another --output',
+    )
   existing = os.path.dirname(path)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    raise OutputError(errno.ENOTDIR, f'cannot write --output {path!r}: {existing!r} is a file, '
-                      'not a folder; choose another --output')
+    raise OutputError(
+      errno.ENOTDIR,
+      f'cannot write --output {path!r}: {existing!r} is a file, '
+      'not a folder; choose another --output',
+    )
   try:
     fd, probe = tempfile.mkstemp(prefix='.write-probe-', dir=existing)
     os.close(fd)
     os.remove(probe)
   except OSError as error:
-    raise OutputError(error.errno, f'cannot write --output {path!r}: {error.strerror} '
-                      f'(in {existing!r}); choose another --output') from error
+    raise OutputError(
+      error.errno,
+      f'cannot write --output {path!r}: {error.strerror} '
+      f'(in {existing!r}); choose another --output',
+    ) from error
 
 
 def check_embedding(config: ml_collections.ConfigDict) -> None:
   """Refuses a run evaluated with another embedding than CAL's parts."""
   embedding = config.model.get('embedding', 'parts')  # config.json of older runs lack it
   if embedding != 'parts':
-    raise ValueError(f'config.model.embedding={embedding!r}: only the CAL part embedding '
-                     "('parts', Sec. 3.4) is exported, not the baseline's pooled feature")
+    raise ValueError(
+      f'config.model.embedding={embedding!r}: only the CAL part embedding '
+      "('parts', Sec. 3.4) is exported, not the baseline's pooled feature"
+    )
 
 
-def export(variables: Any, config: ml_collections.ConfigDict, num_classes: Optional[int],
-           path: str, *, m_hat: Optional[np.ndarray] = None,
-           extra_metadata: Optional[dict[str, Any]] = None,
-           overwrite: bool = False) -> dict[str, Any]:
+def export(
+  variables: Any,
+  config: ml_collections.ConfigDict,
+  num_classes: int | None,
+  path: str,
+  *,
+  m_hat: np.ndarray | None = None,
+  extra_metadata: dict[str, Any] | None = None,
+  overwrite: bool = False,
+) -> dict[str, Any]:
   """Writes the inference weights of trained CAL variables for `torch_model.load`.
 
   Args:
@@ -226,34 +264,48 @@ def export(variables: Any, config: ml_collections.ConfigDict, num_classes: Optio
   params = variables['params']
   if not hyper['shared_region_mining']:
     params = embedding.reorder_prototypes(params, m_hat)
-  state = torch_state_dict({'params': params, 'batch_stats': variables['batch_stats']},
-                           hyper['depth'], hyper['width'])
-  metadata = {'format': FORMAT, 'config': hyper, 'm_hat': [int(i) for i in m_hat],
-              'prototypes_reordered': not hyper['shared_region_mining'],
-              'num_classes': None if num_classes is None else int(num_classes),
-              'image_size': [int(config.data.image_height), int(config.data.image_width)],
-              **checkpointing.to_json(extra_metadata or {})}
+  state = torch_state_dict(
+    {'params': params, 'batch_stats': variables['batch_stats']}, hyper['depth'], hyper['width']
+  )
+  metadata = {
+    'format': FORMAT,
+    'config': hyper,
+    'm_hat': [int(i) for i in m_hat],
+    'prototypes_reordered': not hyper['shared_region_mining'],
+    'num_classes': None if num_classes is None else int(num_classes),
+    'image_size': [int(config.data.image_height), int(config.data.image_width)],
+    **checkpointing.to_json(extra_metadata or {}),
+  }
   directory = os.path.dirname(os.path.abspath(path))
   temporary = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}')
   try:
     os.makedirs(directory, exist_ok=True)
     if suffix == '.safetensors':
       from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
       save_file(state, temporary, metadata={k: json.dumps(v) for k, v in metadata.items()})
     else:
       try:
         import torch  # pylint: disable=g-import-not-at-top
       except ImportError as error:
-        raise ImportError(f"{path}: writing .pt needs torch (pip install 'cal_jax[torch]'); "
-                          '.safetensors does not.') from error
-      torch.save({'config': hyper, 'metadata': metadata,
-                  'state_dict': {k: torch.tensor(v) for k, v in state.items()}}, temporary)
+        raise ImportError(
+          f"{path}: writing .pt needs torch (pip install 'cal_jax[torch]'); .safetensors does not."
+        ) from error
+      torch.save(
+        {
+          'config': hyper,
+          'metadata': metadata,
+          'state_dict': {k: torch.tensor(v) for k, v in state.items()},
+        },
+        temporary,
+      )
     os.replace(temporary, path)
   except OSError as error:  # e.g. the disk filled up: the old file (if any) is kept
     if isinstance(error, OutputError):
       raise
-    raise OutputError(error.errno, f'cannot write --output {path!r}: '
-                      f'{error.strerror or error}') from error
+    raise OutputError(
+      error.errno, f'cannot write --output {path!r}: {error.strerror or error}'
+    ) from error
   finally:
     if os.path.exists(temporary):
       os.remove(temporary)
@@ -264,15 +316,21 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a training run wrote to DIR/config.json."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} does not exist (training writes it); pass the run\'s '
-                            '--config instead')
+    raise FileNotFoundError(
+      f"{path} does not exist (training writes it); pass the run's --config instead"
+    )
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def export_checkpoint(workdir: str, output: str, *, step: Optional[int] = None,
-                      config: Optional[ml_collections.ConfigDict] = None,
-                      overwrite: bool = False) -> dict[str, Any]:
+def export_checkpoint(
+  workdir: str,
+  output: str,
+  *,
+  step: int | None = None,
+  config: ml_collections.ConfigDict | None = None,
+  overwrite: bool = False,
+) -> dict[str, Any]:
   """Exports a checkpoint of a training workdir (the latest, or `step`).
 
   M-hat is computed as `--mode eval` does: from the last epoch's assignment
@@ -284,8 +342,10 @@ def export_checkpoint(workdir: str, output: str, *, step: Optional[int] = None,
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'workdir {workdir} does not exist')
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f'no checkpoints in {workdir} (no {directory}): train first, or '
-                            'point --workdir at a training run')
+    raise FileNotFoundError(
+      f'no checkpoints in {workdir} (no {directory}): train first, or '
+      'point --workdir at a training run'
+    )
   config = load_workdir_config(workdir) if config is None else config
   # Partial: a config.json of an older run may lack newer fields, and no data is read
   # here, so the data set's folder need not exist.
@@ -295,14 +355,21 @@ def export_checkpoint(workdir: str, output: str, *, step: Optional[int] = None,
   if not steps:
     raise FileNotFoundError(f'no complete checkpoint in {directory}: train first')
   if step is not None and step not in steps:
-    raise FileNotFoundError(f'no checkpoint for step {step} in {directory}; the committed '
-                            f'steps are {steps}')
+    raise FileNotFoundError(
+      f'no checkpoint for step {step} in {directory}; the committed steps are {steps}'
+    )
   step = steps[-1] if step is None else step
   check_output(output, overwrite)  # before the checkpoint is read
   num_classes = int(checkpointing.saved_meta(directory, step)['fingerprint']['num_classes'])
   with checkpointing.Checkpointer(directory, config, num_classes, async_save=False) as ckpt:
     state, extra = ckpt.restore(abstract_train_state(config, num_classes), step=step)
   m_hat = AssignmentCounts.from_json(extra, config.model.num_parts).m_hat()
-  return export({'params': state.params, 'batch_stats': state.batch_stats}, config,
-                num_classes, output, m_hat=m_hat, extra_metadata={'checkpoint_step': step},
-                overwrite=overwrite)
+  return export(
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    config,
+    num_classes,
+    output,
+    m_hat=m_hat,
+    extra_metadata={'checkpoint_step': step},
+    overwrite=overwrite,
+  )

@@ -1,9 +1,9 @@
 """The CAL inference path in plain PyTorch, for models exported by `cal_jax.convert`.
 
-This file needs torch (and safetensors for `.safetensors` files) only: no
-JAX, no Flax, nothing else of cal_jax, so it can be copied into a PyTorch
-project on its own. It computes what `cal_jax.models.cal.CAL.embed` computes
-(Sec. 3.4 of the CAL paper):
+This file and `torch_files.py` (reading the exported files) need torch (and
+safetensors for `.safetensors` files) only, nothing of JAX or cal_jax: the two
+can be copied into a PyTorch project side by side. It computes what
+`cal_jax.models.cal.CAL.embed` computes (Sec. 3.4 of the CAL paper):
 
   stem of the modality -> shared layer1..layer4 (torchvision ResNet, eval BN)
   -> DRM of the modality (Eq. 3): multi-scale max-pool, point-wise prototypes,
@@ -24,85 +24,84 @@ the most frequent part matching of training, so part p of both modalities
 describes the same body region.
 """
 
-import json
 import math
-import os
-import pickle
-import struct
-import zipfile
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:  # in cal_jax
+  from cal_jax.interop.torch_files import FORMAT, WeightFileError, read
+except ImportError:  # copied into a PyTorch project, beside torch_files.py
+  from torch_files import FORMAT, WeightFileError, read  # noqa: F401  (re-exported)
+
 VISIBLE = 0
 INFRARED = 1
 
-FORMAT = 'cal_jax.torch_model/1'  # written by cal_jax.convert, checked by `load`
-
 # depth -> (block kind, blocks per stage), as torchvision's resnet18 .. resnet101.
 ARCHITECTURES = {
-    18: ('basic', (2, 2, 2, 2)),
-    34: ('basic', (3, 4, 6, 3)),
-    50: ('bottleneck', (3, 4, 6, 3)),
-    101: ('bottleneck', (3, 4, 23, 3)),
+  18: ('basic', (2, 2, 2, 2)),
+  34: ('basic', (3, 4, 6, 3)),
+  50: ('bottleneck', (3, 4, 6, 3)),
+  101: ('bottleneck', (3, 4, 23, 3)),
 }
 
 # Hyper-parameters of `CALInference`, with the defaults of configs/default.py.
 DEFAULT_CONFIG = {
-    'depth': 50,
-    'width': 64,
-    'last_stride': 1,
-    'modality_specific_stem': True,
-    'shared_region_mining': False,
-    'num_parts': 4,
-    'select_ratio': 0.6,
-    'pool_sizes': [1, 3, 5],
-    'adapter_hidden': 512,
-    'adapter_dim': 256,
-    'channel_reduction': 16,
+  'depth': 50,
+  'width': 64,
+  'last_stride': 1,
+  'modality_specific_stem': True,
+  'shared_region_mining': False,
+  'num_parts': 4,
+  'select_ratio': 0.6,
+  'pool_sizes': [1, 3, 5],
+  'adapter_hidden': 512,
+  'adapter_dim': 256,
+  'channel_reduction': 16,
 }
 
 # Every hyper-parameter: (check, what it must be).
-_INT = lambda low: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low)
+_INT = lambda low: lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+_ONE_OF = lambda choices: lambda v: isinstance(v, int) and not isinstance(v, bool) and v in choices
 HYPERPARAMETER_CHECKS = {
-    'depth': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v in ARCHITECTURES,
-              f'one of {sorted(ARCHITECTURES)}'),
-    'width': (_INT(1), 'an integer >= 1'),
-    'last_stride': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v in (1, 2),
-                    '1 or 2'),
-    'modality_specific_stem': (lambda v: isinstance(v, bool), 'true or false'),
-    'shared_region_mining': (lambda v: isinstance(v, bool), 'true or false'),
-    'num_parts': (_INT(1), 'an integer >= 1'),
-    'select_ratio': (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                     and 0 < v <= 1, 'a number in (0, 1]'),
-    'pool_sizes': (lambda v: isinstance(v, (list, tuple)) and len(v) > 0
-                   and all(_INT(1)(s) and s % 2 == 1 for s in v),
-                   'a non-empty list of odd integers >= 1'),
-    'adapter_hidden': (_INT(1), 'an integer >= 1'),
-    'adapter_dim': (_INT(1), 'an integer >= 1'),
-    'channel_reduction': (_INT(1), 'an integer >= 1'),
+  'depth': (_ONE_OF(ARCHITECTURES), f'one of {sorted(ARCHITECTURES)}'),
+  'width': (_INT(1), 'an integer >= 1'),
+  'last_stride': (_ONE_OF((1, 2)), '1 or 2'),
+  'modality_specific_stem': (lambda v: isinstance(v, bool), 'true or false'),
+  'shared_region_mining': (lambda v: isinstance(v, bool), 'true or false'),
+  'num_parts': (_INT(1), 'an integer >= 1'),
+  'select_ratio': (
+    lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+    'a number in (0, 1]',
+  ),
+  'pool_sizes': (
+    lambda v: (
+      isinstance(v, (list, tuple)) and len(v) > 0 and all(_INT(1)(s) and s % 2 == 1 for s in v)
+    ),
+    'a non-empty list of odd integers >= 1',
+  ),
+  'adapter_hidden': (_INT(1), 'an integer >= 1'),
+  'adapter_dim': (_INT(1), 'an integer >= 1'),
+  'channel_reduction': (_INT(1), 'an integer >= 1'),
 }
-
-# safetensors' own limit on its JSON header; bytes per element of its dtypes.
-MAX_HEADER_BYTES = 100 * 2**20
-SAFETENSORS_DTYPE_BYTES = {
-    'BOOL': 1, 'U8': 1, 'I8': 1, 'F8_E4M3': 1, 'F8_E5M2': 1, 'U16': 2, 'I16': 2, 'F16': 2,
-    'BF16': 2, 'U32': 4, 'I32': 4, 'F32': 4, 'U64': 8, 'I64': 8, 'F64': 8}
 
 BN_EPSILON = 1e-5
 INSTANCE_NORM_EPSILON = 1e-5
-L2_EPSILON = 1e-12  # on the squared norm, as cal_jax.models.cal.l2_normalize
+L2_EPSILON = 1e-12  # on the squared norm, as cal_jax.models.normalize.l2_normalize
 
 
 def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> nn.Conv2d:
-  return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=(kernel - 1) // 2,
-                   bias=False)
+  return nn.Conv2d(
+    in_channels, out_channels, kernel, stride=stride, padding=(kernel - 1) // 2, bias=False
+  )
 
 
 class BasicBlock(nn.Module):
   """torchvision `BasicBlock`: two 3x3 convolutions and a shortcut."""
+
   expansion = 1
 
   def __init__(self, in_channels: int, features: int, stride: int, downsample: bool):
@@ -111,9 +110,13 @@ class BasicBlock(nn.Module):
     self.bn1 = nn.BatchNorm2d(features, eps=BN_EPSILON)
     self.conv2 = conv(features, features, 3)
     self.bn2 = nn.BatchNorm2d(features, eps=BN_EPSILON)
-    self.downsample = (nn.Sequential(conv(in_channels, features, 1, stride),
-                                     nn.BatchNorm2d(features, eps=BN_EPSILON))
-                       if downsample else None)
+    self.downsample = (
+      nn.Sequential(
+        conv(in_channels, features, 1, stride), nn.BatchNorm2d(features, eps=BN_EPSILON)
+      )
+      if downsample
+      else None
+    )
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     y = F.relu(self.bn1(self.conv1(x)))
@@ -123,6 +126,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
   """torchvision `Bottleneck` (v1.5: the stride on the 3x3 convolution)."""
+
   expansion = 4
 
   def __init__(self, in_channels: int, features: int, stride: int, downsample: bool):
@@ -134,9 +138,11 @@ class Bottleneck(nn.Module):
     self.bn2 = nn.BatchNorm2d(features, eps=BN_EPSILON)
     self.conv3 = conv(features, out, 1)
     self.bn3 = nn.BatchNorm2d(out, eps=BN_EPSILON)
-    self.downsample = (nn.Sequential(conv(in_channels, out, 1, stride),
-                                     nn.BatchNorm2d(out, eps=BN_EPSILON))
-                       if downsample else None)
+    self.downsample = (
+      nn.Sequential(conv(in_channels, out, 1, stride), nn.BatchNorm2d(out, eps=BN_EPSILON))
+      if downsample
+      else None
+    )
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     y = F.relu(self.bn1(self.conv1(x)))
@@ -158,8 +164,9 @@ class Stem(nn.Module):
     return F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
 
 
-def make_stage(block: type, in_channels: int, features: int, num_blocks: int,
-               stride: int) -> nn.Sequential:
+def make_stage(
+  block: type, in_channels: int, features: int, num_blocks: int, stride: int
+) -> nn.Sequential:
   """torchvision's `_make_layer`: a projection shortcut where the shape changes."""
   out = features * block.expansion
   blocks = [block(in_channels, features, stride, stride != 1 or in_channels != out)]
@@ -176,8 +183,7 @@ def num_selected_tokens(num_tokens: int, num_parts: int, select_ratio: float) ->
 class RegionMining(nn.Module):
   """DRM of one modality at test time: part scores, top-N_k tokens, part features (Eq. 3)."""
 
-  def __init__(self, channels: int, num_parts: int, select_ratio: float,
-               pool_sizes: Sequence[int]):
+  def __init__(self, channels: int, num_parts: int, select_ratio: float, pool_sizes: Sequence[int]):
     super().__init__()
     self.num_parts = num_parts
     self.select_ratio = select_ratio
@@ -188,9 +194,13 @@ class RegionMining(nn.Module):
     """X [B, C, H, W] -> 'tokens' T [B, H*W, C], 'scores' S and 'selected' S_hat
     [B, H*W, N_p], 'parts' P [B, N_p, C]. Tokens are in row-major (h, w) order."""
     # Stride 1 with -inf padding (max_pool2d's): every scale keeps the size.
-    pooled = torch.cat([feature_map if size == 1 else
-                        F.max_pool2d(feature_map, size, stride=1, padding=size // 2)
-                        for size in self.pool_sizes], dim=1)
+    pooled = torch.cat(
+      [
+        feature_map if size == 1 else F.max_pool2d(feature_map, size, stride=1, padding=size // 2)
+        for size in self.pool_sizes
+      ],
+      dim=1,
+    )
     tokens = feature_map.flatten(2).transpose(1, 2)
     scores = torch.softmax(self.prototypes(pooled.flatten(2).transpose(1, 2)), dim=1)
     n_k = num_selected_tokens(tokens.shape[1], self.num_parts, self.select_ratio)
@@ -232,8 +242,7 @@ class AttentionAdapter(nn.Module):
     self.query_mlp = MLP(channels, hidden, dim)
     self.channel_mlp = MLP(channels, max(1, channels // channel_reduction), channels)
 
-  def forward(self, tokens: torch.Tensor, parts: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+  def forward(self, tokens: torch.Tensor, parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-refinement A(T; P) (Eqs. 8-10, 12).
 
     Args:
@@ -268,16 +277,20 @@ class CALInference(nn.Module):
   shared); then `adapter.*` and `part_neck.*`.
   """
 
-  def __init__(self, config: Optional[dict[str, Any]] = None):
+  def __init__(self, config: dict[str, Any] | None = None):
     super().__init__()
     unknown = sorted(set(config or {}) - set(DEFAULT_CONFIG))
     if unknown:
-      raise ValueError(f'unknown CALInference hyper-parameters {unknown}; '
-                       f'known: {sorted(DEFAULT_CONFIG)}')
+      raise ValueError(
+        f'unknown CALInference hyper-parameters {unknown}; known: {sorted(DEFAULT_CONFIG)}'
+      )
     self.config = {**DEFAULT_CONFIG, **(config or {})}
     c = self.config
-    bad = [f'{key}={c[key]!r} (must be {what})'
-           for key, (ok, what) in HYPERPARAMETER_CHECKS.items() if not ok(c[key])]
+    bad = [
+      f'{key}={c[key]!r} (must be {what})'
+      for key, (ok, what) in HYPERPARAMETER_CHECKS.items()
+      if not ok(c[key])
+    ]
     if bad:
       raise ValueError(f'invalid CALInference hyper-parameters: {", ".join(bad)}')
     kind, blocks_per_stage = ARCHITECTURES[c['depth']]
@@ -289,15 +302,17 @@ class CALInference(nn.Module):
     strides = (1, 2, 2, c['last_stride'])
     for stage, (num_blocks, stride) in enumerate(zip(blocks_per_stage, strides)):
       features = width * 2**stage
-      self.add_module(f'layer{stage + 1}',
-                      make_stage(block, in_channels, features, num_blocks, stride))
+      self.add_module(
+        f'layer{stage + 1}', make_stage(block, in_channels, features, num_blocks, stride)
+      )
       in_channels = features * block.expansion
     self.channels = in_channels
     drm = lambda: RegionMining(in_channels, c['num_parts'], c['select_ratio'], c['pool_sizes'])
     self.region_mining_visible = drm()
     self.region_mining_infrared = None if c['shared_region_mining'] else drm()
-    self.adapter = AttentionAdapter(in_channels, c['adapter_hidden'], c['adapter_dim'],
-                                    c['channel_reduction'])
+    self.adapter = AttentionAdapter(
+      in_channels, c['adapter_hidden'], c['adapter_dim'], c['channel_reduction']
+    )
     self.part_neck = BNNeck(in_channels)
 
   @property
@@ -317,8 +332,9 @@ class CALInference(nn.Module):
     """Self-refinement of one modality: 'features' f [B, N_p, C] (before the
     BNNeck), 'similarity' [B, N_p, h*w], 'scores' S and 'selected' S_hat [B, h*w, N_p]."""
     if modality not in (VISIBLE, INFRARED):
-      raise ValueError(f'modality must be {VISIBLE} (visible) or {INFRARED} (infrared), '
-                       f'got {modality!r}')
+      raise ValueError(
+        f'modality must be {VISIBLE} (visible) or {INFRARED} (infrared), got {modality!r}'
+      )
     if images.ndim != 4 or images.shape[1] != 3:
       raise ValueError(f'images must be [B, 3, H, W] (NCHW RGB), got {tuple(images.shape)}')
     drm = self.region_mining_visible
@@ -326,8 +342,12 @@ class CALInference(nn.Module):
       drm = self.region_mining_infrared
     mined = drm(self.feature_map(images, modality))
     features, similarity = self.adapter(mined['tokens'], mined['parts'])
-    return {'features': features, 'similarity': similarity, 'scores': mined['scores'],
-            'selected': mined['selected']}
+    return {
+      'features': features,
+      'similarity': similarity,
+      'scores': mined['scores'],
+      'selected': mined['selected'],
+    }
 
   def forward(self, images: torch.Tensor, modality: int) -> torch.Tensor:
     """Embeddings of images of one modality (VISIBLE or INFRARED).
@@ -341,165 +361,13 @@ class CALInference(nn.Module):
     parts = self.refined_parts(images, modality)['features']
     batch, num_parts, channels = parts.shape
     parts = self.part_neck(parts.reshape(batch * num_parts, channels))
-    parts = parts * torch.rsqrt(torch.clamp(parts.square().sum(-1, keepdim=True),
-                                            min=L2_EPSILON))
+    parts = parts * torch.rsqrt(torch.clamp(parts.square().sum(-1, keepdim=True), min=L2_EPSILON))
     return parts.reshape(batch, num_parts * channels)
 
 
 def similarity(visible: torch.Tensor, infrared: torch.Tensor) -> torch.Tensor:
   """sum_p cos(f_v,p, f_i,p) (Sec. 3.4): [N_v, N_p*C] x [N_i, N_p*C] -> [N_v, N_i]."""
   return visible @ infrared.T
-
-
-class WeightFileError(ValueError):
-  """An exported file that is damaged, unsafe, or not written by cal_jax.convert."""
-
-
-def check_safetensors(path: str) -> None:
-  """Raises WeightFileError unless the header of a .safetensors file is consistent:
-  its length, its JSON, and every tensor's dtype, shape and byte range within the
-  file, all checked before anything the file claims is allocated."""
-  size = os.path.getsize(path)
-  bad = lambda why: WeightFileError(f'{path}: not a valid .safetensors file ({why}); write it '
-                                    'again with python -m cal_jax.convert')
-  with open(path, 'rb') as f:
-    start = f.read(8)
-    if len(start) < 8:
-      raise bad(f'{size} bytes, shorter than the 8-byte header length')
-    length = struct.unpack('<Q', start)[0]
-    if length > min(size - 8, MAX_HEADER_BYTES):
-      raise bad(f'its header claims {length} bytes, the file has {size - 8} after the length')
-    raw = f.read(length)
-  try:
-    header = json.loads(raw.decode('utf-8'))
-  except (UnicodeDecodeError, json.JSONDecodeError) as error:
-    raise bad(f'its header is not JSON: {error}') from None
-  if not isinstance(header, dict):
-    raise bad('its header is not a JSON object')
-  data_bytes = size - 8 - length
-  metadata = header.pop('__metadata__', {}) or {}
-  if not isinstance(metadata, dict) or not all(
-      isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-    raise bad('its __metadata__ is not a map of strings to strings')
-  for name, entry in header.items():
-    if not isinstance(entry, dict):
-      raise bad(f'tensor {name!r}: not a JSON object')
-    dtype, shape, offsets = entry.get('dtype'), entry.get('shape'), entry.get('data_offsets')
-    if dtype not in SAFETENSORS_DTYPE_BYTES:
-      raise bad(f'tensor {name!r}: unknown dtype {dtype!r}')
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-      raise bad(f'tensor {name!r}: shape {shape!r} is not a list of sizes')
-    if (not isinstance(offsets, list) or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
-      raise bad(f'tensor {name!r}: byte range {offsets!r} is not within the '
-                f'{data_bytes} data bytes of the file')
-    if math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
-      raise bad(f'tensor {name!r}: {dtype} {shape} needs '
-                f'{math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]} bytes, its byte range '
-                f'holds {offsets[1] - offsets[0]}')
-
-
-def check_torch_zip(path: str) -> None:
-  """Raises WeightFileError unless `path` is a zip-based torch.save file (what
-  cal_jax.convert writes) whose entries all lie within the file."""
-  if not zipfile.is_zipfile(path):
-    raise WeightFileError(f'{path}: not a zip-based torch file, so not written by '
-                          'cal_jax.convert (damaged, or another format)')
-  size = os.path.getsize(path)
-  try:
-    with zipfile.ZipFile(path) as archive:
-      entries = archive.infolist()
-  except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-    raise WeightFileError(f'{path}: a damaged zip file ({error})') from None
-  for entry in entries:
-    if entry.compress_type != zipfile.ZIP_STORED:
-      raise WeightFileError(f'{path}: entry {entry.filename!r} is compressed; torch.save '
-                            'writes stored entries: not a torch file, or repacked')
-    if entry.header_offset + entry.file_size > size:
-      raise WeightFileError(f'{path}: entry {entry.filename!r} claims {entry.file_size} bytes '
-                            f'beyond the end of the {size}-byte file (a truncated copy?)')
-  if not any(e.filename == 'data.pkl' or e.filename.endswith('/data.pkl') for e in entries):
-    raise WeightFileError(f'{path}: a zip file without data.pkl: not written by torch.save')
-
-
-def _torch_load(path: str) -> Any:
-  """torch.load(weights_only=True), memory-mapped: no code in the file runs and no
-  size it claims is allocated. torch's own error text, which suggests an
-  unrestricted load, is not repeated."""
-  check_torch_zip(path)
-  try:
-    return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-  except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError,
-          AttributeError, IndexError, KeyError, OSError) as error:
-    offender = next((line.strip() for line in str(error).splitlines() if 'GLOBAL' in line),
-                    None)
-    if offender:
-      raise WeightFileError(f'{path}: refused to load: the file holds objects other than '
-                            f'tensors, whose unpickling could run code '
-                            f'({offender.rstrip(".")}); export the model again with '
-                            'python -m cal_jax.convert') from error
-    raise WeightFileError(f'{path}: not a readable torch file (damaged or truncated); export '
-                          'it again with python -m cal_jax.convert') from error
-
-
-def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-  """(state_dict, metadata) of an exported file; metadata holds at least 'config'.
-
-  `.safetensors`: the metadata strings are JSON. `.pt`: a dict {'config',
-  'state_dict', 'metadata'} read with `torch.load(weights_only=True)`. Nothing in
-  the file is run, and its sizes are checked before anything is allocated.
-
-  Raises:
-    FileNotFoundError: `path` does not exist.
-    WeightFileError (a ValueError): a damaged or unsafe file, or one not
-      written by cal_jax.convert; the message names the file.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path!r} does not exist; write it with python -m cal_jax.convert')
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix == '.safetensors':
-    check_safetensors(path)
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    try:
-      with safe_open(path, framework='pt') as f:
-        raw = f.metadata() or {}
-        state = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as error:  # pylint: disable=broad-except  (safetensors' own error type)
-      raise WeightFileError(f'{path}: not a readable .safetensors file: {error}') from error
-    metadata = {}
-    for key, value in raw.items():
-      try:
-        metadata[key] = json.loads(value)
-      except json.JSONDecodeError as error:
-        raise WeightFileError(f'{path}: metadata field {key!r} is not JSON ({error}); was it '
-                              'written by cal_jax.convert?') from None
-  elif suffix == '.pt':
-    saved = _torch_load(path)
-    if not isinstance(saved, dict) or 'state_dict' not in saved or 'config' not in saved:
-      raise WeightFileError(f"{path}: not an exported CAL model (expected a dict with 'config' "
-                            "and 'state_dict')")
-    state = saved['state_dict']
-    extra = saved.get('metadata', {})
-    if not isinstance(extra, dict):
-      raise WeightFileError(f"{path}: its 'metadata' is a {type(extra).__name__}, not a dict")
-    metadata = {**extra, 'config': saved['config']}
-  else:
-    raise ValueError(f'{path}: unknown format {suffix!r}; expected .safetensors or .pt')
-  if 'config' not in metadata:
-    raise WeightFileError(f'{path}: no CAL hyper-parameters in its metadata; was it written by '
-                          'cal_jax.convert?')
-  if metadata.get('format', FORMAT) != FORMAT:
-    raise WeightFileError(f"{path}: format {metadata['format']!r}, this module reads {FORMAT!r}")
-  if not isinstance(metadata['config'], dict):
-    raise WeightFileError(f"{path}: its 'config' metadata is a "
-                          f"{type(metadata['config']).__name__}, not a dict of hyper-parameters")
-  if not isinstance(state, dict) or not all(
-      isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-    raise WeightFileError(f'{path}: its state_dict is not a dict of named tensors')
-  return state, metadata
 
 
 def load(path: str, device: str = 'cpu') -> CALInference:
@@ -517,11 +385,15 @@ def load(path: str, device: str = 'cpu') -> CALInference:
   try:
     missing, unexpected = model.load_state_dict(state, strict=False)
   except RuntimeError as error:  # a tensor of another shape
-    raise WeightFileError(f'{path}: does not match CALInference({metadata["config"]}): '
-                          f'{str(error).splitlines()[-1].strip()}') from None
+    raise WeightFileError(
+      f'{path}: does not match CALInference({metadata["config"]}): '
+      f'{str(error).splitlines()[-1].strip()}'
+    ) from None
   missing = [key for key in missing if not key.endswith('num_batches_tracked')]
   if missing or unexpected:
-    raise WeightFileError(f'{path}: does not match CALInference({metadata["config"]}): '
-                          f'missing {missing[:8]}, unexpected {unexpected[:8]}')
+    raise WeightFileError(
+      f'{path}: does not match CALInference({metadata["config"]}): '
+      f'missing {missing[:8]}, unexpected {unexpected[:8]}'
+    )
   model.metadata = metadata
   return model.to(device).eval()

@@ -28,8 +28,13 @@ HEAT_ALPHA = 0.5
 _TILE_INCHES = 0.9  # width of one image column
 
 
-def part_maps_figure(images: np.ndarray, maps: np.ndarray, row_labels: Sequence[str],
-                     title: str, part_label: str = 'part') -> Figure:
+def part_maps_figure(
+  images: np.ndarray,
+  maps: np.ndarray,
+  row_labels: Sequence[str],
+  title: str,
+  part_label: str = 'part',
+) -> Figure:
   """Each image, then each part's map drawn over it.
 
   Args:
@@ -44,13 +49,17 @@ def part_maps_figure(images: np.ndarray, maps: np.ndarray, row_labels: Sequence[
   """
   images, maps = np.asarray(images), np.asarray(maps, np.float64)
   if images.ndim != 4 or maps.ndim != 4 or len(images) != len(maps) != len(row_labels):
-    raise ValueError(f'images {images.shape}, maps {maps.shape} and {len(row_labels)} labels '
-                     'must give one row each')
+    raise ValueError(
+      f'images {images.shape}, maps {maps.shape} and {len(row_labels)} labels '
+      'must give one row each'
+    )
   rows, parts = maps.shape[:2]
   height, width = images.shape[1:3]
   aspect = height / width
-  fig = Figure(figsize=(_TILE_INCHES * (1 + parts) + 0.3, _TILE_INCHES * aspect * rows + 0.5),
-               layout='compressed')
+  fig = Figure(
+    figsize=(_TILE_INCHES * (1 + parts) + 0.3, _TILE_INCHES * aspect * rows + 0.5),
+    layout='compressed',
+  )
   grid = fig.add_gridspec(rows, 1 + parts)
   for r in range(rows):
     for c in range(1 + parts):
@@ -59,8 +68,15 @@ def part_maps_figure(images: np.ndarray, maps: np.ndarray, row_labels: Sequence[
       if c:
         heat = maps[r, c - 1]
         heat = heat / heat.max() if heat.max() > 0 else heat
-        ax.imshow(heat, cmap=HEAT_MAP, alpha=HEAT_ALPHA, vmin=0.0, vmax=1.0,
-                  interpolation='bilinear', extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+        ax.imshow(
+          heat,
+          cmap=HEAT_MAP,
+          alpha=HEAT_ALPHA,
+          vmin=0.0,
+          vmax=1.0,
+          interpolation='bilinear',
+          extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+        )
       ax.set_xticks([])
       ax.set_yticks([])
       if r == 0:
@@ -79,9 +95,14 @@ def framed(image: np.ndarray, colour: Sequence[int], thickness: int) -> np.ndarr
   return out
 
 
-def ranking_figure(query_images: np.ndarray, gallery_images: np.ndarray, correct: np.ndarray,
-                   query_labels: Sequence[str], gallery_labels: Sequence[Sequence[str]],
-                   title: str) -> Figure:
+def ranking_figure(
+  query_images: np.ndarray,
+  gallery_images: np.ndarray,
+  correct: np.ndarray,
+  query_labels: Sequence[str],
+  gallery_labels: Sequence[Sequence[str]],
+  title: str,
+) -> Figure:
   """One row per query: the query, then its ranked gallery images, framed.
 
   Args:
@@ -98,14 +119,21 @@ def ranking_figure(query_images: np.ndarray, gallery_images: np.ndarray, correct
   gallery_images, correct = np.asarray(gallery_images), np.asarray(correct, bool)
   num_queries, k = correct.shape
   if gallery_images.shape[:2] != (num_queries, k) or len(query_images) != num_queries:
-    raise ValueError(f'{len(query_images)} queries, gallery {gallery_images.shape[:2]} and '
-                     f'correct {correct.shape} do not match')
+    raise ValueError(
+      f'{len(query_images)} queries, gallery {gallery_images.shape[:2]} and '
+      f'correct {correct.shape} do not match'
+    )
   height, width = gallery_images.shape[2:4]
   thickness = max(2, min(height, width) // 12)
-  fig = Figure(figsize=(_TILE_INCHES * (k + 1.3), _TILE_INCHES * height / width * num_queries
-                        + 0.3 * num_queries + 0.5))
-  grid = fig.add_gridspec(num_queries, k + 2, width_ratios=[1, 0.3] + [1] * k,
-                          wspace=0.06, hspace=0.35)
+  fig = Figure(
+    figsize=(
+      _TILE_INCHES * (k + 1.3),
+      _TILE_INCHES * height / width * num_queries + 0.3 * num_queries + 0.5,
+    )
+  )
+  grid = fig.add_gridspec(
+    num_queries, k + 2, width_ratios=[1, 0.3] + [1] * k, wspace=0.06, hspace=0.35
+  )
   for q in range(num_queries):
     ax = fig.add_subplot(grid[q, 0])
     ax.imshow(query_images[q], interpolation='nearest')
@@ -115,8 +143,7 @@ def ranking_figure(query_images: np.ndarray, gallery_images: np.ndarray, correct
       ax = fig.add_subplot(grid[q, j + 2])
       colour = CORRECT if correct[q, j] else WRONG
       ax.imshow(framed(gallery_images[q, j], colour, thickness), interpolation='nearest')
-      ax.set_title(f'{j + 1}: {gallery_labels[q][j]}', fontsize=5,
-                   color=np.asarray(colour) / 255)
+      ax.set_title(f'{j + 1}: {gallery_labels[q][j]}', fontsize=5, color=np.asarray(colour) / 255)
       ax.set_axis_off()
   fig.suptitle(title, fontsize=8)
   return fig

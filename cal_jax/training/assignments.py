@@ -33,8 +33,10 @@ def most_frequent_assignment(counts: np.ndarray, num_parts: int) -> np.ndarray:
   """
   counts = np.asarray(counts)
   if counts.shape != (math.factorial(num_parts),):
-    raise ValueError(f'assignment counts have shape {counts.shape}, expected ({num_parts}!,) '
-                     f'for config.model.num_parts={num_parts}')
+    raise ValueError(
+      f'assignment counts have shape {counts.shape}, expected ({num_parts}!,) '
+      f'for config.model.num_parts={num_parts}'
+    )
   if counts.sum() == 0:
     return np.arange(num_parts, dtype=np.int32)
   return permutation_from_rank(int(np.argmax(counts)), num_parts)
@@ -49,6 +51,7 @@ class AssignmentCounts:
     current: int64 [N_p!], the epoch under way.
     last: int64 [N_p!], the last finished epoch (zeros before the first ends).
   """
+
   num_parts: int
   current: np.ndarray
   last: np.ndarray
@@ -61,8 +64,7 @@ class AssignmentCounts:
   @classmethod
   def from_json(cls, extra: dict[str, Any], num_parts: int) -> AssignmentCounts:
     """The counts a checkpoint's `extra` holds (`to_json`)."""
-    return cls(num_parts, np.asarray(extra[_CURRENT], np.int64),
-               np.asarray(extra[_LAST], np.int64))
+    return cls(num_parts, np.asarray(extra[_CURRENT], np.int64), np.asarray(extra[_LAST], np.int64))
 
   def to_json(self) -> dict[str, list[int]]:
     return {_CURRENT: self.current.tolist(), _LAST: self.last.tolist()}

@@ -1,29 +1,39 @@
 """What a committed checkpoint step holds, checked without Orbax.
 
-  compatibility_fingerprint   the settings that fix the state's shapes, kept in
-                 every step's meta item and compared on restore
+compatibility_fingerprint   the settings that fix the state's shapes, kept in
+               every step's meta item and compared on restore
 
-  MANIFEST       once a step is committed, `cal_jax_files.json` in it lists every
-                 file with its size and CRC-32 (`step_files`)
-  damage         what is wrong with a step folder, naming the file, or None
-  is_disk_full   whether an error (or its cause) is an ENOSPC
+MANIFEST       once a step is committed, `cal_jax_files.json` in it lists every
+               file with its size and CRC-32 (`step_files`)
+damage         what is wrong with a step folder, naming the file, or None
+is_disk_full   whether an error (or its cause) is an ENOSPC
 """
 
 import errno
 import json
 import os
 import shutil
+import time
 import zlib
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
 
 from cal_jax import workdir as workdir_lib
 
-FINGERPRINT_FIELDS = ('depth', 'width', 'last_stride', 'modality_specific_stem', 'num_parts',
-                      'pool_sizes', 'shared_region_mining', 'adapter_hidden', 'adapter_dim',
-                      'channel_reduction')
+FINGERPRINT_FIELDS = (
+  'depth',
+  'width',
+  'last_stride',
+  'modality_specific_stem',
+  'num_parts',
+  'pool_sizes',
+  'shared_region_mining',
+  'adapter_hidden',
+  'adapter_dim',
+  'channel_reduction',
+)
 _MISSING = '<missing>'
 MANIFEST = 'cal_jax_files.json'
 TMP_MARKER = '.orbax-checkpoint-tmp'
@@ -61,7 +71,8 @@ def is_disk_full(error: BaseException) -> bool:
   while error is not None and id(error) not in seen:
     seen.add(id(error))
     if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
-        'No space left on device' in str(error)):
+      'No space left on device' in str(error)
+    ):
       return True
     error = error.__cause__ or error.__context__
   return False
@@ -74,7 +85,7 @@ def mount_point(path: str) -> str:
   return path
 
 
-def damage(step_dir: str) -> Optional[str]:
+def damage(step_dir: str) -> str | None:
   """What is wrong with the committed `step`, naming the file; None if nothing is seen.
 
   Checks that the files every step holds are there, that the meta item is
@@ -175,10 +186,26 @@ def disk_full_error(directory: str, step: int, intact: list[int]) -> workdir_lib
   """The one error of a save that found the disk full, naming the disk and what is intact."""
   free = workdir_lib.free_bytes(directory)
   return workdir_lib.WorkdirError(
-      errno.ENOSPC,
-      f'No space left on device: the disk mounted at {mount_point(directory)!r} '
-      f'(holding {directory}) has {free / 2**20:.1f} MiB free; the checkpoint of '
-      f'step {step} could not be written and its partial copy was removed. '
-      + (f'The checkpoints of steps {intact} are intact: free some space and run the '
-         'same command again to resume.' if intact else
-         'No checkpoint was written yet: free some space and start again.'))
+    errno.ENOSPC,
+    f'No space left on device: the disk mounted at {mount_point(directory)!r} '
+    f'(holding {directory}) has {free / 2**20:.1f} MiB free; the checkpoint of '
+    f'step {step} could not be written and its partial copy was removed. '
+    + (
+      f'The checkpoints of steps {intact} are intact: free some space and run the '
+      'same command again to resume.'
+      if intact
+      else 'No checkpoint was written yet: free some space and start again.'
+    ),
+  )
+
+
+def wait_until_unchanged(directory: str, quiet_s: float, limit_s: float) -> None:
+  """Waits until the unfinished saves of `directory` have not changed for `quiet_s`
+  (at most `limit_s`)."""
+  start = last_change = time.monotonic()
+  seen = partial_files(directory)
+  while time.monotonic() - last_change < quiet_s and time.monotonic() - start < limit_s:
+    time.sleep(0.1)
+    now = partial_files(directory)
+    if now != seen:
+      seen, last_change = now, time.monotonic()

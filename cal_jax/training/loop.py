@@ -13,7 +13,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +29,11 @@ from cal_jax.data import train_stream
 from cal_jax.data.augment import TrainTransform
 from cal_jax.data.sampler import CrossModalIdentitySampler
 from cal_jax.evaluation import run
-from cal_jax.losses import LOSS_TERMS
 from cal_jax.evaluation.evaluator import EvalSettings
+from cal_jax.losses import LOSS_TERMS
 from cal_jax.models.cal import CAL, create_model
-from cal_jax.training import checkpointing, state as state_lib
+from cal_jax.training import checkpointing
+from cal_jax.training import state as state_lib
 from cal_jax.training.assignments import AssignmentCounts
 from cal_jax.training.optim import learning_rate_schedule
 from cal_jax.training.step import SCALARS, make_p_train_step
@@ -53,19 +54,22 @@ class TrainingSetup:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
     self.workdir = workdir
-    self.splits = distributed.primary_first(lambda: splits_lib.load_splits(config, workdir),
-                                            'data')
+    self.splits = distributed.primary_first(lambda: splits_lib.load_splits(config, workdir), 'data')
     self.sampler = CrossModalIdentitySampler.from_config(
-        config, self.splits.train.id, self.splits.train.modality,
-        local_devices=jax.local_device_count(), num_hosts=jax.process_count(),
-        host_index=jax.process_index())
+      config,
+      self.splits.train.id,
+      self.splits.train.modality,
+      local_devices=jax.local_device_count(),
+      num_hosts=jax.process_count(),
+      host_index=jax.process_index(),
+    )
     self.num_classes = self.sampler.num_classes
     self.steps_per_epoch = self.sampler.steps_per_epoch
     self.total_steps = config.optim.num_epochs * self.steps_per_epoch
     self.model = create_model(config, self.num_classes, axis_name=distributed.AXIS)
     self.checkpointer = checkpointing.Checkpointer(
-        os.path.join(workdir, 'checkpoints'), config, self.num_classes,
-        keep=config.keep_checkpoints)
+      os.path.join(workdir, 'checkpoints'), config, self.num_classes, keep=config.keep_checkpoints
+    )
     self.evaluator = Evaluator(config, workdir, self.splits, self.model)
 
 
@@ -73,26 +77,33 @@ class Evaluator:
   """Evaluates states of one run; the loop's periodic evaluations also draw the pictures
   (config.eval.pictures). The evaluator itself reads only its `EvalSettings`."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-               splits: splits_lib.Splits, model: CAL):
+  def __init__(
+    self, config: ml_collections.ConfigDict, workdir: str, splits: splits_lib.Splits, model: CAL
+  ):
     self.settings = EvalSettings.from_config(config)
     self.pictures = bool(config.eval.pictures)
     self.meta = {'synthetic': config.data.synthetic}  # recorded in eval_results.json
     self.workdir, self.splits, self.model = workdir, splits, model
 
-  def __call__(self, state: Any, counts: AssignmentCounts, step: int,
-               writer: Optional[Any] = None) -> dict[str, dict]:
+  def __call__(
+    self, state: Any, counts: AssignmentCounts, step: int, writer: Any | None = None
+  ) -> dict[str, dict]:
     """The results of `state`; with a `writer` (training), also to TensorBoard."""
     settings = self.settings
     embedder = run.make_embedder(self.model, state, counts.m_hat(), settings.embedding)
-    evaluation = run.evaluate_state(embedder, self.splits, settings, self.workdir, step=step,
-                                    meta=self.meta,
-                                    writer=writer)
+    evaluation = run.evaluate_state(
+      embedder, self.splits, settings, self.workdir, step=step, meta=self.meta, writer=writer
+    )
     if writer is not None and self.pictures and jax.process_index() == 0:
       from cal_jax.pictures import figures  # matplotlib, only when drawing
+
       try:
-        writer.write_images(step, figures.evaluation_images(
-            embedder, evaluation, self.splits.test, self.splits.name, settings.image_size))
+        writer.write_images(
+          step,
+          figures.evaluation_images(
+            embedder, evaluation, self.splits.test, self.splits.name, settings.image_size
+          ),
+        )
       except ValueError as error:  # e.g. a test split too small to draw; not worth the run
         logging.warning('No pictures at step %d: %s', step, error)
     return evaluation.results
@@ -109,8 +120,9 @@ def restore_or_initialize(setup: TrainingSetup) -> tuple[state_lib.TrainState, A
   if latest is not None:
     setup.checkpointer.check_compatible(latest)  # before anything is compiled
     workdir_lib.check_config_unchanged(setup.workdir, setup.config)
-  template = state_lib.initial_state(setup.model, setup.config, setup.steps_per_epoch,
-                                     load_pretrained=latest is None)
+  template = state_lib.initial_state(
+    setup.model, setup.config, setup.steps_per_epoch, load_pretrained=latest is None
+  )
   num_parts = setup.config.model.num_parts
   if latest is None:
     return template, AssignmentCounts.zeros(num_parts)
@@ -123,16 +135,18 @@ def check_finite(step: int, summary: dict[str, float]) -> None:
   bad = [term for term in LOSSES if not np.isfinite(summary[term])]
   if bad:
     raise NonFiniteLossError(
-        f'non-finite loss at step {step}: {", ".join(f"{t}={summary[t]}" for t in bad)}. '
-        'Training stopped; the last good checkpoint is kept. Lower config.optim.base_lr or '
-        'check the input data.')
+      f'non-finite loss at step {step}: {", ".join(f"{t}={summary[t]}" for t in bad)}. '
+      'Training stopped; the last good checkpoint is kept. Lower config.optim.base_lr or '
+      'check the input data.'
+    )
 
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
   """Mean of each scalar metric over the steps since the last summary."""
   host = jax.device_get(history)
   return {k: float(np.mean([h[k][0] for h in host])) for k in SCALARS} | {
-      'bad_pairs': float(np.sum([h['bad_pairs'][0] for h in host]))}
+    'bad_pairs': float(np.sum([h['bad_pairs'][0] for h in host]))
+  }
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -146,8 +160,9 @@ def _chief_lock(workdir: str):
   return workdir_lib.locked(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       make_step: MakeStep = make_p_train_step) -> Optional[dict]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, make_step: MakeStep = make_p_train_step
+) -> dict | None:
   """Trains CAL, then evaluates the final model; returns the evaluation results.
 
   `make_step(config)` builds the pmapped train step (tests pass a fake one).
@@ -163,8 +178,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, counts = restore_or_initialize(setup)  # refuses an incompatible checkpoint
     workdir_lib.check_free_space(workdir, workdir_lib.run_bytes(state, config.keep_checkpoints))
     if jax.process_index() == 0:
-      workdir_lib.write_text_atomically(os.path.join(workdir, 'config.json'),
-                                        config.to_json_best_effort(indent=2))
+      workdir_lib.write_text_atomically(
+        os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2)
+      )
     if int(state.step) >= setup.total_steps and config.eval.enabled:
       return _evaluate_again(setup, state, counts)
     return _train(setup, state, counts, make_step)
@@ -183,20 +199,29 @@ def _evaluate_again(setup: TrainingSetup, state: Any, counts: AssignmentCounts) 
   return results
 
 
-def _train(setup: TrainingSetup, state: Any, counts: AssignmentCounts,
-           make_step: MakeStep) -> Optional[dict]:
+def _train(
+  setup: TrainingSetup, state: Any, counts: AssignmentCounts, make_step: MakeStep
+) -> dict | None:
   config = setup.config
   is_chief = jax.process_index() == 0
   first_step = int(state.step)
-  logging.info('%d training identities, %d steps per epoch, %d steps; %d parameters.',
-               setup.num_classes, setup.steps_per_epoch, setup.total_steps,
-               state_lib.count_parameters(state.params))
-  logging.info('Step %d: %s.', first_step + 1,
-               distributed.host_share_summary(setup.sampler.batch_indices(first_step).label))
+  logging.info(
+    '%d training identities, %d steps per epoch, %d steps; %d parameters.',
+    setup.num_classes,
+    setup.steps_per_epoch,
+    setup.total_steps,
+    state_lib.count_parameters(state.params),
+  )
+  logging.info(
+    'Step %d: %s.',
+    first_step + 1,
+    distributed.host_share_summary(setup.sampler.batch_indices(first_step).label),
+  )
 
   writer = metric_writers.create_default_writer(setup.workdir, just_logging=not is_chief)
-  report = periodic_actions.ReportProgress(num_train_steps=setup.total_steps, writer=writer,
-                                           every_steps=config.log_every_steps)
+  report = periodic_actions.ReportProgress(
+    num_train_steps=setup.total_steps, writer=writer, every_steps=config.log_every_steps
+  )
   hooks = [report]
   if is_chief and config.profile:
     hooks.append(periodic_actions.Profile(logdir=setup.workdir, num_profile_steps=5))
@@ -206,9 +231,14 @@ def _train(setup: TrainingSetup, state: Any, counts: AssignmentCounts,
   rstate = distributed.replicate(state)
   key = distributed.replicate(jax.random.key_data(jax.random.key(config.seed)))
   batches = train_stream.create_train_iterator(
-      setup.splits.train, setup.sampler, TrainTransform.from_config(config.data),
-      seed=config.seed, start_step=first_step, num_steps=setup.total_steps - first_step,
-      prefetch=config.data.prefetch)
+    setup.splits.train,
+    setup.sampler,
+    TrainTransform.from_config(config.data),
+    seed=config.seed,
+    start_step=first_step,
+    num_steps=setup.total_steps - first_step,
+    prefetch=config.data.prefetch,
+  )
   images_per_step = setup.sampler.num_shards * setup.sampler.per_device_batch
   history, device_counts = [], jnp.zeros_like(counts.current)
   last_log = time.time()
@@ -226,16 +256,21 @@ def _train(setup: TrainingSetup, state: Any, counts: AssignmentCounts,
       end_of_epoch = step % setup.steps_per_epoch == 0
       last = step == setup.total_steps
       stop_now = stop.signum is not None  # then the next run evaluates, if due
-      evaluate_now = config.eval.enabled and not stop_now and (
-          last or (config.eval_every_steps and step % config.eval_every_steps == 0))
+      evaluate_now = (
+        config.eval.enabled
+        and not stop_now
+        and (last or (config.eval_every_steps and step % config.eval_every_steps == 0))
+      )
       save_now = last or evaluate_now or stop_now or step % config.checkpoint_every_steps == 0
       if step % config.log_every_steps == 0 or save_now or end_of_epoch:
         summary = summarize(history)
         check_finite(step, summary)
         if summary['bad_pairs']:
-          raise ValueError(f'step {step}: {int(summary["bad_pairs"])} images had no image of the '
-                           'same identity in the other modality on their device; the sampler '
-                           'must keep identities whole per device')
+          raise ValueError(
+            f'step {step}: {int(summary["bad_pairs"])} images had no image of the '
+            'same identity in the other modality on their device; the sampler '
+            'must keep identities whole per device'
+          )
         now = time.time()
         summary['learning_rate'] = float(schedule(step - 1))
         summary['images_per_second'] = len(history) * images_per_step / (now - last_log)
@@ -266,6 +301,7 @@ def _train(setup: TrainingSetup, state: Any, counts: AssignmentCounts,
 @dataclasses.dataclass(frozen=True)
 class Trained:
   """A checkpoint made ready to evaluate or draw: no sampler, no optimiser steps."""
+
   splits: splits_lib.Splits
   model: CAL
   state: state_lib.TrainState
@@ -273,24 +309,35 @@ class Trained:
   step: int
 
 
-def restore_trained(config: ml_collections.ConfigDict, workdir: str,
-                    step: Optional[int] = None) -> Trained:
+def restore_trained(
+  config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+) -> Trained:
   """The data and a checkpoint's state (the latest, or `step`) and its counts."""
   splits = distributed.primary_first(lambda: splits_lib.load_splits(config, workdir), 'data')
   num_classes = len(np.unique(splits.train.id))
-  with checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), config, num_classes,
-                                  keep=config.keep_checkpoints) as checkpointer:
+  with checkpointing.Checkpointer(
+    os.path.join(workdir, 'checkpoints'), config, num_classes, keep=config.keep_checkpoints
+  ) as checkpointer:
     if checkpointer.latest_step() is None:
-      raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}: train '
-                              'first, or point --workdir at a training run')
-    state, extra = checkpointer.restore(state_lib.abstract_train_state(config, num_classes),
-                                        step=step)
-  return Trained(splits, create_model(config, num_classes), state,
-                 AssignmentCounts.from_json(extra, config.model.num_parts), int(state.step))
+      raise FileNotFoundError(
+        f'no checkpoint in {checkpointer.directory}: train '
+        'first, or point --workdir at a training run'
+      )
+    state, extra = checkpointer.restore(
+      state_lib.abstract_train_state(config, num_classes), step=step
+    )
+  return Trained(
+    splits,
+    create_model(config, num_classes),
+    state,
+    AssignmentCounts.from_json(extra, config.model.num_parts),
+    int(state.step),
+  )
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: Optional[int] = None) -> dict:
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+) -> dict:
   """`--mode eval`: evaluates the latest (or the given) checkpoint of a workdir."""
   config_checks.check_config(config, resuming=True)
   workdir_lib.check_writable(workdir)

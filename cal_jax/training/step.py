@@ -13,7 +13,6 @@ global batch, so N devices give the update of one device on the whole batch.
 import functools
 import math
 from collections.abc import Sequence
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +29,9 @@ ATTENTION_STATISTICS = ('attention_max', 'attention_entropy', 'attention_distinc
 SCALARS = ('loss',) + LOSS_TERMS + ATTENTION_STATISTICS + ('grad_norm',)
 
 
-def choose_partners(rng: jax.Array, labels: jax.Array, partner_labels: jax.Array,
-                    first_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+def choose_partners(
+  rng: jax.Array, labels: jax.Array, partner_labels: jax.Array, first_index: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """For each sample, a uniformly drawn sample of the other half with its label.
 
   The draw of sample n depends on the key folded with its global index
@@ -48,8 +48,7 @@ def choose_partners(rng: jax.Array, labels: jax.Array, partner_labels: jax.Array
   """
   same = labels[:, None] == partner_labels[None, :]
   count = jnp.sum(same, axis=1)
-  keys = jax.vmap(lambda n: jax.random.fold_in(rng, first_index + n))(
-      jnp.arange(labels.shape[0]))
+  keys = jax.vmap(lambda n: jax.random.fold_in(rng, first_index + n))(jnp.arange(labels.shape[0]))
   draw = jax.vmap(lambda k: jax.random.uniform(k))(keys)
   pick = jnp.minimum(jnp.floor(draw * count).astype(jnp.int32), jnp.maximum(count - 1, 0))
   rank = jnp.cumsum(same, axis=1) - 1
@@ -72,9 +71,15 @@ def split_modalities(batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
   return batch['image'][vis], batch['label'][vis], batch['image'][ir], batch['label'][ir], halves_ok
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
-               loss_weights: ml_collections.ConfigDict, num_parts: int,
-               axis_name: Optional[str] = AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  rng: jax.Array,
+  *,
+  loss_weights: ml_collections.ConfigDict,
+  num_parts: int,
+  axis_name: str | None = AXIS,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the CAL objective.
 
   Args:
@@ -102,18 +107,25 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
 
   def loss_fn(params):
     outputs, mutated = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, images_v, images_i,
-        partner_of_infrared, partner_of_visible, train=True, mutable=['batch_stats'])
-    total, terms, ir_to_vis = cal_objective(outputs, labels_v, labels_i, partner_of_infrared,
-                                            partner_of_visible, loss_weights, axis_name)
+      {'params': params, 'batch_stats': state.batch_stats},
+      images_v,
+      images_i,
+      partner_of_infrared,
+      partner_of_visible,
+      train=True,
+      mutable=['batch_stats'],
+    )
+    total, terms, ir_to_vis = cal_objective(
+      outputs, labels_v, labels_i, partner_of_infrared, partner_of_visible, loss_weights, axis_name
+    )
     # The self-refined maps, the inference path: a collapse shows here first.
     attention = attention_statistics(jnp.concatenate([outputs['sim_vv'], outputs['sim_ii']]))
     return total, (terms | jax.lax.stop_gradient(attention), ir_to_vis, mutated['batch_stats'])
 
   (_, (terms, ir_to_vis, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  counts = jnp.bincount(match_distill.permutation_rank(ir_to_vis),
-                        length=math.factorial(num_parts))
+    state.params
+  )
+  counts = jnp.bincount(match_distill.permutation_rank(ir_to_vis), length=math.factorial(num_parts))
   bad_pairs = jnp.sum(~ok_i) + jnp.sum(~ok_v) + jnp.where(halves_ok, 0, 2 * half)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
@@ -123,20 +135,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     bad_pairs = jax.lax.psum(bad_pairs, axis_name)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   metrics = dict(terms)
-  metrics['grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g))
-                                      for g in jax.tree_util.tree_leaves(grads)))
+  metrics['grad_norm'] = jnp.sqrt(
+    sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads))
+  )
   metrics['assignment_counts'] = counts
   metrics['bad_pairs'] = bad_pairs
   return new_state, metrics
 
 
-def make_p_train_step(config: ml_collections.ConfigDict,
-                      devices: Optional[Sequence[jax.Device]] = None):
+def make_p_train_step(
+  config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+):
   """`train_step` pmapped over `devices` (default: the local ones) on axis 'batch'.
 
   Call it with a replicated state, a batch of [devices, B, ...] arrays and a
   replicated key [devices, 2]; the state is donated.
   """
-  step = functools.partial(train_step, loss_weights=config.loss,
-                           num_parts=config.model.num_parts, axis_name=AXIS)
+  step = functools.partial(
+    train_step, loss_weights=config.loss, num_parts=config.model.num_parts, axis_name=AXIS
+  )
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,), devices=devices)

@@ -14,9 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-import cal_jax.data.datasets  # registers the builders
-from cal_jax.data.datasets import records
-from cal_jax.data.datasets import synthetic
+from cal_jax.data.datasets import records, synthetic
 
 tfds.disable_progress_bar()
 
@@ -36,7 +34,8 @@ def _index_lines(root, rel):
 def _build(name, manual_dir, data_dir):
   builder = tfds.builder(name, data_dir=str(data_dir))
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+  )
   return builder
 
 
@@ -45,15 +44,13 @@ def _examples(builder, split):
 
 
 def _counts(examples):
-  return collections.Counter((int(e['modality']), int(e['camera']))
-                             for e in examples)
+  return collections.Counter((int(e['modality']), int(e['camera'])) for e in examples)
 
 
 def _check_examples(examples, root, expected_counts):
   """Counts per (modality, camera), order, ids and pixels of `examples`."""
   assert _counts(examples) == expected_counts
-  keys = [(int(e['id']), int(e['camera']), e['path'].decode())
-          for e in examples]
+  keys = [(int(e['id']), int(e['camera']), e['path'].decode()) for e in examples]
   assert keys == sorted(keys)
   for e in examples[:: max(1, len(examples) // 7)]:
     path = e['path'].decode()
@@ -79,8 +76,9 @@ def sysu(tmp_path_factory):
 
 def test_sysu_builder_counts(sysu):
   root, builder = sysu
-  train_ids = (_ids_of_line(root / 'exp' / 'train_id.txt') |
-               _ids_of_line(root / 'exp' / 'val_id.txt'))
+  train_ids = _ids_of_line(root / 'exp' / 'train_id.txt') | _ids_of_line(
+    root / 'exp' / 'val_id.txt'
+  )
   test_ids = _ids_of_line(root / 'exp' / 'test_id.txt')
   assert not train_ids & test_ids
   expected = {'train': collections.Counter(), 'test': collections.Counter()}
@@ -92,26 +90,22 @@ def test_sysu_builder_counts(sysu):
   for split in ('train', 'test'):
     examples = _examples(builder, split)
     _check_examples(examples, root, expected[split])
-    assert {int(e['id']) for e in examples} == (
-        train_ids if split == 'train' else test_ids)
+    assert {int(e['id']) for e in examples} == (train_ids if split == 'train' else test_ids)
     num_examples = builder.info.splits[split].num_examples
     assert num_examples == sum(expected[split].values())
   # JPEGs are stored as their own bytes, not re-encoded.
-  raw = builder.as_dataset(split='test',
-                           decoders={'image': tfds.decode.SkipDecoding()})
+  raw = builder.as_dataset(split='test', decoders={'image': tfds.decode.SkipDecoding()})
   for e in tfds.as_numpy(raw.take(3)):
     assert e['image'] == (root / e['path'].decode()).read_bytes()
   # The evaluation code's listing is the builder's, in the same order.
   listed = records.list_records('sysu', str(root), 'test')
-  assert [r.path for r in listed] == [
-      e['path'].decode() for e in _examples(builder, 'test')]
+  assert [r.path for r in listed] == [e['path'].decode() for e in _examples(builder, 'test')]
 
 
 def test_sysu_some_identities_miss_some_cameras(sysu):
   root, _ = sysu
   ids = set(os.listdir(root / 'cam1')) | set(os.listdir(root / 'cam4'))
-  present = [sum((root / f'cam{c}' / i).is_dir() for c in range(1, 7))
-             for i in ids]
+  present = [sum((root / f'cam{c}' / i).is_dir() for c in range(1, 7)) for i in ids]
   assert min(present) < 6
 
 
@@ -122,8 +116,7 @@ def test_prepared_data_is_reused(sysu, tmp_path):
   victim.write_bytes(b'not an image')  # would fail if prepared again
   try:
     again = _build('sysu_mm01', root.parent, builder.data_dir_root)
-    assert again.info.splits['train'].num_examples == (
-        builder.info.splits['train'].num_examples)
+    assert again.info.splits['train'].num_examples == (builder.info.splits['train'].num_examples)
   finally:
     victim.write_bytes(saved)
 
@@ -148,11 +141,11 @@ def test_regdb_builder_counts(tmp_path):
   thermal = next(e for e in examples if e['path'].decode() == grey)
   assert Image.open(root / grey).mode == 'L'
   assert np.array_equal(thermal['image'][..., 0], thermal['image'][..., 2])
-  assert np.array_equal(thermal['image'][..., 0],
-                        np.asarray(Image.open(root / grey)))
+  assert np.array_equal(thermal['image'][..., 0], np.asarray(Image.open(root / grey)))
   # Trials are different splits of the same identities.
-  t1, t2 = ({r.id for r in records.list_records('regdb', str(root), 'train',
-                                                trial=t)} for t in (1, 2))
+  t1, t2 = (
+    {r.id for r in records.list_records('regdb', str(root), 'train', trial=t)} for t in (1, 2)
+  )
   assert t1 != t2 and len(t1) == len(t2) == 3
 
 
@@ -185,7 +178,7 @@ def test_corrupt_image_is_named(tmp_path):
   synthetic.generate('sysu', str(root), seed=0, **SMALL)
   victim = records.list_records('sysu', str(root), 'test')[1].path
   data = (root / victim).read_bytes()
-  (root / victim).write_bytes(data[:len(data) // 3])  # truncated JPEG
+  (root / victim).write_bytes(data[: len(data) // 3])  # truncated JPEG
   with pytest.raises(Exception, match=re.escape(victim)):
     _build('sysu_mm01', root, tmp_path / 'tfds')
 
@@ -217,19 +210,16 @@ def test_partial_copies_are_layout_errors(tmp_path):
   root = tmp_path / 'LLCM'
   synthetic.generate('llcm', str(root), seed=0, **SMALL)
   shutil.rmtree(root / 'test_nir' / 'cam7')
-  with pytest.raises(records.DatasetLayoutError,
-                     match='missing test_nir/cam7/'):
+  with pytest.raises(records.DatasetLayoutError, match='missing test_nir/cam7/'):
     records.list_records('llcm', str(root), 'train')
 
   root = tmp_path / 'SYSU-MM01'
   synthetic.generate('sysu', str(root), seed=0, **SMALL)
   test_ids = _ids_of_line(root / 'exp' / 'test_id.txt')
-  folder = next(p for p in sorted((root / 'cam1').iterdir())
-                if int(p.name) in test_ids)
+  folder = next(p for p in sorted((root / 'cam1').iterdir()) if int(p.name) in test_ids)
   for f in folder.iterdir():
     f.unlink()
-  with pytest.raises(records.DatasetLayoutError, match=re.escape(
-      f'empty: cam1/{folder.name}/')):
+  with pytest.raises(records.DatasetLayoutError, match=re.escape(f'empty: cam1/{folder.name}/')):
     records.list_records('sysu', str(root), 'test')
 
 
@@ -244,8 +234,7 @@ def test_absent_or_empty_folder_is_a_layout_error(tmp_path):
 
 
 def _tree(root):
-  return {str(p.relative_to(root)): p.read_bytes()
-          for p in sorted(root.rglob('*')) if p.is_file()}
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()}
 
 
 @pytest.mark.parametrize('layout', ['sysu', 'regdb', 'llcm'])
@@ -266,18 +255,28 @@ def test_synthetic_images_vary_and_infrared_has_no_hue(sysu):
     by_group[(r.id, r.camera)].append(r)
   group = next(g for g in by_group.values() if len(g) >= 2)
   first, second = (np.asarray(Image.open(root / r.path)) for r in group[:2])
-  assert first.shape != second.shape or np.abs(
-      first.astype(int) - second).mean() > 5
-  ir = np.asarray(Image.open(root / next(r for r in recs if r.modality).path),
-                  dtype=int)
+  assert first.shape != second.shape or np.abs(first.astype(int) - second).mean() > 5
+  ir = np.asarray(Image.open(root / next(r for r in recs if r.modality).path), dtype=int)
   visible = np.asarray(Image.open(root / recs[0].path), dtype=int)
   assert np.abs(ir[..., 0] - ir[..., 1]).mean() < 2  # JPEG noise only
   assert np.abs(visible[..., 0] - visible[..., 1]).mean() > 5
 
 
 def test_cli_writes_a_tree(tmp_path, capsys):
-  synthetic.main(['--layout', 'llcm', '--output', str(tmp_path / 'LLCM'),
-                  '--num-ids', '6', '--seed', '4', '--max-images', '2'])
+  synthetic.main(
+    [
+      '--layout',
+      'llcm',
+      '--output',
+      str(tmp_path / 'LLCM'),
+      '--num-ids',
+      '6',
+      '--seed',
+      '4',
+      '--max-images',
+      '2',
+    ]
+  )
   assert 'llcm:' in capsys.readouterr().out
   assert len(records.list_records('llcm', str(tmp_path / 'LLCM'), 'test')) > 0
   with pytest.raises(FileExistsError):
@@ -288,8 +287,9 @@ def test_infrared_gap_changes_only_the_infrared_images(tmp_path):
   """infrared_gap=0 renders near-infrared as the colours' luminance: the visible
   images stay byte-identical, the infrared ones change, and the gap is checked."""
   hard = synthetic.generate('sysu', str(tmp_path / 'hard'), num_ids=9, seed=3, height=48)
-  easy = synthetic.generate('sysu', str(tmp_path / 'easy'), num_ids=9, seed=3, height=48,
-                            infrared_gap=0.0)
+  easy = synthetic.generate(
+    'sysu', str(tmp_path / 'easy'), num_ids=9, seed=3, height=48, infrared_gap=0.0
+  )
   assert hard.num_images == easy.num_images
   changed = collections.Counter()
   for cam in range(1, 7):
@@ -318,8 +318,9 @@ def small_trees(tmp_path_factory):
   for layout, name in (('sysu', 'SYSU-MM01'), ('regdb', 'RegDB'), ('llcm', 'LLCM')):
     trees[layout] = base / name
     extra = {} if layout == 'regdb' else SMALL
-    synthetic.generate(layout, str(trees[layout]), seed=4,
-                       **({'num_ids': 6} if layout == 'regdb' else extra))
+    synthetic.generate(
+      layout, str(trees[layout]), seed=4, **({'num_ids': 6} if layout == 'regdb' else extra)
+    )
   return trees
 
 
@@ -330,22 +331,34 @@ def _copy(trees, layout, tmp_path):
 
 
 def _listing(layout, root, split, trial=None):
-  return [(r.id, r.camera, r.modality, r.path.rsplit('/', 1)[-1])
-          for r in records.list_records(layout, str(root), split, trial=trial)]
+  return [
+    (r.id, r.camera, r.modality, r.path.rsplit('/', 1)[-1])
+    for r in records.list_records(layout, str(root), split, trial=trial)
+  ]
 
 
-@pytest.mark.parametrize('form', ['one per line', 'windows line ends', 'byte-order mark',
-                                  'trailing comma and spaces', 'last line without newline'])
+@pytest.mark.parametrize(
+  'form',
+  [
+    'one per line',
+    'windows line ends',
+    'byte-order mark',
+    'trailing comma and spaces',
+    'last line without newline',
+  ],
+)
 def test_id_files_in_every_form_are_read_whole(small_trees, tmp_path, form):
   root = _copy(small_trees, 'sysu', tmp_path)
   before = {s: _listing('sysu', root, s) for s in ('train', 'test')}
   for name in ('train_id', 'val_id', 'test_id'):
     ids = sorted(_ids_of_line(root / 'exp' / f'{name}.txt'))
-    text = {'one per line': '\n'.join(map(str, ids)) + '\n',
-            'windows line ends': '\r\n'.join(map(str, ids)) + '\r\n',
-            'byte-order mark': '\ufeff' + ','.join(map(str, ids)),
-            'trailing comma and spaces': ', '.join(map(str, ids)) + ',\n',
-            'last line without newline': '\n'.join(f'{i:04d}' for i in ids)}[form]
+    text = {
+      'one per line': '\n'.join(map(str, ids)) + '\n',
+      'windows line ends': '\r\n'.join(map(str, ids)) + '\r\n',
+      'byte-order mark': '\ufeff' + ','.join(map(str, ids)),
+      'trailing comma and spaces': ', '.join(map(str, ids)) + ',\n',
+      'last line without newline': '\n'.join(f'{i:04d}' for i in ids),
+    }[form]
     (root / 'exp' / f'{name}.txt').write_bytes(text.encode('utf-8'))
   for split in ('train', 'test'):
     assert _listing('sysu', root, split) == before[split]
@@ -361,9 +374,11 @@ def test_id_file_with_something_else_is_refused(small_trees, tmp_path):
   root = _copy(small_trees, 'sysu', tmp_path)
   path = root / 'exp' / 'test_id.txt'
   path.write_text(path.read_text().strip() + ',12a,x\n')
-  with pytest.raises(records.DatasetLayoutError,
-                     match=r"exp/test_id.txt holds entries that are not identity numbers"
-                           r"[\s\S]*found: +'12a', 'x'"):
+  with pytest.raises(
+    records.DatasetLayoutError,
+    match=r'exp/test_id.txt holds entries that are not identity numbers'
+    r"[\s\S]*found: +'12a', 'x'",
+  ):
     records.list_records('sysu', str(root), 'test')
 
 
@@ -384,15 +399,17 @@ def test_two_folders_of_one_identity_or_a_strange_folder_are_refused(small_trees
   folder = sorted(p for p in (root / 'cam2').iterdir())[0]
   short = str(int(folder.name))
   shutil.copytree(folder, folder.parent / short)
-  with pytest.raises(records.DatasetLayoutError,
-                     match=re.escape(f'two folders of one identity: cam2/{folder.name}/ and '
-                                     f'cam2/{short}/')):
+  with pytest.raises(
+    records.DatasetLayoutError,
+    match=re.escape(f'two folders of one identity: cam2/{folder.name}/ and cam2/{short}/'),
+  ):
     records.list_records('sysu', str(root), 'train')
   shutil.rmtree(folder.parent / short)
   (root / 'cam4' / 'backup_0001').mkdir()
   (root / 'cam4' / '.cache').mkdir()  # hidden: ignored
-  with pytest.raises(records.DatasetLayoutError,
-                     match=re.escape('not an identity number: cam4/backup_0001/')):
+  with pytest.raises(
+    records.DatasetLayoutError, match=re.escape('not an identity number: cam4/backup_0001/')
+  ):
     records.list_records('sysu', str(root), 'test')
 
 
@@ -402,9 +419,12 @@ def test_identities_in_training_and_test_lists_are_refused(small_trees, tmp_path
   train = root / 'exp' / 'val_id.txt'
   train.write_text(train.read_text().strip() + f',{test_ids[0]},{test_ids[-1]}')
   for split in ('train', 'test'):  # either split: the lists are wrong
-    with pytest.raises(records.DatasetLayoutError,
-                       match=re.escape(f'2 ids in both exp/val_id.txt and exp/test_id.txt: '
-                                       f'{test_ids[0]}, {test_ids[-1]}')):
+    with pytest.raises(
+      records.DatasetLayoutError,
+      match=re.escape(
+        f'2 ids in both exp/val_id.txt and exp/test_id.txt: {test_ids[0]}, {test_ids[-1]}'
+      ),
+    ):
       records.list_records('sysu', str(root), split)
 
   root = _copy(small_trees, 'regdb', tmp_path)
@@ -412,9 +432,10 @@ def test_identities_in_training_and_test_lists_are_refused(small_trees, tmp_path
   with open(root / 'idx' / 'train_thermal_3.txt', 'a') as f:
     f.write(test_line + '\n')
   test_id = int(test_line.split()[0].split('/')[1])
-  with pytest.raises(records.DatasetLayoutError,
-                     match=re.escape(f'1 ids in both idx/train_thermal_3.txt and '
-                                     f'idx/test_thermal_3.txt: {test_id}')):
+  with pytest.raises(
+    records.DatasetLayoutError,
+    match=re.escape(f'1 ids in both idx/train_thermal_3.txt and idx/test_thermal_3.txt: {test_id}'),
+  ):
     records.list_records('regdb', str(root), 'train', trial=3)
   records.list_records('regdb', str(root), 'train', trial=4)  # other trials are fine
 
@@ -422,7 +443,8 @@ def test_identities_in_training_and_test_lists_are_refused(small_trees, tmp_path
   test_image = records.list_records('llcm', str(root), 'test')[0]
   with open(root / 'idx' / 'train_vis.txt', 'a') as f:
     f.write(f'{test_image.path} 0\n')
-  with pytest.raises(records.DatasetLayoutError,
-                     match=re.escape(f'1 ids in both idx/train_vis.txt and idx/test_id.txt: '
-                                     f'{test_image.id}')):
+  with pytest.raises(
+    records.DatasetLayoutError,
+    match=re.escape(f'1 ids in both idx/train_vis.txt and idx/test_id.txt: {test_image.id}'),
+  ):
     records.list_records('llcm', str(root), 'test')

@@ -24,11 +24,11 @@ def _toy_split(seed: int = 0):
 def _sampler(balanced=False, seed=0, **kwargs):
   ids, modality = _toy_split()
   return sampler_lib.CrossModalIdentitySampler(
-      ids, modality, num_ids_per_batch=P, num_pos=K, seed=seed,
-      balanced=balanced, **kwargs)
+    ids, modality, num_ids_per_batch=P, num_pos=K, seed=seed, balanced=balanced, **kwargs
+  )
 
 
-@pytest.mark.parametrize("balanced", [False, True])
+@pytest.mark.parametrize('balanced', [False, True])
 def test_every_batch_has_the_configured_counts(balanced):
   s = _sampler(balanced)
   ids, modality = _toy_split()
@@ -45,8 +45,7 @@ def test_every_batch_has_the_configured_counts(balanced):
 def test_labels_are_sorted_identity_numbers():
   s = _sampler()
   ids, _ = _toy_split()
-  np.testing.assert_array_equal(s.identities,
-                                [3, 8, 11, 20, 21, 34, 50, 51, 77, 90])
+  np.testing.assert_array_equal(s.identities, [3, 8, 11, 20, 21, 34, 50, 51, 77, 90])
   np.testing.assert_array_equal(s.identities[s.labels], ids)
   assert s.num_classes == 10
 
@@ -64,8 +63,7 @@ def test_balanced_identities_do_not_repeat_within_a_pass():
   for epoch in range(2):
     for first in range(0, s.steps_per_epoch, per_pass):
       step = epoch * s.steps_per_epoch + first
-      drawn = np.concatenate(
-          [s.global_batch(step + i)[0] for i in range(per_pass)])
+      drawn = np.concatenate([s.global_batch(step + i)[0] for i in range(per_pass)])
       assert len(set(drawn.tolist())) == per_pass * P
 
 
@@ -87,10 +85,9 @@ def test_agw_draws_images_with_replacement():
   ids = np.array([1] * 4 + [1] * 4 + [2] * 4 + [2] * 4)
   modality = np.array([0] * 4 + [1] * 4 + [0] * 4 + [1] * 4)
   s = sampler_lib.CrossModalIdentitySampler(
-      ids, modality, num_ids_per_batch=2, num_pos=4, seed=0,
-      steps_per_epoch=50)
-  repeats = sum(len(set(s.global_batch(i)[1][0].tolist())) < 4
-                for i in range(50))
+    ids, modality, num_ids_per_batch=2, num_pos=4, seed=0, steps_per_epoch=50
+  )
+  repeats = sum(len(set(s.global_batch(i)[1][0].tolist())) < 4 for i in range(50))
   assert repeats > 0
 
 
@@ -101,8 +98,9 @@ def test_same_seed_and_step_same_batch_without_replay():
   for x, y in zip(a.global_batch(step), b.global_batch(step)):
     np.testing.assert_array_equal(x, y)
   other = _sampler(seed=6)
-  assert any(not np.array_equal(x, y)
-             for x, y in zip(a.global_batch(step), other.global_batch(step)))
+  assert any(
+    not np.array_equal(x, y) for x, y in zip(a.global_batch(step), other.global_batch(step))
+  )
 
 
 def test_epochs_are_reshuffled():
@@ -119,21 +117,18 @@ def test_shard_layout_holds_whole_identities():
   q = P // 2
   assert batch.index.shape == (2, 2 * q * K) and s.per_device_batch == 2 * q * K
   for d in range(2):
-    ids_d = labels[d * q:(d + 1) * q]
+    ids_d = labels[d * q : (d + 1) * q]
     np.testing.assert_array_equal(
-        batch.index[d], np.concatenate([visible[d * q:(d + 1) * q].ravel(),
-                                        infrared[d * q:(d + 1) * q].ravel()]))
-    np.testing.assert_array_equal(batch.label[d],
-                                  np.tile(np.repeat(ids_d, K), 2))
-    np.testing.assert_array_equal(batch.modality[d],
-                                  np.repeat([0, 1], q * K))
-    np.testing.assert_array_equal(
-        batch.position[d], d * 2 * q * K + np.arange(2 * q * K))
+      batch.index[d],
+      np.concatenate([visible[d * q : (d + 1) * q].ravel(), infrared[d * q : (d + 1) * q].ravel()]),
+    )
+    np.testing.assert_array_equal(batch.label[d], np.tile(np.repeat(ids_d, K), 2))
+    np.testing.assert_array_equal(batch.modality[d], np.repeat([0, 1], q * K))
+    np.testing.assert_array_equal(batch.position[d], d * 2 * q * K + np.arange(2 * q * K))
 
 
 def test_hosts_are_disjoint_and_cover_the_global_batch():
-  hosts = [_sampler(local_devices=1, num_hosts=4, host_index=h)
-           for h in range(4)]
+  hosts = [_sampler(local_devices=1, num_hosts=4, host_index=h) for h in range(4)]
   whole = _sampler(local_devices=4)
   for step in (0, 7, 31):
     parts = [h.batch_indices(step) for h in hosts]
@@ -142,36 +137,31 @@ def test_hosts_are_disjoint_and_cover_the_global_batch():
     label_sets = [set(p.label.ravel().tolist()) for p in parts]
     assert sum(len(x) for x in label_sets) == P  # no identity on two hosts
     full = whole.batch_indices(step)
-    np.testing.assert_array_equal(
-        np.concatenate([p.index for p in parts]), full.index)
-    np.testing.assert_array_equal(
-        np.concatenate([p.label for p in parts]), full.label)
+    np.testing.assert_array_equal(np.concatenate([p.index for p in parts]), full.index)
+    np.testing.assert_array_equal(np.concatenate([p.label for p in parts]), full.label)
 
 
 def test_indivisible_shards_name_the_config_fields():
-  with pytest.raises(ValueError, match="num_ids_per_batch.*local_devices"):
+  with pytest.raises(ValueError, match='num_ids_per_batch.*local_devices'):
     _sampler(local_devices=3)
 
 
 def test_identity_lacking_a_modality_is_named():
   ids = np.array([1, 1, 2, 7, 7])
   modality = np.array([0, 1, 0, 0, 1])
-  with pytest.raises(ValueError, match=r"no infrared image.*\[2\]"):
-    sampler_lib.CrossModalIdentitySampler(
-        ids, modality, num_ids_per_batch=1, num_pos=1, seed=0)
+  with pytest.raises(ValueError, match=r'no infrared image.*\[2\]'):
+    sampler_lib.CrossModalIdentitySampler(ids, modality, num_ids_per_batch=1, num_pos=1, seed=0)
 
 
 def test_from_config():
   import ml_collections  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict({
-      "seed": 5,
-      "data": {"num_ids_per_batch": P, "num_pos": K},
-      "optim": {"steps_per_epoch": 0}})
+
+  config = ml_collections.ConfigDict(
+    {'seed': 5, 'data': {'num_ids_per_batch': P, 'num_pos': K}, 'optim': {'steps_per_epoch': 0}}
+  )
   ids, modality = _toy_split()
-  s = sampler_lib.CrossModalIdentitySampler.from_config(
-      config, ids, modality, local_devices=2)
+  s = sampler_lib.CrossModalIdentitySampler.from_config(config, ids, modality, local_devices=2)
   assert (s.num_ids_per_batch, s.num_pos, s.seed) == (P, K, 5)
   assert not s.balanced
   assert s.per_device_batch == 2 * K * P // 2
-  np.testing.assert_array_equal(s.global_batch(9)[1],
-                                _sampler(seed=5).global_batch(9)[1])
+  np.testing.assert_array_equal(s.global_batch(9)[1], _sampler(seed=5).global_batch(9)[1])

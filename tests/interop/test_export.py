@@ -19,12 +19,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import NUM_CLASSES
 
 from cal_jax.evaluation import embedding as inference
 from cal_jax.interop import export as convert
-from cal_jax.training import checkpointing
 from cal_jax.models.cal import CAL, INFRARED, VISIBLE, create_model
-from conftest import NUM_CLASSES
+from cal_jax.training import checkpointing
 
 torch = pytest.importorskip('torch')
 safetensors = pytest.importorskip('safetensors')
@@ -46,9 +46,12 @@ def trained_like(model: CAL, params, batch_stats, image_size, seed: int = 0) -> 
   shifted, variances scaled by U(0.5, 1.5)), so eval-mode activations stay
   moderate and a float32 tolerance means something. For a bottleneck ResNet."""
   rng = np.random.default_rng(seed)
-  params = {path: (np.asarray(x) * (1 + 0.1 * rng.normal(size=x.shape))
-                   + 0.02 * rng.normal(size=x.shape)).astype(np.float32)
-            for path, x in flat(params).items()}
+  params = {
+    path: (
+      np.asarray(x) * (1 + 0.1 * rng.normal(size=x.shape)) + 0.02 * rng.normal(size=x.shape)
+    ).astype(np.float32)
+    for path, x in flat(params).items()
+  }
   for path in params:
     if path[0] == 'stages' and path[-2:] == ('bn3', 'scale'):
       params[path] *= 0.2  # residual branches that add small updates, as in a trained ResNet
@@ -56,9 +59,11 @@ def trained_like(model: CAL, params, batch_stats, image_size, seed: int = 0) -> 
   zeros = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, np.float32), batch_stats)
   images = rng.normal(size=(2, 8, *image_size, 3)).astype(np.float32)
   partners = np.arange(8)
-  _, updated = jax.jit(lambda v: model.apply(v, images[0], images[1], partners, partners,
-                                             train=True, mutable=['batch_stats']))(
-                                                 {'params': params, 'batch_stats': zeros})
+  _, updated = jax.jit(
+    lambda v: model.apply(
+      v, images[0], images[1], partners, partners, train=True, mutable=['batch_stats']
+    )
+  )({'params': params, 'batch_stats': zeros})
   # From zeros, one update with momentum 0.1 leaves 0.1 x the batch statistic.
   measured = flat(jax.tree_util.tree_map(lambda x: 10.0 * np.asarray(x), updated['batch_stats']))
   stats = {}
@@ -74,11 +79,13 @@ def trained_like(model: CAL, params, batch_stats, image_size, seed: int = 0) -> 
 
 def flat(tree) -> dict:
   import flax  # pylint: disable=g-import-not-at-top
+
   return flax.traverse_util.flatten_dict(dict(tree))
 
 
 def unflat(tree) -> dict:
   import flax  # pylint: disable=g-import-not-at-top
+
   return flax.traverse_util.unflatten_dict(tree)
 
 
@@ -88,8 +95,10 @@ def trained(tiny_config, tiny_state):
   model = create_model(tiny_config, NUM_CLASSES)
   size = (tiny_config.data.image_height, tiny_config.data.image_width)
   variables = trained_like(model, tiny_state.params, tiny_state.batch_stats, size)
-  reordered = {'params': inference.reorder_prototypes(variables['params'], M_HAT),
-               'batch_stats': variables['batch_stats']}
+  reordered = {
+    'params': inference.reorder_prototypes(variables['params'], M_HAT),
+    'batch_stats': variables['batch_stats'],
+  }
   return model, variables, reordered
 
 
@@ -136,6 +145,7 @@ def test_formats_and_fields_agree():
 def test_file_holds_the_inference_tensors_only(exported, trained, tiny_config):
   _, variables, _ = trained
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
   tensors = load_file(exported['.safetensors'])
   expected = torch_model.CALInference(convert.model_hyperparameters(tiny_config)).state_dict()
   assert set(tensors) == {k for k in expected if not k.endswith('num_batches_tracked')}
@@ -144,14 +154,18 @@ def test_file_holds_the_inference_tensors_only(exported, trained, tiny_config):
     assert value.shape == tuple(expected[key].shape), key
   # The visible prototypes are reordered by M-hat (Linear weight [N_p, 3C]), the infrared not.
   drm = variables['params']
-  np.testing.assert_array_equal(tensors['region_mining_visible.prototypes.weight'],
-                                np.asarray(drm['region_mining_visible']['prototypes']['kernel'])
-                                [:, M_HAT].T)
-  np.testing.assert_array_equal(tensors['region_mining_visible.prototypes.bias'],
-                                np.asarray(drm['region_mining_visible']['prototypes']['bias'])
-                                [M_HAT])
-  np.testing.assert_array_equal(tensors['region_mining_infrared.prototypes.weight'],
-                                np.asarray(drm['region_mining_infrared']['prototypes']['kernel']).T)
+  np.testing.assert_array_equal(
+    tensors['region_mining_visible.prototypes.weight'],
+    np.asarray(drm['region_mining_visible']['prototypes']['kernel'])[:, M_HAT].T,
+  )
+  np.testing.assert_array_equal(
+    tensors['region_mining_visible.prototypes.bias'],
+    np.asarray(drm['region_mining_visible']['prototypes']['bias'])[M_HAT],
+  )
+  np.testing.assert_array_equal(
+    tensors['region_mining_infrared.prototypes.weight'],
+    np.asarray(drm['region_mining_infrared']['prototypes']['kernel']).T,
+  )
   with safetensors.safe_open(exported['.safetensors'], framework='numpy') as f:
     metadata = {k: json.loads(v) for k, v in f.metadata().items()}
   assert metadata['m_hat'] == M_HAT.tolist() and metadata['num_classes'] == NUM_CLASSES
@@ -176,8 +190,9 @@ def test_embeddings_and_selected_tokens_match_jax(trained, torch_models, suffix,
     print(f'{suffix} {size} modality {modality}: max |torch - jax| = {difference:.2e}')
     assert difference < TOLERANCE
     with torch.no_grad():
-      torch_parts = net.refined_parts(torch.from_numpy(batch.transpose(0, 3, 1, 2).copy()),
-                                      modality)
+      torch_parts = net.refined_parts(
+        torch.from_numpy(batch.transpose(0, 3, 1, 2).copy()), modality
+      )
     np.testing.assert_array_equal(torch_parts['selected'].numpy() > 0, np.asarray(selected) > 0)
 
 
@@ -189,26 +204,32 @@ def test_ranking_matches_jax(trained, torch_models):
   query, gallery = images(size, count=6, seed=10), images(size, count=12, seed=11)
 
   def embed_both(batch, modality):
-    chunks = [batch[i:i + 3] for i in range(0, len(batch), 3)]
-    return (np.concatenate([np.asarray(jax_outputs(model, reordered, c, modality)[0])
-                            for c in chunks]),
-            np.concatenate([torch_embed(net, c, modality) for c in chunks]))
+    chunks = [batch[i : i + 3] for i in range(0, len(batch), 3)]
+    return (
+      np.concatenate([np.asarray(jax_outputs(model, reordered, c, modality)[0]) for c in chunks]),
+      np.concatenate([torch_embed(net, c, modality) for c in chunks]),
+    )
 
-  (jax_query, torch_query), (jax_gallery, torch_gallery) = (embed_both(query, INFRARED),
-                                                            embed_both(gallery, VISIBLE))
+  (jax_query, torch_query), (jax_gallery, torch_gallery) = (
+    embed_both(query, INFRARED),
+    embed_both(gallery, VISIBLE),
+  )
   jax_scores = np.asarray(inference.part_cosine_similarity(jax_gallery, jax_query)).T
-  torch_scores = torch_model.similarity(torch.from_numpy(torch_gallery),
-                                        torch.from_numpy(torch_query)).T.numpy()
+  torch_scores = torch_model.similarity(
+    torch.from_numpy(torch_gallery), torch.from_numpy(torch_query)
+  ).T.numpy()
   assert torch_scores.shape == (6, 12)
   np.testing.assert_allclose(torch_scores, jax_scores, atol=4 * TOLERANCE)
-  np.testing.assert_array_equal(np.argsort(-torch_scores, axis=1, kind='stable'),
-                                np.argsort(-jax_scores, axis=1, kind='stable'))
+  np.testing.assert_array_equal(
+    np.argsort(-torch_scores, axis=1, kind='stable'), np.argsort(-jax_scores, axis=1, kind='stable')
+  )
 
 
 def test_tied_scores_select_the_tokens_lax_top_k_selects():
   """Equal scores (zero prototypes: a uniform softmax, and ties in blocks) select the
   lowest token indices in both frameworks."""
   from cal_jax.models import region_mining  # pylint: disable=g-import-not-at-top
+
   drm = torch_model.RegionMining(channels=4, num_parts=3, select_ratio=0.6, pool_sizes=(1, 3))
   torch.nn.init.zeros_(drm.prototypes.weight)
   with torch.no_grad():
@@ -231,9 +252,14 @@ def test_shared_stem_and_region_mining(tmp_path, tiny_config, trained):
   config.model.modality_specific_stem = False
   config.model.shared_region_mining = True
   model = create_model(config, NUM_CLASSES)
-  variables = {collection: {name: tree for name, tree in variables[collection].items()
-                            if name not in ('stem_infrared', 'region_mining_infrared')}
-               for collection in ('params', 'batch_stats')}
+  variables = {
+    collection: {
+      name: tree
+      for name, tree in variables[collection].items()
+      if name not in ('stem_infrared', 'region_mining_infrared')
+    }
+    for collection in ('params', 'batch_stats')
+  }
   path = str(tmp_path / 'shared.safetensors')
   metadata = convert.export(variables, config, None, path, m_hat=M_HAT)
   assert not metadata['prototypes_reordered']  # one DRM for both: nothing to reorder
@@ -248,15 +274,18 @@ def test_shared_stem_and_region_mining(tmp_path, tiny_config, trained):
 def test_torch_model_imports_no_jax():
   """torch_model.py runs alone (loaded by path) and through the package, without JAX."""
   path = os.path.join(REPO, 'cal_jax', 'interop', 'torch_model.py')
-  code = (f'import importlib.util, sys\n'
-          f'spec = importlib.util.spec_from_file_location("standalone", {path!r})\n'
-          f'spec.loader.exec_module(importlib.util.module_from_spec(spec))\n'
-          f'import cal_jax.interop.torch_model\n'
-          f'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax",'
-          f' "optax", "orbax", "tensorflow") or (m.startswith("cal_jax.") and '
-          f'm not in ("cal_jax.interop", "cal_jax.interop.torch_model"))))\n')
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+  code = (
+    f'import importlib.util, sys\n'
+    f'spec = importlib.util.spec_from_file_location("standalone", {path!r})\n'
+    f'spec.loader.exec_module(importlib.util.module_from_spec(spec))\n'
+    f'import cal_jax.interop.torch_model\n'
+    f'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax",'
+    f' "optax", "orbax", "tensorflow") or (m.startswith("cal_jax.") and '
+    f'm not in ("cal_jax.interop", "cal_jax.interop.torch_model"))))\n'
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == '[]'
   assert importlib.util.find_spec('cal_jax.interop.torch_model') is not None
@@ -270,10 +299,14 @@ def save_workdir(workdir, config, state, variables, step: int) -> None:
   last[perms.index(tuple(M_HAT))] = 5
   current = np.zeros(len(perms), np.int64)
   current[0] = 9  # the current epoch's counts are not the ones used
-  state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'],
-                        step=np.asarray(step, np.int32))
-  with checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), config,
-                                  NUM_CLASSES) as ckpt:
+  state = state.replace(
+    params=variables['params'],
+    batch_stats=variables['batch_stats'],
+    step=np.asarray(step, np.int32),
+  )
+  with checkpointing.Checkpointer(
+    os.path.join(workdir, 'checkpoints'), config, NUM_CLASSES
+  ) as ckpt:
     ckpt.save(step, state, {'epoch_counts': current, 'last_epoch_counts': last})
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -285,10 +318,15 @@ def test_command_line_exports_a_workdir(tmp_path, tiny_config, tiny_state, train
   save_workdir(str(workdir), tiny_config, tiny_state, variables, step=8)
   output = tmp_path / 'out' / 'cal.safetensors'
   result = subprocess.run(
-      [sys.executable, '-m', 'cal_jax.convert', '--workdir', str(workdir),
-       '--output', str(output)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    [sys.executable, '-m', 'cal_jax.convert', '--workdir', str(workdir), '--output', str(output)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
   written, reference = load_file(str(output)), load_file(exported['.safetensors'])
   assert set(written) == set(reference)
   for key in reference:
@@ -296,8 +334,9 @@ def test_command_line_exports_a_workdir(tmp_path, tiny_config, tiny_state, train
   net = torch_model.load(str(output))
   assert net.metadata['m_hat'] == M_HAT.tolist() and net.metadata['checkpoint_step'] == 8
   # In process, a given step, .pt, and the config given rather than read back.
-  metadata = convert.export_checkpoint(str(workdir), str(tmp_path / 'cal.pt'), step=8,
-                                       config=tiny_config)
+  metadata = convert.export_checkpoint(
+    str(workdir), str(tmp_path / 'cal.pt'), step=8, config=tiny_config
+  )
   assert metadata['m_hat'] == M_HAT.tolist()
   assert torch_model.load(str(tmp_path / 'cal.pt')).metadata == net.metadata
   with pytest.raises(FileNotFoundError, match=r'no checkpoint for step 7.*\[8\]'):
@@ -306,13 +345,25 @@ def test_command_line_exports_a_workdir(tmp_path, tiny_config, tiny_state, train
 
 def test_command_line_errors_are_one_line(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'cal_jax.convert', '--workdir', str(tmp_path / 'missing'),
-       '--output', str(tmp_path / 'cal.onnx')], cwd=REPO, capture_output=True, text=True,
-      timeout=120)
+    [
+      sys.executable,
+      '-m',
+      'cal_jax.convert',
+      '--workdir',
+      str(tmp_path / 'missing'),
+      '--output',
+      str(tmp_path / 'cal.onnx'),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      f"cal_jax.convert: error: {tmp_path / 'cal.onnx'}: unknown output format '.onnx'; "
-      'name the file *.safetensors or *.pt')
+    f"cal_jax.convert: error: {tmp_path / 'cal.onnx'}: unknown output format '.onnx'; "
+    'name the file *.safetensors or *.pt'
+  )
 
 
 def test_clear_errors(tmp_path, tiny_config, trained):

@@ -36,12 +36,13 @@ def np_max_pool_same(x, size):
   out = np.empty_like(x)
   for i in range(h):
     for j in range(w):
-      window = x[max(0, i - pad):i + pad + 1, max(0, j - pad):j + pad + 1]
+      window = x[max(0, i - pad) : i + pad + 1, max(0, j - pad) : j + pad + 1]
       out[i, j] = window.max(axis=(0, 1))
   return out
 
 
 # ----------------------------------------------------------------- Eq. (3) ---
+
 
 def test_num_selected_tokens_matches_eq3():
   # 288x144 input, last stride 1 -> 18x9 map; N_p = 4, alpha = 0.6.
@@ -61,12 +62,14 @@ def test_token_selection_and_aggregation_eq3():
     for part in range(k):
       top = np.argsort(-scores[bi, :, part])[:n_k]
       expected_sel[bi, top, part] = scores[bi, top, part]
-      expected_p[bi, part] = (scores[bi, top, part][:, None] * tokens[bi, top]).sum(0) / \
-          scores[bi, top, part].sum()
+      expected_p[bi, part] = (scores[bi, top, part][:, None] * tokens[bi, top]).sum(0) / scores[
+        bi, top, part
+      ].sum()
   selected = region_mining.select_top_tokens(jnp.asarray(scores), n_k)
   np.testing.assert_allclose(selected, expected_sel, rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(region_mining.aggregate_parts(selected, jnp.asarray(tokens)),
-                             expected_p, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    region_mining.aggregate_parts(selected, jnp.asarray(tokens)), expected_p, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_region_mining_module_matches_numpy():
@@ -90,20 +93,24 @@ def test_region_mining_module_matches_numpy():
       top = np.argsort(-scores[:, part])[:n_k]
       p = (scores[top, part][:, None] * tokens[top]).sum(0) / scores[top, part].sum()
       np.testing.assert_allclose(out['parts'][bi, part], p, rtol=1e-5, atol=1e-5)
-      np.testing.assert_allclose(out['part_logits'][bi, part],
-                                 p @ cls_kernel[part] + cls_bias[part], rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(
+        out['part_logits'][bi, part], p @ cls_kernel[part] + cls_bias[part], rtol=1e-4, atol=1e-5
+      )
 
 
 # ------------------------------------------------------------ Eqs. (4), (5) ---
+
 
 def test_discriminability_loss_eq4():
   b, k, classes = 5, 4, 6
   logits = RNG.normal(size=(b, k, classes))
   labels = RNG.integers(0, classes, size=b)
-  expected = np.mean([-sum(np_log_softmax(logits[i, p])[labels[i]] for p in range(k))
-                      for i in range(b)])
-  np.testing.assert_allclose(discriminability_loss(jnp.asarray(logits), jnp.asarray(labels)),
-                             expected, rtol=1e-5)
+  expected = np.mean(
+    [-sum(np_log_softmax(logits[i, p])[labels[i]] for p in range(k)) for i in range(b)]
+  )
+  np.testing.assert_allclose(
+    discriminability_loss(jnp.asarray(logits), jnp.asarray(labels)), expected, rtol=1e-5
+  )
 
 
 def test_diversity_loss_eq5():
@@ -118,6 +125,7 @@ def test_diversity_loss_eq5():
 
 # --------------------------------------------------------------- Eqs. (7)-(10) ---
 
+
 def np_instance_norm(x, source):
   mean = source.mean(axis=0)
   std = np.sqrt(source.var(axis=0) + 1e-5)
@@ -125,8 +133,9 @@ def np_instance_norm(x, source):
 
 
 def np_mlp(x, p):
-  return np.maximum(x @ p['fc1']['kernel'] + p['fc1']['bias'], 0) @ p['fc2']['kernel'] + \
-      p['fc2']['bias']
+  return (
+    np.maximum(x @ p['fc1']['kernel'] + p['fc1']['bias'], 0) @ p['fc2']['kernel'] + p['fc2']['bias']
+  )
 
 
 def test_attention_adapter_eqs_7_to_10():
@@ -144,7 +153,9 @@ def test_attention_adapter_eqs_7_to_10():
     sim = np_softmax(p_hat @ t_hat.T / np.sqrt(d), axis=1)  # Eq. 9
     gates = 1 / (1 + np.exp(-np_mlp(parts[bi], p['channel_mlp'])))
     np.testing.assert_allclose(similarity[bi], sim, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(refined[bi], (sim @ tokens[bi]) * gates, rtol=1e-4, atol=1e-5)  # Eq. 8
+    np.testing.assert_allclose(
+      refined[bi], (sim @ tokens[bi]) * gates, rtol=1e-4, atol=1e-5
+    )  # Eq. 8
 
 
 def test_instance_norm_removes_style():
@@ -163,6 +174,7 @@ def test_instance_norm_removes_style():
 
 # ------------------------------------------------------------- Eqs. (13)-(15) ---
 
+
 def np_unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -175,10 +187,12 @@ def np_pcl(f_vv, f_ii, f_vi, f_iv, y_v, y_i, sigma):
   """Eq. (14) with the documented normalisation: each sum divided by its valid pairs."""
   f_vv, f_ii, f_vi, f_iv = map(np_unit, (f_vv, f_ii, f_vi, f_iv))
   bsz = len(y_v)
-  c_v = np.stack([np.mean([f_vv[i] for i in range(bsz) if y_v[i] == y_v[j]], 0)
-                  for j in range(bsz)])  # Eq. 13
-  c_i = np.stack([np.mean([f_ii[i] for i in range(bsz) if y_i[i] == y_i[j]], 0)
-                  for j in range(bsz)])
+  c_v = np.stack(
+    [np.mean([f_vv[i] for i in range(bsz) if y_v[i] == y_v[j]], 0) for j in range(bsz)]
+  )  # Eq. 13
+  c_i = np.stack(
+    [np.mean([f_ii[i] for i in range(bsz) if y_i[i] == y_i[j]], 0) for j in range(bsz)]
+  )
 
   def gather(f, y_f, c, y_c):
     pairs = [(i, j) for i in range(bsz) for j in range(bsz) if y_f[i] == y_c[j]]
@@ -188,9 +202,13 @@ def np_pcl(f_vv, f_ii, f_vi, f_iv, y_v, y_i, sigma):
     pairs = [(i, j) for i in range(bsz) for j in range(bsz) if ya[i] != yb[j]]
     return np.mean([max(sigma - np_part_dist(ca[i], cb[j]), 0.0) for i, j in pairs])
 
-  return (gather(f_vi, y_i, c_i, y_i) + gather(f_iv, y_v, c_v, y_v)
-          + separate(c_i, y_i, c_v, y_v) + separate(c_i, y_i, c_i, y_i)
-          + separate(c_v, y_v, c_v, y_v))
+  return (
+    gather(f_vi, y_i, c_i, y_i)
+    + gather(f_iv, y_v, c_v, y_v)
+    + separate(c_i, y_i, c_v, y_v)
+    + separate(c_i, y_i, c_i, y_i)
+    + separate(c_v, y_v, c_v, y_v)
+  )
 
 
 @pytest.mark.parametrize('sigma', [0.6, 1.5])
@@ -214,13 +232,15 @@ def test_part_center_loss_over_devices_equals_whole_batch():
   whole = part_center_loss(*feats, y, y, margin=0.6)
   split = lambda x: x.reshape(2, b // 2, *x.shape[1:])
   per_device = jax.pmap(
-      lambda a, bb, cc, dd, yv, yi: part_center_loss(a, bb, cc, dd, yv, yi, 0.6, 'batch'),
-      axis_name='batch')(*map(split, feats), split(y), split(y))
+    lambda a, bb, cc, dd, yv, yi: part_center_loss(a, bb, cc, dd, yv, yi, 0.6, 'batch'),
+    axis_name='batch',
+  )(*map(split, feats), split(y), split(y))
   # The gather terms average per device; the mean over devices is the whole-batch mean.
   np.testing.assert_allclose(np.mean(per_device), whole, rtol=1e-5)
 
 
 # ------------------------------------------------------------- Eqs. (16)-(19) ---
+
 
 def brute_force_assignment(w):
   best, best_perm = -np.inf, None
@@ -247,8 +267,9 @@ def test_match_queries_in_jit_and_no_gradient_through_assignment():
   for w, p in zip(np.asarray(weights), np.asarray(perm)):
     np.testing.assert_array_equal(p, brute_force_assignment(w)[0])
   # d/dW of -sum_{e in M} w(e) is -1 on the matched edges and 0 elsewhere.
-  grad = jax.jit(jax.grad(lambda w: match_distill.feature_distill_loss(
-      w, match_distill.match_queries(w))))(weights)
+  grad = jax.jit(
+    jax.grad(lambda w: match_distill.feature_distill_loss(w, match_distill.match_queries(w)))
+  )(weights)
   expected = np.zeros(weights.shape)
   for bi, p in enumerate(np.asarray(perm)):
     expected[bi, np.arange(4), p] = -1.0 / weights.shape[0]
@@ -260,13 +281,21 @@ def test_edge_weights_eq16_and_feature_distillation_eq18():
   sim_cross = np_softmax(RNG.normal(size=(b, k, n)), axis=-1)
   sim_self = np_softmax(RNG.normal(size=(b, k, n)), axis=-1)
   w = match_distill.edge_weights(jnp.asarray(sim_cross), jnp.asarray(sim_self))
-  expected_w = np.array([[[sum(sim_cross[bi, k1, t] * sim_self[bi, k2, t] for t in range(n))
-                           for k2 in range(k)] for k1 in range(k)] for bi in range(b)])
+  expected_w = np.array(
+    [
+      [
+        [sum(sim_cross[bi, k1, t] * sim_self[bi, k2, t] for t in range(n)) for k2 in range(k)]
+        for k1 in range(k)
+      ]
+      for bi in range(b)
+    ]
+  )
   np.testing.assert_allclose(w, expected_w, rtol=1e-5)
   perm = match_distill.solve_assignments_on_host(np.asarray(w))
   expected_kd1 = -np.mean([brute_force_assignment(expected_w[bi])[1] for bi in range(b)])
-  np.testing.assert_allclose(match_distill.feature_distill_loss(w, jnp.asarray(perm)),
-                             expected_kd1, rtol=1e-5)
+  np.testing.assert_allclose(
+    match_distill.feature_distill_loss(w, jnp.asarray(perm)), expected_kd1, rtol=1e-5
+  )
 
 
 def test_logit_distillation_eq19():
@@ -282,20 +311,23 @@ def test_logit_distillation_eq19():
       p, q = np_softmax(cross[bi, u], -1), np_softmax(partner_self[bi, v], -1)
       total += np.sum(p * np.log(p / q))
     expected.append(total)
-  got = match_distill.logit_distill_loss(jnp.asarray(cross), jnp.asarray(partner_self),
-                                         jnp.asarray(perm))
+  got = match_distill.logit_distill_loss(
+    jnp.asarray(cross), jnp.asarray(partner_self), jnp.asarray(perm)
+  )
   np.testing.assert_allclose(got, np.mean(expected), rtol=1e-5)
   # The cross-refined distribution is the teacher: no gradient reaches it.
-  grad_cross = jax.grad(lambda x: match_distill.logit_distill_loss(
-      x, jnp.asarray(partner_self), jnp.asarray(perm)))(jnp.asarray(cross))
+  grad_cross = jax.grad(
+    lambda x: match_distill.logit_distill_loss(x, jnp.asarray(partner_self), jnp.asarray(perm))
+  )(jnp.asarray(cross))
   np.testing.assert_array_equal(grad_cross, 0.0)
 
 
 def test_permutation_rank_is_lexicographic_and_invertible():
   for n in (1, 2, 3, 4, 5):
     perms = np.array(list(itertools.permutations(range(n))), dtype=np.int32)
-    np.testing.assert_array_equal(match_distill.permutation_rank(jnp.asarray(perms)),
-                                  np.arange(len(perms)))
+    np.testing.assert_array_equal(
+      match_distill.permutation_rank(jnp.asarray(perms)), np.arange(len(perms))
+    )
     for rank, perm in enumerate(perms):
       np.testing.assert_array_equal(match_distill.permutation_from_rank(rank, n), perm)
 

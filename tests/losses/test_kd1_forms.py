@@ -48,10 +48,15 @@ def test_map_distill_loss_against_numpy(form):
   teacher = np_softmax(RNG.normal(size=(b, k, n)))
   student = np_softmax(RNG.normal(size=(b, k, n)))
   perm = np.stack([RNG.permutation(k) for _ in range(b)]).astype(np.int32)
-  expected = np.mean([sum(np_distance(teacher[bi, k1], student[bi, perm[bi, k1]], form)
-                          for k1 in range(k)) for bi in range(b)])
-  got = match_distill.map_distill_loss(jnp.asarray(teacher, jnp.float32),
-                                       jnp.asarray(student, jnp.float32), jnp.asarray(perm), form)
+  expected = np.mean(
+    [
+      sum(np_distance(teacher[bi, k1], student[bi, perm[bi, k1]], form) for k1 in range(k))
+      for bi in range(b)
+    ]
+  )
+  got = match_distill.map_distill_loss(
+    jnp.asarray(teacher, jnp.float32), jnp.asarray(student, jnp.float32), jnp.asarray(perm), form
+  )
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -61,8 +66,11 @@ def test_dot_form_is_eq18_on_the_edge_weights():
   student = jnp.asarray(np_softmax(RNG.normal(size=(b, k, n))), jnp.float32)
   weights = match_distill.edge_weights(teacher, student)
   perm = match_distill.match_queries(weights)
-  np.testing.assert_allclose(match_distill.map_distill_loss(teacher, student, perm, 'dot'),
-                             match_distill.feature_distill_loss(weights, perm), rtol=1e-6)
+  np.testing.assert_allclose(
+    match_distill.map_distill_loss(teacher, student, perm, 'dot'),
+    match_distill.feature_distill_loss(weights, perm),
+    rtol=1e-6,
+  )
 
 
 def test_unknown_form_is_refused_naming_the_field():
@@ -74,11 +82,10 @@ def test_unknown_form_is_refused_naming_the_field():
 def test_optimum_by_value_one_hot_for_dot_the_teacher_for_the_others():
   teacher = np.array([0.4, 0.3, 0.2, 0.1])
   one_hot = np.array([1.0, 0.0, 0.0, 0.0]) * (1 - 3e-6) + 1e-6
-  at = lambda s, form: float(match_distill.map_distance(jnp.asarray(teacher), jnp.asarray(s),
-                                                        form))
+  at = lambda s, form: float(match_distill.map_distance(jnp.asarray(teacher), jnp.asarray(s), form))
   # dot: -0.4 at the one-hot map beats -0.3 at the teacher itself (sum t^2).
   assert at(one_hot, 'dot') < at(teacher, 'dot')
-  np.testing.assert_allclose(at(teacher, 'dot'), -np.sum(teacher ** 2), rtol=1e-6)
+  np.testing.assert_allclose(at(teacher, 'dot'), -np.sum(teacher**2), rtol=1e-6)
   for form in ALIGNING_FORMS:
     assert at(teacher, form) == pytest.approx(0.0, abs=1e-6), form
     assert at(one_hot, form) > 0.1, form
@@ -117,8 +124,7 @@ def adapter_kd1_toy(form, steps, attention_div=0.0, div_form='dot', lr=0.02, see
   tokens = jnp.asarray(rng.normal(size=(b, n, c)), jnp.float32)
   queries = jnp.asarray(rng.normal(size=(b, parts, c)), jnp.float32)
   partner = jnp.asarray(np.roll(np.arange(b), 1))
-  adapter = attention_adapter.AttentionAdapter(channels=c, hidden=32, dim=16,
-                                               channel_reduction=4)
+  adapter = attention_adapter.AttentionAdapter(channels=c, hidden=32, dim=16, channel_reduction=4)
   params = adapter.init(jax.random.key(seed), tokens, queries, tokens)['params']
 
   def maps(params):
@@ -128,14 +134,16 @@ def adapter_kd1_toy(form, steps, attention_div=0.0, div_form='dot', lr=0.02, see
       own = attention_adapter.spatial_similarity(q_hat, t_hat)
       cross = attention_adapter.spatial_similarity(q_hat, t_hat[partner])
       return cross, own
+
     return adapter.apply({'params': params}, method=run)
 
   def loss(params):
     cross, own = maps(params)
     teacher, student = jax.lax.stop_gradient(cross), own[partner]
     perm = match_distill.match_queries(match_distill.edge_weights(teacher, student))
-    return (match_distill.map_distill_loss(teacher, student, perm, form)
-            + attention_div * region_losses.attention_diversity_loss(own, div_form))
+    return match_distill.map_distill_loss(
+      teacher, student, perm, form
+    ) + attention_div * region_losses.attention_diversity_loss(own, div_form)
 
   opt = optax.sgd(lr)
   opt_state = opt.init(params)
@@ -179,8 +187,8 @@ def test_attention_diversity_loss_against_numpy():
     expected = []
     for maps in sim:
       if div_form == 'cosine':
-        maps = maps / np.sqrt((maps ** 2).sum(-1, keepdims=True))
-      expected.append(sum(float(maps[k] @ maps[l]) for k in range(4) for l in range(k + 1, 4)))
+        maps = maps / np.sqrt((maps**2).sum(-1, keepdims=True))
+      expected.append(sum(float(maps[k] @ maps[m]) for k in range(4) for m in range(k + 1, 4)))
     got = region_losses.attention_diversity_loss(jnp.asarray(sim, jnp.float32), div_form)
     np.testing.assert_allclose(got, np.mean(expected), rtol=1e-5)
   uniform = jnp.full((1, 4, 8), 1 / 8)
@@ -212,8 +220,9 @@ def test_attention_statistics_against_numpy_and_a_hand_case():
   sim = np_softmax(3 * RNG.normal(size=(5, 4, 10)))
   got = attention_adapter.attention_statistics(jnp.asarray(sim, jnp.float32))
   expected = np_attention_statistics(sim)
-  np.testing.assert_allclose([got['attention_max'], got['attention_entropy'],
-                              got['attention_distinct']], expected, rtol=1e-5)
+  np.testing.assert_allclose(
+    [got['attention_max'], got['attention_entropy'], got['attention_distinct']], expected, rtol=1e-5
+  )
   # Hand case: every part one-hot on token 0 -> max 1, entropy 0, one distinct peak.
   collapsed = np.zeros((2, 4, 6))
   collapsed[:, :, 0] = 1.0
@@ -229,9 +238,13 @@ def fake_outputs(b=4, k=3, n=6, classes=5, c=8):
   """Random stand-ins for CAL's training outputs (maps on the simplex)."""
   maps = lambda: jnp.asarray(np_softmax(RNG.normal(size=(b, k, n))), jnp.float32)
   normal = lambda *shape: jnp.asarray(RNG.normal(size=shape), jnp.float32)
-  out = {'global_logits': normal(2 * b, classes),
-         'part_logits_vis': normal(b, k, classes), 'part_logits_ir': normal(b, k, classes),
-         'selected_vis': jnp.abs(normal(b, n, k)), 'selected_ir': jnp.abs(normal(b, n, k))}
+  out = {
+    'global_logits': normal(2 * b, classes),
+    'part_logits_vis': normal(b, k, classes),
+    'part_logits_ir': normal(b, k, classes),
+    'selected_vis': jnp.abs(normal(b, n, k)),
+    'selected_ir': jnp.abs(normal(b, n, k)),
+  }
   for name in ('vv', 'ii', 'vi', 'iv'):
     out[f'f_{name}'] = normal(b, k, c)
     out[f'sim_{name}'] = maps()
@@ -262,8 +275,7 @@ def test_stop_teacher_gradient_switch(term):
   for name in teacher:
     np.testing.assert_array_equal(grads[name], 0.0)
   assert np.abs(grads[student]).sum() > 0
-  value_free, grads_free = objective_grads(outputs, loss_weights(stop_teacher_gradient=False),
-                                           term)
+  value_free, grads_free = objective_grads(outputs, loss_weights(stop_teacher_gradient=False), term)
   assert float(value_free) == pytest.approx(float(value), rel=1e-6)  # the value is the same
   for name in teacher:
     assert np.abs(grads_free[name]).sum() > 0
@@ -274,8 +286,10 @@ def test_kd1_form_switch_changes_kd1_only():
   outputs = fake_outputs()
   labels = jnp.array([0, 1, 0, 1])
   partner = jnp.array([2, 3, 0, 1])
-  terms = {form: cal_objective(outputs, labels, labels, partner, partner,
-                               loss_weights(kd1_form=form))[1] for form in match_distill.KD1_FORMS}
+  terms = {
+    form: cal_objective(outputs, labels, labels, partner, partner, loss_weights(kd1_form=form))[1]
+    for form in match_distill.KD1_FORMS
+  }
   for form in ALIGNING_FORMS:
     assert float(terms[form]['kd1']) != pytest.approx(float(terms['dot']['kd1']))
     for name in ('id', 'global_id', 'pcl', 'kd2', 'dis', 'div'):
@@ -286,14 +300,20 @@ def test_query_matching_off_uses_the_identity_assignment():
   outputs = fake_outputs()
   labels = jnp.array([0, 1, 0, 1])
   partner = jnp.array([2, 3, 0, 1])
-  _, terms, ir_to_vis = cal_objective(outputs, labels, labels, partner, partner,
-                                      loss_weights(query_matching=False, kd1_form='dot'))
+  _, terms, ir_to_vis = cal_objective(
+    outputs, labels, labels, partner, partner, loss_weights(query_matching=False, kd1_form='dot')
+  )
   np.testing.assert_array_equal(ir_to_vis, np.tile(np.arange(3), (8, 1)))
   teacher = np.concatenate([outputs['sim_vi'], outputs['sim_iv']])
-  student = np.concatenate([np.asarray(outputs['sim_vv'])[np.asarray(partner)],
-                            np.asarray(outputs['sim_ii'])[np.asarray(partner)]])
+  student = np.concatenate(
+    [
+      np.asarray(outputs['sim_vv'])[np.asarray(partner)],
+      np.asarray(outputs['sim_ii'])[np.asarray(partner)],
+    ]
+  )
   expected = -np.mean(np.sum(teacher * student, axis=(1, 2)))  # identity pairs, dot form
   np.testing.assert_allclose(terms['kd1'], expected, rtol=1e-5)
-  _, terms_matched, _ = cal_objective(outputs, labels, labels, partner, partner,
-                                      loss_weights(kd1_form='dot'))
+  _, terms_matched, _ = cal_objective(
+    outputs, labels, labels, partner, partner, loss_weights(kd1_form='dot')
+  )
   assert float(terms_matched['kd1']) <= float(terms['kd1']) + 1e-7  # the optimum is no worse

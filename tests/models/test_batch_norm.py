@@ -25,8 +25,12 @@ def test_train_and_eval_match_torch_batchnorm2d():
   for step in range(3):
     reference.train()
     expected = reference(x_torch + step).detach().numpy().transpose(0, 2, 3, 1)
-    out, mutated = module.apply({'params': params, 'batch_stats': stats}, x + step,
-                                use_running_average=False, mutable=['batch_stats'])
+    out, mutated = module.apply(
+      {'params': params, 'batch_stats': stats},
+      x + step,
+      use_running_average=False,
+      mutable=['batch_stats'],
+    )
     stats = mutated['batch_stats']
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(stats['mean'], reference.running_mean.numpy(), rtol=1e-6)
@@ -43,12 +47,16 @@ def test_synchronised_batch_norm_equals_whole_batch():
   x = rng.normal(size=(8, 3, 2, 4)).astype(np.float32)
   module = BatchNorm(axis_name='batch')
   variables = BatchNorm().init(jax.random.key(0), x, use_running_average=False)
-  whole, whole_stats = BatchNorm().apply(variables, x, use_running_average=False,
-                                         mutable=['batch_stats'])
+  whole, whole_stats = BatchNorm().apply(
+    variables, x, use_running_average=False, mutable=['batch_stats']
+  )
   split, split_stats = jax.pmap(
-      lambda v, xs: module.apply(v, xs, use_running_average=False, mutable=['batch_stats']),
-      axis_name='batch', in_axes=(None, 0))(variables, x.reshape(2, 4, 3, 2, 4))
+    lambda v, xs: module.apply(v, xs, use_running_average=False, mutable=['batch_stats']),
+    axis_name='batch',
+    in_axes=(None, 0),
+  )(variables, x.reshape(2, 4, 3, 2, 4))
   np.testing.assert_allclose(np.asarray(split).reshape(x.shape), whole, rtol=1e-5, atol=1e-6)
   for name in ('mean', 'var'):
-    np.testing.assert_allclose(split_stats['batch_stats'][name][0],
-                               whole_stats['batch_stats'][name], rtol=1e-5)
+    np.testing.assert_allclose(
+      split_stats['batch_stats'][name][0], whole_stats['batch_stats'][name], rtol=1e-5
+    )

@@ -22,12 +22,21 @@ def test_feature_map_shape(depth, channels, last_stride):
 
 
 def test_parameter_names_follow_torchvision():
-  variables = jax.eval_shape(resnet.ResNet(depth=50).init, jax.random.key(0),
-                             jnp.zeros((1, 64, 32, 3)))
+  variables = jax.eval_shape(
+    resnet.ResNet(depth=50).init, jax.random.key(0), jnp.zeros((1, 64, 32, 3))
+  )
   stages = variables['params']['stages']
   assert sorted(stages) == sorted(resnet.stage_names(50))
-  assert set(stages['layer1_0']) == {'conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3',
-                                     'downsample_conv', 'downsample_bn'}
+  assert set(stages['layer1_0']) == {
+    'conv1',
+    'bn1',
+    'conv2',
+    'bn2',
+    'conv3',
+    'bn3',
+    'downsample_conv',
+    'downsample_bn',
+  }
   assert 'downsample_conv' not in stages['layer1_1']
   assert stages['layer4_0']['conv2']['kernel'].shape == (3, 3, 512, 512)  # HWIO
   assert set(variables['batch_stats']['stem']['bn1']) == {'mean', 'var'}

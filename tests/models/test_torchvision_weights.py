@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cal_jax.models import torchvision_weights as pretrained
 from cal_jax.models import resnet
+from cal_jax.models import torchvision_weights as pretrained
 from cal_jax.models.cal import CAL
 
 torch = pytest.importorskip('torch')
@@ -32,12 +32,12 @@ TOLERANCE = 1e-4  # max abs difference in float32; feature maps are O(1)-O(10)
 pytestmark = pytest.mark.usefixtures('single_torch_thread')
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(arch: str, last_stride: int, width: int = WIDTH):
   return torch_resnet.randomize_(torch_resnet.ResNet(arch, width, last_stride), seed=len(arch))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted_resnet(depth: int, last_stride: int, width: int = WIDTH):
   return jax.jit(resnet.ResNet(depth=depth, width=width, last_stride=last_stride).apply)
 
@@ -78,8 +78,13 @@ def test_feature_maps_match_torch(tmp_path, arch, last_stride):
     found = np.asarray(apply(variables, images.transpose(0, 2, 3, 1)))
     assert found.shape == expected.shape
     assert np.abs(expected).max() > 1.0  # the comparison is not of near-zero maps
-    np.testing.assert_allclose(found, expected, rtol=0, atol=TOLERANCE,
-                               err_msg=f'{arch}, last stride {last_stride}, images {size}')
+    np.testing.assert_allclose(
+      found,
+      expected,
+      rtol=0,
+      atol=TOLERANCE,
+      err_msg=f'{arch}, last stride {last_stride}, images {size}',
+    )
 
 
 @pytest.mark.parametrize('arch', sorted(pretrained.ARCHS))
@@ -96,15 +101,21 @@ def test_mapping_covers_every_torchvision_key(arch):
 def test_conv_kernels_are_hwio_and_batch_norm_leaves_are_renamed(tmp_path):
   net = reference('resnet18', 2)
   state = net.state_dict()
-  variables = pretrained.load_torchvision_resnet(save_pth(state, tmp_path / 'r.pth'),
-                                                 'resnet18', width=WIDTH)
-  np.testing.assert_array_equal(variables['params']['stem']['conv1']['kernel'],
-                                state['conv1.weight'].numpy().transpose(2, 3, 1, 0))
+  variables = pretrained.load_torchvision_resnet(
+    save_pth(state, tmp_path / 'r.pth'), 'resnet18', width=WIDTH
+  )
+  np.testing.assert_array_equal(
+    variables['params']['stem']['conv1']['kernel'],
+    state['conv1.weight'].numpy().transpose(2, 3, 1, 0),
+  )
   block = variables['params']['stages']['layer2_0']
-  np.testing.assert_array_equal(block['downsample_conv']['kernel'][0, 0],
-                                state['layer2.0.downsample.0.weight'].numpy()[:, :, 0, 0].T)
-  np.testing.assert_array_equal(block['downsample_bn']['scale'],
-                                state['layer2.0.downsample.1.weight'].numpy())
+  np.testing.assert_array_equal(
+    block['downsample_conv']['kernel'][0, 0],
+    state['layer2.0.downsample.0.weight'].numpy()[:, :, 0, 0].T,
+  )
+  np.testing.assert_array_equal(
+    block['downsample_bn']['scale'], state['layer2.0.downsample.1.weight'].numpy()
+  )
   stats = variables['batch_stats']['stages']['layer4_1']['bn2']
   np.testing.assert_array_equal(stats['mean'], state['layer4.1.bn2.running_mean'].numpy())
   np.testing.assert_array_equal(stats['var'], state['layer4.1.bn2.running_var'].numpy())
@@ -135,8 +146,10 @@ def test_unexpected_key_is_named(tmp_path):
 
 def test_resnet18_file_loaded_as_resnet50_names_key_shapes_and_depth(tmp_path):
   message = load_error(tmp_path, reference('resnet18', 2).state_dict(), 'resnet50')
-  assert (f'key layer1.0.conv1.weight: expected shape ({WIDTH}, {WIDTH}, 1, 1), '
-          f'found ({WIDTH}, {WIDTH}, 3, 3)') in message
+  assert (
+    f'key layer1.0.conv1.weight: expected shape ({WIDTH}, {WIDTH}, 1, 1), '
+    f'found ({WIDTH}, {WIDTH}, 3, 3)'
+  ) in message
   assert 'missing key layer1.0.conv3.weight' in message
   assert 'looks like a resnet18 checkpoint' in message
   assert 'config.model.depth=18' in message
@@ -199,16 +212,29 @@ def test_pickled_code_is_not_run(tmp_path, zipfile):
   assert os.path.exists(marker)
 
 
-def cal_shapes(modality_specific_stem: bool, depth: int = 18,
-               width: int = WIDTH) -> tuple[CAL, dict]:
+def cal_shapes(
+  modality_specific_stem: bool, depth: int = 18, width: int = WIDTH
+) -> tuple[CAL, dict]:
   """A small CAL and the shapes of its variables (nothing is computed)."""
-  model = CAL(num_classes=4, depth=depth, width=width,
-              modality_specific_stem=modality_specific_stem,
-              adapter_hidden=16, adapter_dim=8, channel_reduction=4)
+  model = CAL(
+    num_classes=4,
+    depth=depth,
+    width=width,
+    modality_specific_stem=modality_specific_stem,
+    adapter_hidden=16,
+    adapter_dim=8,
+    channel_reduction=4,
+  )
   images = jnp.zeros((2, 64, 32, 3))
   partners = jnp.zeros((2,), jnp.int32)
-  return model, jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                               images, images, partners, partners)
+  return model, jax.eval_shape(
+    functools.partial(model.init, train=False),
+    jax.random.key(0),
+    images,
+    images,
+    partners,
+    partners,
+  )
 
 
 @pytest.fixture(scope='module')
@@ -223,10 +249,10 @@ def test_apply_to_cal_fills_both_stems_and_the_stages(backbone18):
   variables = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, 7, s.dtype), shapes)
   filled = pretrained.apply_to_cal(variables, backbone18, modality_specific_stem=True)
   for collection in ('params', 'batch_stats'):
-    for name, source in [('stem_visible', 'stem'), ('stem_infrared', 'stem'),
-                         ('stages', 'stages')]:
-      jax.tree_util.tree_map(np.testing.assert_array_equal, filled[collection][name],
-                             backbone18[collection][source])
+    for name, source in [('stem_visible', 'stem'), ('stem_infrared', 'stem'), ('stages', 'stages')]:
+      jax.tree_util.tree_map(
+        np.testing.assert_array_equal, filled[collection][name], backbone18[collection][source]
+      )
   untouched = filled['params']['adapter']
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x: bool(jnp.all(x == 7)), untouched))
   assert jnp.all(variables['params']['stages']['layer1_0']['conv1']['kernel'] == 7)  # a copy
@@ -245,16 +271,20 @@ def test_apply_to_cal_with_a_shared_stem(backbone18):
   _, shapes = cal_shapes(modality_specific_stem=False)
   assert 'stem_infrared' not in shapes['params']
   filled = pretrained.apply_to_cal(shapes, backbone18, modality_specific_stem=False)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, filled['params']['stem_visible'],
-                         backbone18['params']['stem'])
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, filled['params']['stem_visible'], backbone18['params']['stem']
+  )
   with pytest.raises(pretrained.CheckpointMismatchError, match='modality_specific_stem'):
     pretrained.apply_to_cal(shapes, backbone18, modality_specific_stem=True)
 
 
 def test_apply_to_cal_names_width_and_depth_mismatches(backbone18):
   _, narrow = cal_shapes(modality_specific_stem=True, width=8)
-  with pytest.raises(ValueError, match=r'(?s)resnet18 of width 16.*resnet18 of width 8'
-                                       r'.*config\.model\.width'):
+  with pytest.raises(
+    ValueError,
+    match=r'(?s)resnet18 of width 16.*resnet18 of width 8'
+    r'.*config\.model\.width',
+  ):
     pretrained.apply_to_cal(narrow, backbone18, modality_specific_stem=True)
   _, deeper = cal_shapes(modality_specific_stem=True, depth=50)
   with pytest.raises(ValueError, match=r'(?s)resnet50 of width 16.*layer1_0/conv3.*missing'):

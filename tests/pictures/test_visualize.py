@@ -50,8 +50,9 @@ def _close(colour, want, tolerance=40):
 def test_ranking_frames_are_green_for_the_same_identity_and_red_otherwise():
   grey = lambda *shape: np.full(shape + (64, 32, 3), 128, np.uint8)
   correct = np.array([[True, False] * 5, [False] * 9 + [True]])
-  fig = plots.ranking_figure(grey(2), grey(2, 10), correct, ['q0', 'q1'],
-                             [[f'g{j}' for j in range(10)]] * 2, 'ranked')
+  fig = plots.ranking_figure(
+    grey(2), grey(2, 10), correct, ['q0', 'q1'], [[f'g{j}' for j in range(10)]] * 2, 'ranked'
+  )
   pixels = plots.to_array(fig)
   for q in range(2):
     query_ax = fig.axes[q * 11]
@@ -97,6 +98,7 @@ def test_cmc_curves_of_an_old_results_file_say_what_to_do():
 
 def test_periodic_evaluation_writes_the_pictures_and_table_to_tensorboard(tiny_run):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   _, workdir = tiny_run
   images, texts = {}, {}
   for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
@@ -107,8 +109,12 @@ def test_periodic_evaluation_writes_the_pictures_and_table_to_tensorboard(tiny_r
         if value.metadata.plugin_data.plugin_name == 'text':
           texts[value.tag] = value.tensor.string_val[0].decode()
   assert "    SYSU-MM01 (as the paper's Table 1)\n" in texts['eval/table']
-  assert sorted(images) == ['pictures/attention', 'pictures/cmc', 'pictures/ranking',
-                            'pictures/regions']
+  assert sorted(images) == [
+    'pictures/attention',
+    'pictures/cmc',
+    'pictures/ranking',
+    'pictures/regions',
+  ]
   for png in images.values():
     _assert_not_blank(_decoded(png))
 
@@ -119,8 +125,9 @@ def restored(tiny_run):
   trained = loop.restore_trained(config, workdir)
   settings = evaluator.EvalSettings.from_config(config)
   embedder = run.make_embedder(trained.model, trained.state, trained.counts.m_hat())
-  evaluation = evaluator.evaluate(embedder, trained.splits.test, trained.splits.name, settings,
-                                  keys=['sysu/all/single'])
+  evaluation = evaluator.evaluate(
+    embedder, trained.splits.test, trained.splits.name, settings, keys=['sysu/all/single']
+  )
   return trained.splits.test, embedder, evaluation, settings
 
 
@@ -137,8 +144,10 @@ def test_ranked_lists_are_the_evaluators_ranking(restored):
     assert len(indices) <= batch
     padded = np.resize(np.asarray(indices), batch)
     images = pictures.network_input(resize_images(test.image[padded], size))
-    return np.asarray(inference.embed(embedder.model, embedder.variables, images,
-                                      modality))[:len(indices)]
+    return np.asarray(inference.embed(embedder.model, embedder.variables, images, modality))[
+      : len(indices)
+    ]
+
   similarity = embed(ranked.query, 1) @ embed(ranked.split.gallery, 0).T
   for q, query in enumerate(ranked.query):
     allowed = ~((test.camera[query] == 3) & (test.camera[ranked.split.gallery] == 2))
@@ -146,8 +155,9 @@ def test_ranked_lists_are_the_evaluators_ranking(restored):
     np.testing.assert_allclose(np.sort(listed)[::-1], listed, atol=1e-5)
     np.testing.assert_allclose(listed, np.sort(similarity[q][allowed])[::-1][:10], atol=1e-5)
     assert allowed[np.searchsorted(ranked.split.gallery, ranked.gallery[q])].all()
-  np.testing.assert_array_equal(ranked.correct,
-                                test.id[ranked.gallery] == test.id[ranked.query][:, None])
+  np.testing.assert_array_equal(
+    ranked.correct, test.id[ranked.gallery] == test.id[ranked.query][:, None]
+  )
 
 
 def test_draw_writes_every_picture(tiny_run, tmp_path):
@@ -155,7 +165,11 @@ def test_draw_writes_every_picture(tiny_run, tmp_path):
   before = sorted(os.listdir(workdir))
   paths = visualize.draw(config, workdir, list(visualize.KINDS), str(tmp_path))
   assert sorted(os.path.basename(p) for p in paths) == [
-      'attention.png', 'cmc.png', 'ranking_sysu_all_single.png', 'regions.png']
+    'attention.png',
+    'cmc.png',
+    'ranking_sysu_all_single.png',
+    'regions.png',
+  ]
   for path in paths:
     with open(path, 'rb') as f:
       pixels = _decoded(f.read())
@@ -170,8 +184,12 @@ def test_visualize_command(tiny_run, tmp_path):
   """The command reads the run's config.json; a folder that is no run is named."""
   _, workdir = tiny_run
   run = lambda *args: subprocess.run(
-      [sys.executable, '-m', 'cal_jax.visualize', *args], cwd=REPO, capture_output=True,
-      text=True, timeout=300)
+    [sys.executable, '-m', 'cal_jax.visualize', *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   result = run('--workdir', workdir, '--what', 'cmc', '--output', str(tmp_path / 'out'))
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split() == [str(tmp_path / 'out' / 'cmc.png')]

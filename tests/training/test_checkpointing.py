@@ -13,11 +13,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from conftest import NUM_CLASSES
 
 from cal_jax.training import checkpoint_files, checkpointing
 from cal_jax.training.checkpointing import Checkpointer, IncompatibleCheckpointError
 from cal_jax.training.state import TrainState
-from conftest import NUM_CLASSES
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
@@ -42,8 +42,12 @@ def small_state(seed: int = 0, size: int = 4) -> TrainState:
   """A two-leaf train state with a momentum optimiser: quick to save."""
   rng = np.random.default_rng(seed)
   params = {'dense': {'kernel': rng.normal(size=(size, 3)).astype(np.float32)}}
-  state = TrainState.create(apply_fn=None, params=params, tx=optax.sgd(0.1, momentum=0.9),
-                            batch_stats={'mean': np.full((3,), seed, np.float32)})
+  state = TrainState.create(
+    apply_fn=None,
+    params=params,
+    tx=optax.sgd(0.1, momentum=0.9),
+    batch_stats={'mean': np.full((3,), seed, np.float32)},
+  )
   return state.replace(step=np.asarray(seed, np.int32))
 
 
@@ -55,8 +59,9 @@ def assert_trees_equal(actual, expected):
 
 def committed_steps(directory) -> list[int]:
   """The steps orbax itself lists, read without cleaning anything up."""
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False))
+  manager = ocp.CheckpointManager(
+    directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+  )
   steps = sorted(manager.all_steps())
   manager.close()
   return steps
@@ -78,8 +83,13 @@ def test_fingerprint_is_plain_json(tiny_config):
 
 def test_round_trip(tmp_path, tiny_config, tiny_state):
   saved = perturbed(tiny_state, seed=7)
-  extra = {'data_step': 7, 'epoch': 1, 'assignment_counts': np.arange(4, dtype=np.int64),
-           'rng_seed': np.int32(3), 'ratios': (0.5, 0.25)}
+  extra = {
+    'data_step': 7,
+    'epoch': 1,
+    'assignment_counts': np.arange(4, dtype=np.int64),
+    'rng_seed': np.int32(3),
+    'ratios': (0.5, 0.25),
+  }
   with Checkpointer(str(tmp_path), tiny_config, NUM_CLASSES) as checkpointer:
     assert checkpointer.latest_step() is None
     assert checkpointer.save(7, saved, extra)
@@ -91,8 +101,13 @@ def test_round_trip(tmp_path, tiny_config, tiny_state):
   for name in ('params', 'batch_stats', 'opt_state'):
     assert_trees_equal(getattr(restored, name), getattr(saved, name))
   assert restored.apply_fn is tiny_state.apply_fn and restored.tx is tiny_state.tx
-  assert restored_extra == {'data_step': 7, 'epoch': 1, 'assignment_counts': [0, 1, 2, 3],
-                            'rng_seed': 3, 'ratios': [0.5, 0.25]}
+  assert restored_extra == {
+    'data_step': 7,
+    'epoch': 1,
+    'assignment_counts': [0, 1, 2, 3],
+    'rng_seed': 3,
+    'ratios': [0.5, 0.25],
+  }
 
 
 def test_keeps_last_n_and_best(tmp_path, tiny_config):
@@ -117,8 +132,9 @@ def test_keeps_last_n_and_best(tmp_path, tiny_config):
 
 
 def test_keep_best_false_keeps_only_the_last(tmp_path, tiny_config):
-  with Checkpointer(str(tmp_path), tiny_config, NUM_CLASSES, keep=2,
-                    keep_best=False) as checkpointer:
+  with Checkpointer(
+    str(tmp_path), tiny_config, NUM_CLASSES, keep=2, keep_best=False
+  ) as checkpointer:
     save_steps(checkpointer, {1: 0.9, 2: 0.1, 3: 0.2, 4: None})
     checkpointer.wait_until_finished()
     assert checkpointer.all_steps() == [3, 4]
@@ -162,7 +178,7 @@ def test_half_written_checkpoint_is_ignored(tmp_path, tiny_config):
   shutil.copytree(tmp_path / '2', partial)
   for path in sorted(partial.rglob('*')):
     if path.is_file():
-      path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+      path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
   (tmp_path / f'4{TMP_SUFFIX}-1700000000').mkdir()
   assert committed_steps(tmp_path) == [1, 2]
   with Checkpointer(str(tmp_path), tiny_config, NUM_CLASSES) as checkpointer:
@@ -212,7 +228,7 @@ def test_close_waits_for_the_async_save(tmp_path, tiny_config):
   assert_trees_equal(state.params, big.params)
 
 
-_KILLED_MID_SAVE = textwrap.dedent('''
+_KILLED_MID_SAVE = textwrap.dedent("""
   import os, sys
   import numpy as np, optax
   from configs import tiny
@@ -230,14 +246,22 @@ _KILLED_MID_SAVE = textwrap.dedent('''
   checkpointer.wait_until_finished()
   checkpointer.save(2, state(2, 1 << 23), {'step': 2})
   os._exit(0)  # killed: no close(), the background write of step 2 dies with us
-''')
+""")
 
 
 def test_killed_during_async_save(tmp_path, tiny_config):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [str(REPO)] + os.environ.get('PYTHONPATH', '').split(os.pathsep)))
-  subprocess.run([sys.executable, '-c', _KILLED_MID_SAVE, str(tmp_path)], cwd=REPO, env=env,
-                 check=True, timeout=120, capture_output=True)
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join([str(REPO)] + os.environ.get('PYTHONPATH', '').split(os.pathsep)),
+  )
+  subprocess.run(
+    [sys.executable, '-c', _KILLED_MID_SAVE, str(tmp_path)],
+    cwd=REPO,
+    env=env,
+    check=True,
+    timeout=120,
+    capture_output=True,
+  )
   leftovers = [p.name for p in tmp_path.iterdir() if TMP_SUFFIX in p.name]
   steps = committed_steps(tmp_path)
   assert steps in ([1], [1, 2])
@@ -278,21 +302,25 @@ def test_damaged_step_named_with_its_file(tmp_path, tiny_config):
     save_steps(checkpointer, {1: None, 2: None})
   listed = json.loads((tmp_path / '2' / checkpoint_files.MANIFEST).read_text())
   assert 'state/manifest.ocdbt' in listed and 'meta/metadata' in listed
-  data = max((p for p in (tmp_path / '2').rglob('*') if p.is_file() and p.parent.name == 'd'),
-             key=lambda p: p.stat().st_size)
+  data = max(
+    (p for p in (tmp_path / '2').rglob('*') if p.is_file() and p.parent.name == 'd'),
+    key=lambda p: p.stat().st_size,
+  )
   data.write_bytes(b'\0' * data.stat().st_size)
   with Checkpointer(str(tmp_path), tiny_config, NUM_CLASSES) as checkpointer:
     assert checkpointer.damage(1) is None
-    assert checkpointer.damage(2) == (f'{data} does not hold what was written (checksum '
-                                      'differs)')
-    with pytest.raises(checkpointing.DamagedCheckpointError,
-                       match=rf'step 2 in .* is damaged: {data} does not hold'):
+    assert checkpointer.damage(2) == (f'{data} does not hold what was written (checksum differs)')
+    with pytest.raises(
+      checkpointing.DamagedCheckpointError, match=rf'step 2 in .* is damaged: {data} does not hold'
+    ):
       checkpointer.restore(small_state(), step=2)
     state, extra = checkpointer.restore(small_state())  # the latest intact: 1, left in place
     assert extra == {'step': 1}
     assert checkpointer.all_steps() == [1, 2]
     (tmp_path / '1' / 'meta' / 'metadata').unlink()
-    with pytest.raises(checkpointing.DamagedCheckpointError,
-                       match=r'every checkpoint in .* is damaged: step 2: .*; step 1: .*'
-                             r'meta/metadata is missing'):
+    with pytest.raises(
+      checkpointing.DamagedCheckpointError,
+      match=r'every checkpoint in .* is damaged: step 2: .*; step 1: .*'
+      r'meta/metadata is missing',
+    ):
       checkpointer.restore(small_state())

@@ -24,7 +24,7 @@ COMMON = ['--config.eval.enabled=False']
 
 # Run as `python -c`: cal_jax.main, except that the process kills itself
 # (SIGKILL: no cleanup, no atexit) once the checkpoint of step KILL_AT is on disk.
-KILLING_MAIN = textwrap.dedent('''
+KILLING_MAIN = textwrap.dedent("""
     import os, signal, sys
     from absl import app
     from cal_jax import main
@@ -40,7 +40,7 @@ KILLING_MAIN = textwrap.dedent('''
     checkpointing.Checkpointer.save = save_then_die
     sys.argv[0] = 'cal_jax.main'
     app.run(main.main)
-''')
+""")
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -50,14 +50,16 @@ def compilation_cache(tmp_path_factory):
   os.environ['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
   yield
-  del os.environ['JAX_COMPILATION_CACHE_DIR'], os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']
+  del (
+    os.environ['JAX_COMPILATION_CACHE_DIR'],
+    os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'],
+  )
 
 
 def run_main(args, *, code=None, env_extra=None, timeout=600):
   env = dict(os.environ, **(env_extra or {}))
   command = [sys.executable] + (['-c', code] if code else ['-m', 'cal_jax.main']) + args
-  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def final_state(workdir, step):
@@ -67,16 +69,20 @@ def final_state(workdir, step):
 
 def flat(tree):
   import jax  # pylint: disable=g-import-not-at-top
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+  return {
+    jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 @pytest.fixture(scope='module')
 def shared_data(tmp_path_factory):
   """Synthetic data generated once, reused by every run through manual_dir/data_dir."""
   root = tmp_path_factory.mktemp('tiny_data')
-  return [f'--config.data.manual_dir={root / "synthetic"}',
-          f'--config.data.data_dir={root / "tfds"}']
+  return [
+    f'--config.data.manual_dir={root / "synthetic"}',
+    f'--config.data.data_dir={root / "tfds"}',
+  ]
 
 
 @pytest.fixture(scope='module')
@@ -87,8 +93,7 @@ def uninterrupted_run(tmp_path_factory, shared_data):
   return workdir
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, shared_data,
-                                                        uninterrupted_run):
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, shared_data, uninterrupted_run):
   """8 steps uninterrupted == killed after the step-4 checkpoint, then resumed."""
   interrupted = str(tmp_path / 'interrupted')
   args = ['--config', TINY, '--workdir', interrupted] + COMMON + shared_data
@@ -108,7 +113,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, shared_data,
 
 # Run as `python -c`: cal_jax.main with each train step followed by STEP_SLEEP seconds, so
 # that a signal sent once step 2 is logged arrives well before the last step.
-SLOW_MAIN = textwrap.dedent('''
+SLOW_MAIN = textwrap.dedent("""
     import functools, os, sys, time
     from absl import app
     from cal_jax import cli, main
@@ -123,19 +128,25 @@ SLOW_MAIN = textwrap.dedent('''
     loop.train_and_evaluate = functools.partial(loop.train_and_evaluate, make_step=slow)
     sys.argv[0] = 'cal_jax.main'
     app.run(main.main, flags_parser=cli.parse_flags)
-''')
+""")
 
 
 def test_sigterm_saves_the_current_step_and_resumes_to_the_uninterrupted_result(
-    tmp_path, shared_data, uninterrupted_run):
+  tmp_path, shared_data, uninterrupted_run
+):
   """SIGTERM from outside, mid-run: the step in progress is finished and saved, one
   line says so, exit status 143; the same command then ends where an uninterrupted
   run does."""
   interrupted = str(tmp_path / 'interrupted')
   args = ['--config', TINY, '--workdir', interrupted] + COMMON + shared_data
-  process = subprocess.Popen([sys.executable, '-c', SLOW_MAIN] + args, cwd=REPO, text=True,
-                             env=dict(os.environ, STEP_SLEEP='1'), stderr=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL)
+  process = subprocess.Popen(
+    [sys.executable, '-c', SLOW_MAIN] + args,
+    cwd=REPO,
+    text=True,
+    env=dict(os.environ, STEP_SLEEP='1'),
+    stderr=subprocess.PIPE,
+    stdout=subprocess.DEVNULL,
+  )
   lines = []
   try:
     for line in process.stderr:
@@ -150,9 +161,12 @@ def test_sigterm_saves_the_current_step_and_resumes_to_the_uninterrupted_result(
   stderr = ''.join(lines)
   assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
   assert 'Traceback' not in stderr, stderr[-3000:]
-  stopped = re.search(r'cal_jax.main: stopped by SIGTERM after step (\d+); its checkpoint is '
-                      rf'saved in {re.escape(interrupted)}/checkpoints\. Run the same command '
-                      r'again to resume\.$', stderr.strip())
+  stopped = re.search(
+    r'cal_jax.main: stopped by SIGTERM after step (\d+); its checkpoint is '
+    rf'saved in {re.escape(interrupted)}/checkpoints\. Run the same command '
+    r'again to resume\.$',
+    stderr.strip(),
+  )
   assert stopped, stderr[-3000:]
   step = int(stopped[1])
   assert 2 <= step < 8
@@ -173,6 +187,7 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data):
   from cal_jax.training import loop
   from cal_jax.training.step import SCALARS
   from configs import tiny
+
   config = tiny.get_config()
   config.data.manual_dir, config.data.data_dir = (a.split('=', 1)[1] for a in shared_data)
   config.checkpoint_every_steps = 2
@@ -192,6 +207,7 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data):
       metrics['assignment_counts'] = np.zeros((devices, 24), np.int32)
       metrics['bad_pairs'] = np.zeros(devices)
       return state, metrics
+
     return step
 
   with pytest.raises(loop.NonFiniteLossError, match=r'step 4: pcl=nan'):
@@ -204,6 +220,7 @@ def test_eval_mode_writes_results_for_every_protocol(tmp_path, shared_data, unin
   import json
 
   from cal_jax.evaluation.results import MODE_NAMES
+
   workdir = str(tmp_path / 'run')
   shutil.copytree(uninterrupted_run, workdir)
   result = run_main(['--config', TINY, '--workdir', workdir, '--mode', 'eval'] + shared_data)

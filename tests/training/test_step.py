@@ -2,10 +2,10 @@
 
 import jax
 import numpy as np
+from conftest import make_identity_batch
 
 from cal_jax import distributed as parallel
 from cal_jax.training.step import make_p_train_step
-from conftest import make_identity_batch
 
 LOSS_TERMS = ('loss', 'id', 'global_id', 'pcl', 'kd1', 'kd2', 'dis', 'div', 'attention_div')
 ATTENTION = ('attention_max', 'attention_entropy', 'attention_distinct')
@@ -25,8 +25,9 @@ def test_two_devices_are_used():
   assert jax.local_device_count() == 2
 
 
-def test_one_step_every_loss_finite_and_every_parameter_updated(tiny_config, tiny_state,
-                                                                 p_train_step):
+def test_one_step_every_loss_finite_and_every_parameter_updated(
+  tiny_config, tiny_state, p_train_step
+):
   batch = make_identity_batch(tiny_config, devices=2)
   new_state, (metrics,) = run_steps(p_train_step, tiny_state, [batch])
   for term in LOSS_TERMS:
@@ -39,14 +40,18 @@ def test_one_step_every_loss_finite_and_every_parameter_updated(tiny_config, tin
   # One optimal matching per sample and direction: 2 x (all images / 2).
   assert metrics['assignment_counts'].sum() == batch['label'].size
   assert int(new_state.step) == 1
-  unchanged = [jax.tree_util.keystr(path) for path, (old, new) in
-               jax.tree_util.tree_leaves_with_path(jax.tree_util.tree_map(
-                   lambda a, b: (a, b), tiny_state.params, new_state.params),
-                   is_leaf=lambda x: isinstance(x, tuple))
-               if np.array_equal(np.asarray(old), np.asarray(new))]
+  unchanged = [
+    jax.tree_util.keystr(path)
+    for path, (old, new) in jax.tree_util.tree_leaves_with_path(
+      jax.tree_util.tree_map(lambda a, b: (a, b), tiny_state.params, new_state.params),
+      is_leaf=lambda x: isinstance(x, tuple),
+    )
+    if np.array_equal(np.asarray(old), np.asarray(new))
+  ]
   assert not unchanged, f'parameters without gradient: {unchanged}'
   stats_moved = jax.tree_util.tree_map(
-      lambda a, b: not np.allclose(a, b), tiny_state.batch_stats, new_state.batch_stats)
+    lambda a, b: not np.allclose(a, b), tiny_state.batch_stats, new_state.batch_stats
+  )
   assert all(jax.tree_util.tree_leaves(stats_moved))
 
 
@@ -60,8 +65,9 @@ def test_loss_falls_on_a_fixed_batch(tiny_config, tiny_state, p_train_step):
 def as_float64(state):
   to64 = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), tree)
   params = to64(state.params)
-  return state.replace(params=params, batch_stats=to64(state.batch_stats),
-                       opt_state=state.tx.init(params))
+  return state.replace(
+    params=params, batch_stats=to64(state.batch_stats), opt_state=state.tx.init(params)
+  )
 
 
 def test_two_devices_equal_one_device_on_the_concatenated_batch(tiny_config, tiny_state):
@@ -77,15 +83,17 @@ def test_two_devices_equal_one_device_on_the_concatenated_batch(tiny_config, tin
   with jax.enable_x64(True):
     state = as_float64(tiny_state)
     two_state, (two_metrics,) = run_steps(make_p_train_step(tiny_config), state, [batch])
-    one_state, (one_metrics,) = run_steps(make_p_train_step(tiny_config, one_device),
-                                          state, [concatenated], one_device)
+    one_state, (one_metrics,) = run_steps(
+      make_p_train_step(tiny_config, one_device), state, [concatenated], one_device
+    )
   for term in LOSS_TERMS + ATTENTION:
     np.testing.assert_allclose(two_metrics[term], one_metrics[term], rtol=1e-10, err_msg=term)
-  np.testing.assert_array_equal(two_metrics['assignment_counts'],
-                                one_metrics['assignment_counts'])
+  np.testing.assert_array_equal(two_metrics['assignment_counts'], one_metrics['assignment_counts'])
   jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12),
-      (two_state.params, two_state.batch_stats), (one_state.params, one_state.batch_stats))
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12),
+    (two_state.params, two_state.batch_stats),
+    (one_state.params, one_state.batch_stats),
+  )
 
 
 def test_missing_partner_is_reported(tiny_config, tiny_state, p_train_step):
@@ -95,12 +103,18 @@ def test_missing_partner_is_reported(tiny_config, tiny_state, p_train_step):
   assert metrics['bad_pairs'] >= 1
 
 
-def test_modality_specific_stems_start_equal_and_then_learn_apart(tiny_config, tiny_state,
-                                                                  p_train_step):
+def test_modality_specific_stems_start_equal_and_then_learn_apart(
+  tiny_config, tiny_state, p_train_step
+):
   for collection in (tiny_state.params, tiny_state.batch_stats):
-    pairs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
-        lambda v, i: (np.asarray(v), np.asarray(i)), collection['stem_visible'],
-        collection['stem_infrared']), is_leaf=lambda x: isinstance(x, tuple))
+    pairs = jax.tree_util.tree_leaves(
+      jax.tree_util.tree_map(
+        lambda v, i: (np.asarray(v), np.asarray(i)),
+        collection['stem_visible'],
+        collection['stem_infrared'],
+      ),
+      is_leaf=lambda x: isinstance(x, tuple),
+    )
     assert pairs and all(np.array_equal(v, i) for v, i in pairs)
   new_state, _ = run_steps(p_train_step, tiny_state, [make_identity_batch(tiny_config, 2)])
   visible = np.asarray(new_state.params['stem_visible']['conv1']['kernel'])

@@ -7,12 +7,21 @@ downloaded. `records.list_records` lists the same folders without TensorFlow,
 and `synthetic.generate` writes small fake data sets in the same layouts.
 """
 
-from cal_jax.data.datasets import llcm  # registers 'llcm'
-from cal_jax.data.datasets import regdb  # registers 'regdb'
-from cal_jax.data.datasets import sysu_mm01  # registers 'sysu_mm01'
-from cal_jax.data.datasets.layout_error import DatasetLayoutError
+from cal_jax.data.datasets import (
+  llcm,  # registers 'llcm'
+  regdb,  # registers 'regdb'
+  sysu_mm01,  # registers 'sysu_mm01'
+)
+from cal_jax.data.datasets.folders import DatasetLayoutError
 from cal_jax.data.datasets.records import Record, list_records
 from cal_jax.data.images import CorruptImageError
 
-__all__ = ['CorruptImageError', 'DatasetLayoutError', 'Record', 'list_records',
-           'llcm', 'regdb', 'sysu_mm01']
+__all__ = [
+  'CorruptImageError',
+  'DatasetLayoutError',
+  'Record',
+  'list_records',
+  'llcm',
+  'regdb',
+  'sysu_mm01',
+]

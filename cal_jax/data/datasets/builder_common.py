@@ -28,26 +28,35 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from cal_jax.data import images
+from cal_jax.data.datasets import folders
 from cal_jax.data.datasets import records as records_lib
 
 
 def features() -> tfds.features.FeaturesDict:
   """The feature dictionary every VI-ReID builder shares (module doc)."""
-  return tfds.features.FeaturesDict({
+  return tfds.features.FeaturesDict(
+    {
       'image': tfds.features.Image(shape=(None, None, 3)),
       'id': tfds.features.Scalar(dtype=np.int32),
       'camera': tfds.features.Scalar(dtype=np.int32),
       'modality': tfds.features.Scalar(dtype=np.int32),
       'path': tfds.features.Text(),
-  })
+    }
+  )
 
 
-def dataset_info(builder: tfds.core.DatasetBuilder, description: str,
-                 homepage: str, citation: str) -> tfds.core.DatasetInfo:
+def dataset_info(
+  builder: tfds.core.DatasetBuilder, description: str, homepage: str, citation: str
+) -> tfds.core.DatasetInfo:
   return tfds.core.DatasetInfo(
-      builder=builder, description=description, features=features(),
-      homepage=homepage, citation=citation, disable_shuffling=True,
-      metadata=tfds.core.MetadataDict())
+    builder=builder,
+    description=description,
+    features=features(),
+    homepage=homepage,
+    citation=citation,
+    disable_shuffling=True,
+    metadata=tfds.core.MetadataDict(),
+  )
 
 
 class SkipsCorruptImages:
@@ -75,15 +84,19 @@ def manual_root(dl_manager: tfds.download.DownloadManager, layout: str) -> str:
     manual_dir = os.fspath(dl_manager.manual_dir)
   except AssertionError as e:  # tfds' way of saying: absent or empty
     named = re.search(r'Manual directory (.*) does not exist', str(e))
-    raise records_lib.DatasetLayoutError(
-        layout, named[1] if named else 'manual_dir',
-        'the folder does not exist or is empty',
-        records_lib.TOP_LEVEL[layout], []) from e
+    raise folders.DatasetLayoutError(
+      layout,
+      named[1] if named else 'manual_dir',
+      'the folder does not exist or is empty',
+      folders.TOP_LEVEL[layout],
+      [],
+    ) from e
   return records_lib.find_root(layout, manual_dir)
 
 
-def generate_examples(root: str, split_records: Sequence[records_lib.Record],
-                      skipped: list[str] | None = None) -> Iterator[tuple[str, dict]]:
+def generate_examples(
+  root: str, split_records: Sequence[records_lib.Record], skipped: list[str] | None = None
+) -> Iterator[tuple[str, dict]]:
   """(key, example) pairs of `split_records`, the image read from `root`.
 
   Args:
@@ -105,13 +118,17 @@ def generate_examples(root: str, split_records: Sequence[records_lib.Record],
       skipped.append(record.path)
       bad += 1
       continue
-    yield record.path, {
+    yield (
+      record.path,
+      {
         'image': image,
         'id': record.id,
         'camera': record.camera,
         'modality': record.modality,
         'path': record.path,
-    }
+      },
+    )
   if bad:
-    logging.warning('Skipped %d unreadable of %d images of the split in %s.', bad,
-                    len(split_records), root)
+    logging.warning(
+      'Skipped %d unreadable of %d images of the split in %s.', bad, len(split_records), root
+    )

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from cal_jax.data.datasets import builder_common
-from cal_jax.data.datasets import records
+from cal_jax.data.datasets import builder_common, records
 
 _CITATION = """@inproceedings{zhang2023diverse,
   title={Diverse Embedding Expansion Network and Low-Light Cross-Modality
@@ -31,8 +30,8 @@ class Llcm(builder_common.SkipsCorruptImages, tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return builder_common.dataset_info(
-        self, description=self.__doc__,
-        homepage='https://github.com/ZYK100/LLCM', citation=_CITATION)
+      self, description=self.__doc__, homepage='https://github.com/ZYK100/LLCM', citation=_CITATION
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = builder_common.manual_root(dl_manager, 'llcm')

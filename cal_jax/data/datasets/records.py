@@ -48,20 +48,27 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Iterable
 
 from cal_jax.data.datasets import specs
-from cal_jax.data.datasets.layout_error import (DISTRIBUTED_NAMES, MAX_LISTED, TOP_LEVEL,
-                                                DatasetLayoutError, shorten)
+from cal_jax.data.datasets.folders import (
+  DISTRIBUTED_NAMES,
+  DatasetLayoutError,
+  check_disjoint,
+  entries,
+  identity_folder,
+  identity_folders,
+  images_in,
+  read_id_line,
+  read_index,
+  require,
+  shorten,
+)
 from cal_jax.data.datasets.specs import REGDB_TRIALS
 from cal_jax.modality import INFRARED, VISIBLE
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
-
 SYSU_ID_FILES = ('exp/train_id.txt', 'exp/val_id.txt', 'exp/test_id.txt')
 
-_MARKERS = {'sysu': ('cam1', 'exp'), 'regdb': ('Visible', 'idx'),
-            'llcm': ('test_vis', 'idx')}
+_MARKERS = {'sysu': ('cam1', 'exp'), 'regdb': ('Visible', 'idx'), 'llcm': ('test_vis', 'idx')}
 _LLCM_NAME = re.compile(r'^(\d+)_c(\d+)_')
 _LOG = logging.getLogger(__name__)
 
@@ -69,155 +76,21 @@ _LOG = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True, order=True)
 class Record:
   """One image of a data set, as listed from its folder (no pixels)."""
+
   path: str  # relative to the data set root, '/' separators
   id: int  # the data set's own identity number
   camera: int  # the data set's own camera number
   modality: int  # 0 visible, 1 infrared / near-infrared / thermal
 
 
-def _entries(folder: str) -> list[str]:
-  """Sorted names in `folder`, folders with a trailing '/'; [] if absent."""
-  if not os.path.isdir(folder):
-    return []
-  return sorted(n + '/' if os.path.isdir(os.path.join(folder, n)) else n
-                for n in os.listdir(folder))
-
-
-def _images_in(folder: str) -> list[str]:
-  return sorted(n for n in os.listdir(folder)
-                if n.lower().endswith(IMAGE_SUFFIXES)
-                and os.path.isfile(os.path.join(folder, n)))
-
-
-def _require(layout: str, root: str, dirs: Iterable[str],
-             files: Iterable[str]) -> None:
-  """Raises unless `root` holds the folders `dirs` and the files `files`."""
-  dirs, files = list(dirs), list(files)
-  missing = [d + '/' for d in dirs if not os.path.isdir(os.path.join(root, d))]
-  missing += [f for f in files if not os.path.isfile(os.path.join(root, f))]
-  if missing:
-    # What is there: the root, and each folder in which something is missing.
-    parents = sorted({os.path.dirname(m.rstrip('/')) for m in missing} | {''})
-    found = [f'{p}/{e}' if p else e for p in parents
-             for e in _entries(os.path.join(root, p))]
-    problem = ('the folder does not exist' if not os.path.isdir(root) else
-               'it is empty' if not found else
-               'missing ' + ', '.join(missing))
-    raise DatasetLayoutError(layout, root, problem,
-                             [d + '/' for d in dirs] + files, found)
-
-
-def _read_id_line(layout: str, root: str, rel: str) -> list[int]:
-  """Ids of an id file (SYSU exp/, LLCM idx/test_id.txt).
-
-  The distributed files hold one line of comma-separated ids; copies edited
-  or re-saved elsewhere may have a byte-order mark, Windows line ends, a
-  trailing comma, spaces, or one id per line. Every form is read whole: ids
-  are the integers separated by commas and white space. Anything else in the
-  file is refused, named.
-  """
-  with open(os.path.join(root, rel), encoding='utf-8-sig') as f:
-    text = f.read()
-  tokens = [t for t in re.split(r'[,\s]+', text) if t]
-  bad = [t for t in tokens if not t.isdigit()]
-  if bad or not tokens:
-    raise DatasetLayoutError(layout, root, f'{rel} holds no id list' if not tokens else
-                             f'{rel} holds entries that are not identity numbers',
-                             [f'{rel}: identity numbers separated by commas (one line, '
-                              'as distributed) or by line breaks'],
-                             [repr(t) for t in bad] or [repr(text[:80])])
-  return [int(t) for t in tokens]
-
-
-def _check_disjoint(layout: str, root: str, train: dict[str, set[int]],
-                    test: dict[str, set[int]]) -> None:
-  """Refuses identities listed for training and for test: they would leak."""
-  found = []
-  for train_file, train_ids in train.items():
-    for test_file, test_ids in test.items():
-      both = sorted(train_ids & test_ids)
-      if both:
-        found.append(f'{len(both)} ids in both {train_file} and {test_file}: '
-                     f'{", ".join(map(str, both[:MAX_LISTED]))}'
-                     + (' ...' if len(both) > MAX_LISTED else ''))
-  if found:
-    raise DatasetLayoutError(
-        layout, root, 'identities listed for both training and test (test identities would '
-        'be trained on): ' + '; '.join(found),
-        ['disjoint training and test identities, as distributed'], found)
-
-
-def _read_index(layout: str, root: str, rel: str) -> list[str]:
-  """Relative image paths of a `relative/path label` index file, checked."""
-  paths, bad = [], []
-  with open(os.path.join(root, rel), encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      fields = line.split()
-      if not fields:
-        continue
-      if len(fields) != 2:
-        bad.append(f'line {number}: {line.strip()!r}')
-      paths.append(fields[0].replace('\\', '/'))
-  if bad or not paths:
-    raise DatasetLayoutError(layout, root, f'{rel} is not a list of '
-                             '`relative/path label` lines',
-                             [f'{rel}: lines `relative/path label`'],
-                             bad or ['an empty file'])
-  missing = [p for p in paths if not os.path.isfile(os.path.join(root, p))]
-  if missing:
-    raise DatasetLayoutError(
-        layout, root, f'{len(missing)} of the {len(paths)} images listed in '
-        f'{rel} are missing (a partial copy?)',
-        [f'every image listed in {rel}'], ['missing: ' + m for m in missing])
-  return paths
-
-
-def _identity_folder(layout: str, root: str, path: str, depth: int) -> int:
-  """The identity number of the folder `depth` levels into `path`."""
-  parts = path.split('/')
-  try:
-    return int(parts[depth])
-  except (IndexError, ValueError):
-    raise DatasetLayoutError(
-        layout, root, f'cannot read an identity folder in {path!r}',
-        ['paths like ' + ('Visible/<id>/<file>' if layout == 'regdb' else
-                          'cam<k>/<id>/<file>')], [path]) from None
-
-
-def _identity_folders(layout: str, root: str, rel_dir: str) -> dict[int, str]:
-  """{identity number: folder name} of the identity folders in `rel_dir`.
-
-  The distributed folders are zero-padded (`0007`); a folder named `7` (a
-  copy renamed by a tool) is read as identity 7. Two folders of one identity
-  (`7` and `0007`), or a folder whose name is not a number, are refused,
-  named: their images would otherwise be dropped or mixed without a word.
-  Hidden entries (`.something`) and files are ignored.
-  """
-  folders, clashes, strange = {}, [], []
-  for name in sorted(os.listdir(os.path.join(root, rel_dir))):
-    if name.startswith('.') or not os.path.isdir(os.path.join(root, rel_dir, name)):
-      continue
-    if not name.isdigit():
-      strange.append(f'{rel_dir}/{name}/')
-      continue
-    pid = int(name)
-    if pid in folders:
-      clashes.append(f'{rel_dir}/{folders[pid]}/ and {rel_dir}/{name}/')
-    folders[pid] = name
-  if strange or clashes:
-    raise DatasetLayoutError(
-        layout, root, 'camera folders with folders that are not one identity each'
-        + (f': {len(clashes)} identities have two folders' if clashes else '')
-        + (f': {len(strange)} folder names are not identity numbers' if strange else ''),
-        [f'{rel_dir}/<id>/, one folder per identity, named by its number (0007)'],
-        ['two folders of one identity: ' + c for c in clashes]
-        + ['not an identity number: ' + n for n in strange])
-  return folders
-
-
-def _walk_identities(layout: str, root: str, camera_dirs: dict[str, tuple],
-                     ids: list[int], split_file: str,
-                     listed: set[int] | None = None) -> list[Record]:
+def _walk_identities(
+  layout: str,
+  root: str,
+  camera_dirs: dict[str, tuple],
+  ids: list[int],
+  split_file: str,
+  listed: set[int] | None = None,
+) -> list[Record]:
   """Records of `ids` under camera folders {rel_dir: (camera, modality)}.
 
   `listed`: every id of every split file; a camera's identity folder of an id
@@ -226,30 +99,41 @@ def _walk_identities(layout: str, root: str, camera_dirs: dict[str, tuple],
   records, empty, unlisted = [], [], []
   wanted = set(ids)
   for rel_dir, (camera, modality) in camera_dirs.items():
-    folders = _identity_folders(layout, root, rel_dir)
+    folders = identity_folders(layout, root, rel_dir)
     if listed is not None:
       unlisted += [f'{rel_dir}/{folders[p]}/' for p in sorted(set(folders) - listed)]
     for pid in sorted(wanted & set(folders)):  # not every identity passes every camera
       rel = f'{rel_dir}/{folders[pid]}'
-      names = _images_in(os.path.join(root, rel))
+      names = images_in(os.path.join(root, rel))
       if not names:
         empty.append(rel + '/')
       records += [Record(f'{rel}/{n}', pid, camera, modality) for n in names]
   if empty:
-    raise DatasetLayoutError(layout, root, 'identity folders without images '
-                             '(a partial copy?)', ['images in every identity '
-                             'folder'], ['empty: ' + e for e in empty])
+    raise DatasetLayoutError(
+      layout,
+      root,
+      'identity folders without images (a partial copy?)',
+      ['images in every identity folder'],
+      ['empty: ' + e for e in empty],
+    )
   unseen = sorted(set(ids) - {r.id for r in records})
   if unseen:
     raise DatasetLayoutError(
-        layout, root, f'{len(unseen)} identities of {split_file} have no '
-        'image in any camera folder (a partial copy?)',
-        [f'<camera>/{pid:04d}/ for every id of {split_file}' for pid in ids],
-        [f'no folder for id {pid}' for pid in unseen])
+      layout,
+      root,
+      f'{len(unseen)} identities of {split_file} have no '
+      'image in any camera folder (a partial copy?)',
+      [f'<camera>/{pid:04d}/ for every id of {split_file}' for pid in ids],
+      [f'no folder for id {pid}' for pid in unseen],
+    )
   if unlisted:
-    _LOG.warning('%s folder %s: %d identity folders of ids in no split file are not used: %s',
-                 DISTRIBUTED_NAMES.get(layout, layout), root, len(unlisted),
-                 shorten(unlisted))
+    _LOG.warning(
+      '%s folder %s: %d identity folders of ids in no split file are not used: %s',
+      DISTRIBUTED_NAMES.get(layout, layout),
+      root,
+      len(unlisted),
+      shorten(unlisted),
+    )
   return records
 
 
@@ -260,23 +144,31 @@ def _sorted(records: list[Record]) -> list[Record]:
 def sysu_records(root: str, split: str) -> list[Record]:
   """SYSU-MM01 (Wu et al., ICCV 2017) images of `split`, see module doc."""
   cams = [f'cam{c}' for c in range(1, 7)]
-  _require('sysu', root, cams, SYSU_ID_FILES)
-  empty = [c + '/' for c in cams if not _entries(os.path.join(root, c))]
+  require('sysu', root, cams, SYSU_ID_FILES)
+  empty = [c + '/' for c in cams if not entries(os.path.join(root, c))]
   if empty:
-    raise DatasetLayoutError('sysu', root, 'empty camera folders '
-                             '(a partial copy?)', ['identity folders in '
-                             'cam1/ .. cam6/'], ['empty: ' + e for e in empty])
-  lists = {f: set(_read_id_line('sysu', root, f)) for f in SYSU_ID_FILES}
-  _check_disjoint('sysu', root, {f: lists[f] for f in SYSU_ID_FILES[:2]},
-                  {f: lists[f] for f in SYSU_ID_FILES[2:]})
+    raise DatasetLayoutError(
+      'sysu',
+      root,
+      'empty camera folders (a partial copy?)',
+      ['identity folders in cam1/ .. cam6/'],
+      ['empty: ' + e for e in empty],
+    )
+  lists = {f: set(read_id_line('sysu', root, f)) for f in SYSU_ID_FILES}
+  check_disjoint(
+    'sysu', root, {f: lists[f] for f in SYSU_ID_FILES[:2]}, {f: lists[f] for f in SYSU_ID_FILES[2:]}
+  )
   id_files = SYSU_ID_FILES[:2] if split == 'train' else SYSU_ID_FILES[2:]
   ids = sorted(set().union(*(lists[f] for f in id_files)))
   cameras = specs.BY_SHORT['sysu'].cameras
-  camera_dirs = {f'cam{c}': (c, INFRARED if c in cameras[INFRARED] else VISIBLE)
-                 for c in range(1, 7)}
-  return _sorted(_walk_identities('sysu', root, camera_dirs, ids,
-                                  ' + '.join(id_files),
-                                  listed=set().union(*lists.values())))
+  camera_dirs = {
+    f'cam{c}': (c, INFRARED if c in cameras[INFRARED] else VISIBLE) for c in range(1, 7)
+  }
+  return _sorted(
+    _walk_identities(
+      'sysu', root, camera_dirs, ids, ' + '.join(id_files), listed=set().union(*lists.values())
+    )
+  )
 
 
 def regdb_records(root: str, split: str, trial: int) -> list[Record]:
@@ -284,17 +176,35 @@ def regdb_records(root: str, split: str, trial: int) -> list[Record]:
   if trial not in REGDB_TRIALS:
     raise ValueError(f'RegDB trial must be one of 1..10, got {trial!r}')
   (visible,), (thermal,) = (specs.BY_SHORT['regdb'].cameras[m] for m in (VISIBLE, INFRARED))
-  files = {s: {f'idx/{s}_visible_{trial}.txt': (visible, VISIBLE),
-               f'idx/{s}_thermal_{trial}.txt': (thermal, INFRARED)} for s in SPLITS}
-  _require('regdb', root, ['Visible', 'Thermal', 'idx'], [*files['train'], *files['test']])
-  listing = {s: {rel: [(path, _identity_folder('regdb', root, path, 1))
-                       for path in _read_index('regdb', root, rel)] for rel in files[s]}
-             for s in SPLITS}
-  _check_disjoint('regdb', root,
-                  *({rel: {pid for _, pid in rows} for rel, rows in listing[s].items()}
-                    for s in SPLITS))
-  return _sorted([Record(path, pid, *files[split][rel])
-                  for rel, rows in listing[split].items() for path, pid in rows])
+  files = {
+    s: {
+      f'idx/{s}_visible_{trial}.txt': (visible, VISIBLE),
+      f'idx/{s}_thermal_{trial}.txt': (thermal, INFRARED),
+    }
+    for s in SPLITS
+  }
+  require('regdb', root, ['Visible', 'Thermal', 'idx'], [*files['train'], *files['test']])
+  listing = {
+    s: {
+      rel: [
+        (path, identity_folder('regdb', root, path, 1)) for path in read_index('regdb', root, rel)
+      ]
+      for rel in files[s]
+    }
+    for s in SPLITS
+  }
+  check_disjoint(
+    'regdb',
+    root,
+    *({rel: {pid for _, pid in rows} for rel, rows in listing[s].items()} for s in SPLITS),
+  )
+  return _sorted(
+    [
+      Record(path, pid, *files[split][rel])
+      for rel, rows in listing[split].items()
+      for path, pid in rows
+    ]
+  )
 
 
 def llcm_records(root: str, split: str) -> list[Record]:
@@ -303,26 +213,41 @@ def llcm_records(root: str, split: str) -> list[Record]:
   vis = {f'test_vis/cam{c}': (c, VISIBLE) for c in cameras[VISIBLE]}
   nir = {f'test_nir/cam{c}': (c, INFRARED) for c in cameras[INFRARED]}
   train_files = {'idx/train_vis.txt': VISIBLE, 'idx/train_nir.txt': INFRARED}
-  _require('llcm', root, ['idx', *vis, *nir],
-           [*train_files, 'idx/test_id.txt'])
+  require('llcm', root, ['idx', *vis, *nir], [*train_files, 'idx/test_id.txt'])
   records = []
   for rel, modality in train_files.items():
-    for path in _read_index('llcm', root, rel):
+    for path in read_index('llcm', root, rel):
       match = _LLCM_NAME.match(path.rsplit('/', 1)[-1])
       if not match:
         raise DatasetLayoutError(
-            'llcm', root, f'{rel} lists a file not named as LLCM names them',
-            ['file names <id>_c<camera>_s<seq>_f<frame>_{vis,nir}.jpg'],
-            [path])
+          'llcm',
+          root,
+          f'{rel} lists a file not named as LLCM names them',
+          ['file names <id>_c<camera>_s<seq>_f<frame>_{vis,nir}.jpg'],
+          [path],
+        )
       records.append(Record(path, int(match[1]), int(match[2]), modality))
-  test_ids = set(_read_id_line('llcm', root, 'idx/test_id.txt'))
-  _check_disjoint('llcm', root, {rel: {r.id for r in records if r.modality == modality}
-                                 for rel, modality in train_files.items()},
-                  {'idx/test_id.txt': test_ids})
+  test_ids = set(read_id_line('llcm', root, 'idx/test_id.txt'))
+  check_disjoint(
+    'llcm',
+    root,
+    {
+      rel: {r.id for r in records if r.modality == modality}
+      for rel, modality in train_files.items()
+    },
+    {'idx/test_id.txt': test_ids},
+  )
   if split == 'test':
-    return _sorted(_walk_identities('llcm', root, {**vis, **nir}, sorted(test_ids),
-                                    'idx/test_id.txt',
-                                    listed=test_ids | {r.id for r in records}))
+    return _sorted(
+      _walk_identities(
+        'llcm',
+        root,
+        {**vis, **nir},
+        sorted(test_ids),
+        'idx/test_id.txt',
+        listed=test_ids | {r.id for r in records},
+      )
+    )
   return _sorted(records)
 
 
@@ -330,8 +255,7 @@ LAYOUTS = tuple(specs.BY_SHORT)
 SPLITS = ('train', 'test')
 
 
-def list_records(layout: str, root: str, split: str,
-                 trial: int | None = None) -> list[Record]:
+def list_records(layout: str, root: str, split: str, trial: int | None = None) -> list[Record]:
   """Records of `split` ('train' | 'test') of the `layout` folder at `root`.
 
   Args:

@@ -10,8 +10,7 @@ import dataclasses
 
 import tensorflow_datasets as tfds
 
-from cal_jax.data.datasets import builder_common
-from cal_jax.data.datasets import records
+from cal_jax.data.datasets import builder_common, records
 from cal_jax.data.datasets.specs import REGDB_TRIALS
 
 _CITATION = """@article{nguyen2017person,
@@ -25,6 +24,7 @@ _CITATION = """@article{nguyen2017person,
 @dataclasses.dataclass
 class RegdbConfig(tfds.core.BuilderConfig):
   """A RegDB trial: which idx/*_<trial>.txt files define train and test."""
+
   trial: int = 1
 
 
@@ -37,9 +37,8 @@ class Regdb(builder_common.SkipsCorruptImages, tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [
-      RegdbConfig(name=f'trial_{t}', trial=t,
-                  description=f'Trial {t}: idx/*_{t}.txt.')
-      for t in REGDB_TRIALS
+    RegdbConfig(name=f'trial_{t}', trial=t, description=f'Trial {t}: idx/*_{t}.txt.')
+    for t in REGDB_TRIALS
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Ask the RegDB authors (Dongguk University) for the data set, unzip it, add the
@@ -51,8 +50,8 @@ class Regdb(builder_common.SkipsCorruptImages, tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return builder_common.dataset_info(
-        self, description=self.__doc__,
-        homepage='http://dm.dongguk.edu/link.html', citation=_CITATION)
+      self, description=self.__doc__, homepage='http://dm.dongguk.edu/link.html', citation=_CITATION
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = builder_common.manual_root(dl_manager, 'regdb')

@@ -34,27 +34,41 @@ class DatasetSpec:
   builder_configs: tuple[str, ...] = ('',)
 
 
-SPECS = {spec.builder: spec for spec in (
+SPECS = {
+  spec.builder: spec
+  for spec in (
     DatasetSpec(
-        'sysu_mm01', 'sysu', 'SYSU-MM01',
-        {'sysu/all/single': 'SYSU-MM01 all-search single-shot',
-         'sysu/all/multi': 'SYSU-MM01 all-search multi-shot',
-         'sysu/indoor/single': 'SYSU-MM01 indoor-search single-shot',
-         'sysu/indoor/multi': 'SYSU-MM01 indoor-search multi-shot'},
-        {VISIBLE: (1, 2, 4, 5), INFRARED: (3, 6)},
-        "SYSU-MM01 (as the paper's Table 1)"),
+      'sysu_mm01',
+      'sysu',
+      'SYSU-MM01',
+      {
+        'sysu/all/single': 'SYSU-MM01 all-search single-shot',
+        'sysu/all/multi': 'SYSU-MM01 all-search multi-shot',
+        'sysu/indoor/single': 'SYSU-MM01 indoor-search single-shot',
+        'sysu/indoor/multi': 'SYSU-MM01 indoor-search multi-shot',
+      },
+      {VISIBLE: (1, 2, 4, 5), INFRARED: (3, 6)},
+      "SYSU-MM01 (as the paper's Table 1)",
+    ),
     DatasetSpec(
-        'regdb', 'regdb', 'RegDB',
-        {'regdb/v2t': 'RegDB visible to infrared', 'regdb/t2v': 'RegDB infrared to visible'},
-        {VISIBLE: (1,), INFRARED: (2,)},
-        "RegDB (as the paper's Table 2)",
-        builder_configs=tuple(f'trial_{t}' for t in REGDB_TRIALS)),
+      'regdb',
+      'regdb',
+      'RegDB',
+      {'regdb/v2t': 'RegDB visible to infrared', 'regdb/t2v': 'RegDB infrared to visible'},
+      {VISIBLE: (1,), INFRARED: (2,)},
+      "RegDB (as the paper's Table 2)",
+      builder_configs=tuple(f'trial_{t}' for t in REGDB_TRIALS),
+    ),
     DatasetSpec(
-        'llcm', 'llcm', 'LLCM',
-        {'llcm/v2n': 'LLCM VIS to NIR', 'llcm/n2v': 'LLCM NIR to VIS'},
-        {VISIBLE: tuple(range(1, 10)), INFRARED: (1, 2, 4, 5, 6, 7, 8, 9)},
-        'LLCM'),
-)}
+      'llcm',
+      'llcm',
+      'LLCM',
+      {'llcm/v2n': 'LLCM VIS to NIR', 'llcm/n2v': 'LLCM NIR to VIS'},
+      {VISIBLE: tuple(range(1, 10)), INFRARED: (1, 2, 4, 5, 6, 7, 8, 9)},
+      'LLCM',
+    ),
+  )
+}
 BY_SHORT = {spec.short: spec for spec in SPECS.values()}
 PROTOCOL_KEYS = tuple(key for spec in SPECS.values() for key in spec.protocols)
 MODE_NAMES = {key: name for spec in SPECS.values() for key, name in spec.protocols.items()}

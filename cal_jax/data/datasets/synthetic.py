@@ -43,6 +43,7 @@ _LAYOUT_KEY = {'sysu': 1, 'regdb': 2, 'llcm': 3}
 @dataclasses.dataclass(frozen=True)
 class Summary:
   """What `generate` wrote."""
+
   layout: str
   root: str
   num_images: int
@@ -85,33 +86,38 @@ def _write_text(root: str, rel: str, lines: Sequence[str]) -> None:
     f.write('\n'.join(lines) + '\n')
 
 
-def _write_sysu(root: str, num_ids: int, seed: int, per_camera: tuple,
-                height: int, infrared_gap: float = 1.0) -> Summary:
+def _write_sysu(
+  root: str, num_ids: int, seed: int, per_camera: tuple, height: int, infrared_gap: float = 1.0
+) -> Summary:
   """SYSU-MM01: cam<c>/<id:04d>/<n:04d>.jpg, exp/{train,val,test}_id.txt."""
   key = _LAYOUT_KEY['sysu']
   rng = _rng(seed, key, 0)
   # Ids with gaps, as in the real set (491 ids numbered up to 533).
-  ids = sorted(int(i) for i in rng.choice(
-      np.arange(1, math.ceil(num_ids * 1.1) + 1), num_ids, replace=False))
+  ids = sorted(
+    int(i) for i in rng.choice(np.arange(1, math.ceil(num_ids * 1.1) + 1), num_ids, replace=False)
+  )
   perm = [int(i) for i in rng.permutation(ids)]
   n_test = num_ids // 3
   n_val = (num_ids - n_test) // 4
-  test, val = sorted(perm[:n_test]), sorted(perm[n_test:n_test + n_val])
-  train = sorted(perm[n_test + n_val:])
+  test, val = sorted(perm[:n_test]), sorted(perm[n_test : n_test + n_val])
+  train = sorted(perm[n_test + n_val :])
   for name, split in (('train', train), ('val', val), ('test', test)):
     _write_text(root, f'exp/{name}_id.txt', [','.join(map(str, split))])
   apps = _identities(rng, ids)
-  cams = {c: dataclasses.replace(
+  cams = {
+    c: dataclasses.replace(
       people.sample_camera(_rng(seed, key, 1, c), 'nir' if c in (3, 6) else 'visible'),
-      infrared_gap=infrared_gap) for c in range(1, 7)}
+      infrared_gap=infrared_gap,
+    )
+    for c in range(1, 7)
+  }
   # Indoor (cam1-3) and outdoor (cam4-6) visits; not every camera sees everyone.
   seen = {}
   for pid in ids:
     r = _rng(seed, key, 2, pid)
     indoor = r.random() < 0.7
     outdoor = r.random() < 0.8 or not indoor
-    visits = [c for c in range(1, 7)
-              if (indoor if c <= 3 else outdoor) and r.random() < 0.8]
+    visits = [c for c in range(1, 7) if (indoor if c <= 3 else outdoor) and r.random() < 0.8]
     if not {3, 6} & set(visits):
       visits.append(3 if indoor else 6)
     if not {1, 2, 4, 5} & set(visits):
@@ -138,10 +144,10 @@ def _write_regdb(root: str, num_ids: int, seed: int, height: int) -> Summary:
   rng = _rng(seed, key, 0)
   ids = list(range(1, num_ids + 1))
   apps = _identities(rng, ids)
-  sensors = (('Visible', 'v', people.sample_camera(_rng(seed, key, 1, 1),
-                                                   'visible')),
-             ('Thermal', 't', people.sample_camera(_rng(seed, key, 1, 2),
-                                                   'thermal')))
+  sensors = (
+    ('Visible', 'v', people.sample_camera(_rng(seed, key, 1, 1), 'visible')),
+    ('Thermal', 't', people.sample_camera(_rng(seed, key, 1, 2), 'thermal')),
+  )
   files = {}
   for pid in ids:
     r = _rng(seed, key, 2, pid)
@@ -154,27 +160,42 @@ def _write_regdb(root: str, num_ids: int, seed: int, height: int) -> Summary:
       for folder, letter, cam in sensors:
         # The dual camera takes both images at once: the same pose.
         image = people.render(
-            apps[pid], cam, _rng(seed, key, 3, pid, k, ord(letter)),
-            (height, height // 2), pose=_rng(seed, key, 4, pid, k), front=front)
+          apps[pid],
+          cam,
+          _rng(seed, key, 3, pid, k, ord(letter)),
+          (height, height // 2),
+          pose=_rng(seed, key, 4, pid, k),
+          front=front,
+        )
         frame = first + 3 * k
         rel = f'{folder}/{pid}/{sex}_{view}_{letter}_{frame:05d}_{pid}.bmp'
         _save(image, os.path.join(root, rel), 'BMP')  # 24-bit, as AGW reads
         files[pid].append(rel)
   half = num_ids // 2
-  perms = {t: [int(i) for i in _rng(seed, key, 5, t).permutation(ids)]
-           for t in range(1, 11)}
+  perms = {t: [int(i) for i in _rng(seed, key, 5, t).permutation(ids)] for t in range(1, 11)}
   for trial, perm in perms.items():
     for split, part in (('train', perm[:half]), ('test', perm[half:])):
       for folder, kind in (('Visible', 'visible'), ('Thermal', 'thermal')):
-        _write_text(root, f'idx/{split}_{kind}_{trial}.txt', [
-            f'{rel} {label}' for label, pid in enumerate(part)
-            for rel in files[pid] if rel.startswith(folder)])
-  return Summary('regdb', root, 2 * REGDB_IMAGES * num_ids,
-                 tuple(sorted(perms[1][:half])), tuple(sorted(perms[1][half:])))
+        _write_text(
+          root,
+          f'idx/{split}_{kind}_{trial}.txt',
+          [
+            f'{rel} {label}'
+            for label, pid in enumerate(part)
+            for rel in files[pid]
+            if rel.startswith(folder)
+          ],
+        )
+  return Summary(
+    'regdb',
+    root,
+    2 * REGDB_IMAGES * num_ids,
+    tuple(sorted(perms[1][:half])),
+    tuple(sorted(perms[1][half:])),
+  )
 
 
-def _write_llcm(root: str, num_ids: int, seed: int, per_camera: tuple,
-                height: int) -> Summary:
+def _write_llcm(root: str, num_ids: int, seed: int, per_camera: tuple, height: int) -> Summary:
   """LLCM: {vis,nir}/<id:04d>/<id:04d>_c<cam:02d>_s<seq>_f<frame>_{vis,nir}.jpg,
   test copies in test_{vis,nir}/cam<c>/<id:04d>/, idx/."""
   key = _LAYOUT_KEY['llcm']
@@ -189,8 +210,7 @@ def _write_llcm(root: str, num_ids: int, seed: int, per_camera: tuple,
   for c in range(1, 10):
     low_light = bool(_rng(seed, key, 1, c, 2).random() < 0.7)
     for m, sensor in ((0, 'visible'), (1, 'nir')):
-      cams[c, m] = people.sample_camera(_rng(seed, key, 1, c, m), sensor,
-                                        low_light=low_light)
+      cams[c, m] = people.sample_camera(_rng(seed, key, 1, c, m), sensor, low_light=low_light)
   for m, cam_list in (('vis', range(1, 10)), ('nir', (1, 2, 4, 5, 6, 7, 8, 9))):
     for c in cam_list:  # as distributed, every test camera folder exists
       os.makedirs(os.path.join(root, f'test_{m}', f'cam{c}'), exist_ok=True)
@@ -198,24 +218,24 @@ def _write_llcm(root: str, num_ids: int, seed: int, per_camera: tuple,
   count = 0
   for pid in ids:
     r = _rng(seed, key, 2, pid)
-    visits = sorted(int(c) + 1 for c in
-                    r.choice(9, int(r.integers(2, 5)), replace=False))
-    counts = {(c, m): 0 if (m and c == 3) else
-              int(r.integers(0, per_camera[1] + 1))
-              for c in visits for m in (0, 1)}
+    visits = sorted(int(c) + 1 for c in r.choice(9, int(r.integers(2, 5)), replace=False))
+    counts = {
+      (c, m): 0 if (m and c == 3) else int(r.integers(0, per_camera[1] + 1))
+      for c in visits
+      for m in (0, 1)
+    }
     for m in (0, 1):  # at least a few images of each modality
       if not any(counts[c, m] for c in visits):
         counts[next(c for c in visits if not (m and c == 3)), m] = per_camera[0]
     split = 'test' if pid in test_set else 'train'
     for (c, m), n_images in sorted(counts.items()):
       name = ('vis', 'nir')[m]
-      hhmmss = (int(r.integers(17, 22)) * 10000 + int(r.integers(60)) * 100 +
-                int(r.integers(60)))
+      hhmmss = int(r.integers(17, 22)) * 10000 + int(r.integers(60)) * 100 + int(r.integers(60))
       first = int(r.integers(1, 9000))
       for k in range(n_images):
-        image = people.render(apps[pid], cams[c, m],
-                              _rng(seed, key, 3, pid, c, m, k),
-                              _size(r, height))
+        image = people.render(
+          apps[pid], cams[c, m], _rng(seed, key, 3, pid, c, m, k), _size(r, height)
+        )
         base = f'{pid:04d}_c{c:02d}_s{hhmmss:06d}_f{first + 7 * k}_{name}.jpg'
         rel = f'{name}/{pid:04d}/{base}'
         _save(image, os.path.join(root, rel), 'JPEG', cams[c, m].quality)
@@ -232,10 +252,16 @@ def _write_llcm(root: str, num_ids: int, seed: int, per_camera: tuple,
   return Summary('llcm', root, count, tuple(train), tuple(test))
 
 
-def generate(layout: str, output: str, num_ids: int = DEFAULT_NUM_IDS,
-             seed: int = 0, *,
-             images_per_camera: tuple = DEFAULT_IMAGES_PER_CAMERA,
-             height: int = DEFAULT_HEIGHT, infrared_gap: float = 1.0) -> Summary:
+def generate(
+  layout: str,
+  output: str,
+  num_ids: int = DEFAULT_NUM_IDS,
+  seed: int = 0,
+  *,
+  images_per_camera: tuple = DEFAULT_IMAGES_PER_CAMERA,
+  height: int = DEFAULT_HEIGHT,
+  infrared_gap: float = 1.0,
+) -> Summary:
   """Writes a synthetic `layout` ('sysu' | 'regdb' | 'llcm') data set.
 
   Args:
@@ -254,8 +280,7 @@ def generate(layout: str, output: str, num_ids: int = DEFAULT_NUM_IDS,
     A `Summary` of what was written.
   """
   if layout not in _LAYOUT_KEY:
-    raise ValueError(
-        f'layout must be one of {sorted(_LAYOUT_KEY)}, got {layout!r}')
+    raise ValueError(f'layout must be one of {sorted(_LAYOUT_KEY)}, got {layout!r}')
   if num_ids < 6:
     raise ValueError(f'num_ids must be at least 6, got {num_ids}')
   if not 0.0 <= infrared_gap <= 1.0:
@@ -266,8 +291,7 @@ def generate(layout: str, output: str, num_ids: int = DEFAULT_NUM_IDS,
     raise FileExistsError(f'{output!r} is not empty; give a new folder')
   os.makedirs(output, exist_ok=True)
   if layout == 'sysu':
-    return _write_sysu(output, num_ids, seed, tuple(images_per_camera), height,
-                       infrared_gap)
+    return _write_sysu(output, num_ids, seed, tuple(images_per_camera), height, infrared_gap)
   if layout == 'regdb':
     return _write_regdb(output, num_ids, seed, height)
   return _write_llcm(output, num_ids, seed, tuple(images_per_camera), height)
@@ -279,20 +303,29 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--output', required=True, help='data set root to create')
   parser.add_argument('--num-ids', type=int, default=DEFAULT_NUM_IDS)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--min-images', type=int,
-                      default=DEFAULT_IMAGES_PER_CAMERA[0],
-                      help='per identity and camera (not RegDB)')
-  parser.add_argument('--max-images', type=int,
-                      default=DEFAULT_IMAGES_PER_CAMERA[1])
+  parser.add_argument(
+    '--min-images',
+    type=int,
+    default=DEFAULT_IMAGES_PER_CAMERA[0],
+    help='per identity and camera (not RegDB)',
+  )
+  parser.add_argument('--max-images', type=int, default=DEFAULT_IMAGES_PER_CAMERA[1])
   parser.add_argument('--height', type=int, default=DEFAULT_HEIGHT)
   args = parser.parse_args(argv)
   start = time.perf_counter()
-  summary = generate(args.layout, args.output, args.num_ids, args.seed,
-                     images_per_camera=(args.min_images, args.max_images),
-                     height=args.height)
-  print(f'{summary.layout}: {summary.num_images} images of '
-        f'{len(summary.train_ids)} train + {len(summary.test_ids)} test ids '
-        f'in {summary.root} ({time.perf_counter() - start:.1f} s)')
+  summary = generate(
+    args.layout,
+    args.output,
+    args.num_ids,
+    args.seed,
+    images_per_camera=(args.min_images, args.max_images),
+    height=args.height,
+  )
+  print(
+    f'{summary.layout}: {summary.num_images} images of '
+    f'{len(summary.train_ids)} train + {len(summary.test_ids)} test ids '
+    f'in {summary.root} ({time.perf_counter() - start:.1f} s)'
+  )
 
 
 if __name__ == '__main__':

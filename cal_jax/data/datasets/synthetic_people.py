@@ -36,9 +36,15 @@ NUM_MATERIALS = 5  # cotton, denim, synthetic, wool, leather
 # Near-infrared reflectance per material: base + colour . weights, then a
 # sigmoid; fixed physics shared by every seed (learnable across data sets).
 NIR_BASE = np.array([0.55, 0.05, 0.35, 0.60, -0.10])
-NIR_WEIGHTS = np.array([[0.35, -0.60, 0.40], [0.10, 0.70, -0.50],
-                        [-0.55, 0.25, 0.55], [0.60, 0.10, -0.45],
-                        [0.20, 0.30, 0.15]])
+NIR_WEIGHTS = np.array(
+  [
+    [0.35, -0.60, 0.40],
+    [0.10, 0.70, -0.50],
+    [-0.55, 0.25, 0.55],
+    [0.60, 0.10, -0.45],
+    [0.20, 0.30, 0.15],
+  ]
+)
 INSULATION = np.array([0.45, 0.70, 0.30, 0.85, 0.60])  # thermal: 1 = cold
 
 
@@ -56,6 +62,7 @@ class Garment:
 @dataclasses.dataclass(frozen=True)
 class Appearance:
   """What makes an identity recognisable; see module doc."""
+
   height: float  # fraction of the image height the person fills
   width: float  # shoulder half-width, in person heights
   head: float  # head radius, in person heights
@@ -76,6 +83,7 @@ class Appearance:
 @dataclasses.dataclass(frozen=True)
 class Camera:
   """A camera's sensor and scene, drawn once per (data set, camera)."""
+
   sensor: str  # 'visible' | 'nir' | 'thermal'
   wall: tuple  # RGB of the background above the horizon
   floor: tuple  # RGB below it
@@ -100,37 +108,45 @@ def _colour(rng: np.random.Generator) -> tuple:
 
 
 def _garment(rng: np.random.Generator, lengths: int) -> Garment:
-  return Garment(_colour(rng), _colour(rng), int(rng.integers(NUM_MATERIALS)),
-                 int(rng.choice(5, p=[0.4, 0.2, 0.15, 0.15, 0.1])),
-                 float(rng.uniform(0.03, 0.08)), int(rng.integers(lengths)))
+  return Garment(
+    _colour(rng),
+    _colour(rng),
+    int(rng.integers(NUM_MATERIALS)),
+    int(rng.choice(5, p=[0.4, 0.2, 0.15, 0.15, 0.1])),
+    float(rng.uniform(0.03, 0.08)),
+    int(rng.integers(lengths)),
+  )
 
 
 def sample_appearance(rng: np.random.Generator) -> Appearance:
   """A new identity."""
   return Appearance(
-      height=float(rng.uniform(0.80, 0.94)),
-      width=float(rng.uniform(0.085, 0.13)),
-      head=float(rng.uniform(0.052, 0.068)), hip=float(rng.uniform(0.48, 0.56)),
-      hair_length=int(rng.integers(3)),
-      hair_colour=tuple(float(c) for c in rng.uniform(0.05, 0.6) *
-                        np.array([1.0, 0.8, 0.6])),
-      skin=tuple(float(c) for c in rng.uniform(0.45, 0.9) *
-                 np.array([1.0, 0.78, 0.62])),
-      upper=_garment(rng, 2), lower=_garment(rng, 3), shoes=_colour(rng),
-      bag=int(rng.choice(4, p=[0.4, 0.25, 0.2, 0.15])),
-      bag_side=int(rng.choice([-1, 1])), bag_colour=_colour(rng),
-      bag_material=int(rng.integers(NUM_MATERIALS)),
-      emblem=int(rng.choice(3, p=[0.5, 0.25, 0.25])))
+    height=float(rng.uniform(0.80, 0.94)),
+    width=float(rng.uniform(0.085, 0.13)),
+    head=float(rng.uniform(0.052, 0.068)),
+    hip=float(rng.uniform(0.48, 0.56)),
+    hair_length=int(rng.integers(3)),
+    hair_colour=tuple(float(c) for c in rng.uniform(0.05, 0.6) * np.array([1.0, 0.8, 0.6])),
+    skin=tuple(float(c) for c in rng.uniform(0.45, 0.9) * np.array([1.0, 0.78, 0.62])),
+    upper=_garment(rng, 2),
+    lower=_garment(rng, 3),
+    shoes=_colour(rng),
+    bag=int(rng.choice(4, p=[0.4, 0.25, 0.2, 0.15])),
+    bag_side=int(rng.choice([-1, 1])),
+    bag_colour=_colour(rng),
+    bag_material=int(rng.integers(NUM_MATERIALS)),
+    emblem=int(rng.choice(3, p=[0.5, 0.25, 0.25])),
+  )
 
 
 def look_alike(base: Appearance, rng: np.random.Generator) -> Appearance:
   """An identity sharing all of `base` but one or two colours (hard case)."""
   changes = {}
-  for field in rng.choice(['upper', 'lower', 'shoes', 'bag'], size=2,
-                          replace=False)[:int(rng.integers(1, 3))]:
+  for field in rng.choice(['upper', 'lower', 'shoes', 'bag'], size=2, replace=False)[
+    : int(rng.integers(1, 3))
+  ]:
     if field in ('upper', 'lower'):
-      changes[field] = dataclasses.replace(getattr(base, field),
-                                           colour=_colour(rng))
+      changes[field] = dataclasses.replace(getattr(base, field), colour=_colour(rng))
     elif field == 'shoes':
       changes['shoes'] = _colour(rng)
     else:
@@ -138,26 +154,26 @@ def look_alike(base: Appearance, rng: np.random.Generator) -> Appearance:
   return dataclasses.replace(base, **changes)
 
 
-def sample_camera(rng: np.random.Generator, sensor: str,
-                  low_light: bool = False) -> Camera:
+def sample_camera(rng: np.random.Generator, sensor: str, low_light: bool = False) -> Camera:
   """A camera: its scene colours, optics and noise."""
   dark = sensor != 'visible' or low_light
   return Camera(
-      sensor=sensor, wall=_colour(rng), floor=_colour(rng),
-      horizon=float(rng.uniform(0.45, 0.75)),
-      white_balance=tuple(float(x) for x in rng.uniform(0.8, 1.2, size=3)),
-      gain=float(rng.uniform(0.3, 0.6) if low_light else rng.uniform(0.8, 1.1)),
-      noise=float(rng.uniform(0.05, 0.09) if dark else
-                  rng.uniform(0.015, 0.04)),
-      blur=float(rng.uniform(1.6, 2.4) if sensor != 'visible' else
-                 rng.uniform(1.0, 1.4)),
-      clutter=int(rng.integers(2, 7)), quality=int(rng.integers(80, 96)))
+    sensor=sensor,
+    wall=_colour(rng),
+    floor=_colour(rng),
+    horizon=float(rng.uniform(0.45, 0.75)),
+    white_balance=tuple(float(x) for x in rng.uniform(0.8, 1.2, size=3)),
+    gain=float(rng.uniform(0.3, 0.6) if low_light else rng.uniform(0.8, 1.1)),
+    noise=float(rng.uniform(0.05, 0.09) if dark else rng.uniform(0.015, 0.04)),
+    blur=float(rng.uniform(1.6, 2.4) if sensor != 'visible' else rng.uniform(1.0, 1.4)),
+    clutter=int(rng.integers(2, 7)),
+    quality=int(rng.integers(80, 96)),
+  )
 
 
 def _nir(rgb: np.ndarray, material: np.ndarray) -> np.ndarray:
   """Near-infrared reflectance of colours [..., 3] of materials [...]."""
-  z = NIR_BASE[material] + np.einsum('...c,...c->...', rgb,
-                                     NIR_WEIGHTS[material])
+  z = NIR_BASE[material] + np.einsum('...c,...c->...', rgb, NIR_WEIGHTS[material])
   return 1.0 / (1.0 + np.exp(-4.0 * (z - 0.5)))
 
 
@@ -172,13 +188,16 @@ def _tables(app: Appearance, cam: Camera) -> np.ndarray:
   rgb = np.zeros((NUM_PARTS, 3))
   mat = np.zeros(NUM_PARTS, dtype=int)
   for part, colour, material in (
-      (SKIN, app.skin, 0), (HAIR, app.hair_colour, 3),
-      (UPPER, app.upper.colour, app.upper.material),
-      (UPPER2, app.upper.colour2, app.upper.material),
-      (LOWER, app.lower.colour, app.lower.material),
-      (LOWER2, app.lower.colour2, app.lower.material),
-      (SHOES, app.shoes, 4), (BAG, app.bag_colour, app.bag_material),
-      (EMBLEM, app.upper.colour2, 2)):
+    (SKIN, app.skin, 0),
+    (HAIR, app.hair_colour, 3),
+    (UPPER, app.upper.colour, app.upper.material),
+    (UPPER2, app.upper.colour2, app.upper.material),
+    (LOWER, app.lower.colour, app.lower.material),
+    (LOWER2, app.lower.colour2, app.lower.material),
+    (SHOES, app.shoes, 4),
+    (BAG, app.bag_colour, app.bag_material),
+    (EMBLEM, app.upper.colour2, 2),
+  ):
     rgb[part], mat[part] = colour, material
   if cam.sensor == 'visible':
     return rgb
@@ -194,8 +213,7 @@ def _tables(app: Appearance, cam: Camera) -> np.ndarray:
   return np.repeat(level[:, None], 3, axis=1)
 
 
-def _pattern(kind: int, period: float, u: np.ndarray,
-             v: np.ndarray) -> np.ndarray:
+def _pattern(kind: int, period: float, u: np.ndarray, v: np.ndarray) -> np.ndarray:
   """Where a garment shows its second colour, for body coordinates u, v."""
   a, b = np.floor(u / period), np.floor(v / period)
   if kind == 1:
@@ -210,8 +228,9 @@ def _pattern(kind: int, period: float, u: np.ndarray,
   return np.zeros_like(u, dtype=bool)
 
 
-def _label_map(app: Appearance, u: np.ndarray, v: np.ndarray, front: bool,
-               swing: float) -> np.ndarray:
+def _label_map(
+  app: Appearance, u: np.ndarray, v: np.ndarray, front: bool, swing: float
+) -> np.ndarray:
   """Part labels [H, W] for body coordinates u (across), v (down), both in
   person heights, u = 0 on the body axis and v = 0 at the top of the head."""
   w, hip, au = app.width, app.hip, np.abs(u)
@@ -231,8 +250,7 @@ def _label_map(app: Appearance, u: np.ndarray, v: np.ndarray, front: bool,
   lower_end = {0: 0.955, 1: hip + 0.17, 2: hip + 0.24}[app.lower.length]
   lower = legs & (v < lower_end)
   if app.lower.length == 2:  # skirt: a trapezoid over both legs
-    lower = ((v > hip - 0.02) & (v < lower_end) &
-             (au < w * (0.8 + 1.2 * (v - hip))))
+    lower = (v > hip - 0.02) & (v < lower_end) & (au < w * (0.8 + 1.2 * (v - hip)))
   lower |= (v > hip - 0.03) & (v <= hip) & (au < 0.85 * w)
   stripes = _pattern(app.lower.pattern, app.lower.period, u, v)
   paint(lower & ~stripes, LOWER)
@@ -252,8 +270,9 @@ def _label_map(app: Appearance, u: np.ndarray, v: np.ndarray, front: bool,
   paint((au < 0.024) & (v > 0.13) & (v <= 0.17), SKIN)  # neck
   if front and app.emblem:
     du, dv = u / 0.035, (v - 0.27) / 0.035
-    paint((du * du + dv * dv < 1) if app.emblem == 2 else
-          (np.abs(du) < 1) & (np.abs(dv) < 1), EMBLEM)
+    paint(
+      (du * du + dv * dv < 1) if app.emblem == 2 else (np.abs(du) < 1) & (np.abs(dv) < 1), EMBLEM
+    )
   # Head: skin face in front, hair from behind; then the hair line.
   head = (u / (0.8 * app.head)) ** 2 + ((v - 0.085) / app.head) ** 2 < 1
   paint(head, SKIN if front else HAIR)
@@ -266,26 +285,25 @@ def _label_map(app: Appearance, u: np.ndarray, v: np.ndarray, front: bool,
   elif app.bag == 1:  # straps seen from the front
     paint((np.abs(au - 0.6 * w) < 0.011) & (v > 0.17) & (v < 0.36), BAG)
   elif app.bag == 2:
-    paint((side > w - 0.01) & (side < w + 0.085) & (v > hip - 0.06) &
-          (v < hip + 0.07), BAG)
-    paint((np.abs(side + w - 2 * w * (v - 0.17) / (hip - 0.17)) < 0.009) &
-          (v > 0.17) & (v < hip - 0.06), BAG)
+    paint((side > w - 0.01) & (side < w + 0.085) & (v > hip - 0.06) & (v < hip + 0.07), BAG)
+    paint(
+      (np.abs(side + w - 2 * w * (v - 0.17) / (hip - 0.17)) < 0.009)
+      & (v > 0.17)
+      & (v < hip - 0.06),
+      BAG,
+    )
   elif app.bag == 3:
-    paint((side > w) & (side < w + 0.07) & (v > arm_end - 0.02) &
-          (v < arm_end + 0.08), BAG)
+    paint((side > w) & (side < w + 0.07) & (v > arm_end - 0.02) & (v < arm_end + 0.08), BAG)
   return labels
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple,
-                  cells: tuple) -> np.ndarray:
+def _smooth_noise(rng: np.random.Generator, shape: tuple, cells: tuple) -> np.ndarray:
   """Low-frequency noise in [-1, 1] of `shape` [H, W] (bilinear upsampling)."""
   grid = rng.uniform(-1, 1, size=cells).astype(np.float32)
-  return np.asarray(Image.fromarray(grid).resize(
-      (shape[1], shape[0]), Image.BILINEAR))
+  return np.asarray(Image.fromarray(grid).resize((shape[1], shape[0]), Image.BILINEAR))
 
 
-def _background(cam: Camera, rng: np.random.Generator, shape: tuple,
-                tone) -> np.ndarray:
+def _background(cam: Camera, rng: np.random.Generator, shape: tuple, tone) -> np.ndarray:
   """The camera's scene [H, W, 3]: wall, floor, texture and clutter boxes."""
   h, w = shape
   yy = np.arange(h)[:, None, None]
@@ -301,9 +319,14 @@ def _background(cam: Camera, rng: np.random.Generator, shape: tuple,
   return image
 
 
-def render(app: Appearance, cam: Camera, rng: np.random.Generator,
-           size: tuple, pose: np.random.Generator | None = None,
-           front: bool | None = None) -> np.ndarray:
+def render(
+  app: Appearance,
+  cam: Camera,
+  rng: np.random.Generator,
+  size: tuple,
+  pose: np.random.Generator | None = None,
+  front: bool | None = None,
+) -> np.ndarray:
   """One image [H, W, 3] uint8 of `app` seen by `cam`, `size` = (H, W).
 
   `pose` draws the pose (default: `rng`); RegDB's paired cameras share it.
@@ -327,22 +350,28 @@ def render(app: Appearance, cam: Camera, rng: np.random.Generator,
 
   table = _tables(app, cam)
   if cam.sensor == 'visible':
+
     def tone(c):
       return np.asarray(c, dtype=np.float32)
   else:
     bg_material = int(rng.integers(NUM_MATERIALS))
+
     def tone(c):
       c = np.asarray(c, dtype=np.float32)
-      level = (_nir(c, np.array(bg_material)) * 0.7 if cam.sensor == 'nir' else
-               0.1 + 0.25 * float(c.mean()))
+      level = (
+        _nir(c, np.array(bg_material)) * 0.7
+        if cam.sensor == 'nir'
+        else 0.1 + 0.25 * float(c.mean())
+      )
       return np.full(3, level, dtype=np.float32)
+
   image = _background(cam, rng, (rh, rw), tone)
   person = labels != BG
   shade = 1.0 - 0.35 * np.clip((u / (app.width + 0.05)) ** 2, 0, 1) - 0.1 * v
   image[person] = table[labels[person]] * shade[person][:, None]
   if rng.random() < 0.12:  # an occluding pole in front of the person
     x0 = rng.integers(rw)
-    image[:, x0:x0 + max(1, rw // 12)] = tone(_colour(rng))
+    image[:, x0 : x0 + max(1, rw // 12)] = tone(_colour(rng))
 
   gain = cam.gain * rng.uniform(0.85, 1.15)
   if cam.sensor == 'visible':
@@ -351,8 +380,7 @@ def render(app: Appearance, cam: Camera, rng: np.random.Generator,
     image = grey + (image - grey) * (0.6 if cam.gain < 0.7 else 1.0)
   image = image * gain + 0.05 * _smooth_noise(rng, (rh, rw), (3, 2))[..., None]
   image = np.clip(image, 0, 1) ** rng.uniform(0.85, 1.15)
-  image = Image.fromarray((image * 255).astype(np.uint8)).resize(
-      (w, h), Image.BILINEAR)
+  image = Image.fromarray((image * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
   image = np.asarray(image, dtype=np.float32) / 255
   channels = 3 if cam.sensor == 'visible' else 1
   noise = rng.normal(0, cam.noise, size=(h, w, channels)).astype(np.float32)

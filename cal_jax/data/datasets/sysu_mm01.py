@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from cal_jax.data.datasets import builder_common
-from cal_jax.data.datasets import records
+from cal_jax.data.datasets import builder_common, records
 
 _CITATION = """@inproceedings{wu2017rgb,
   title={RGB-Infrared Cross-Modality Person Re-Identification},
@@ -31,8 +30,11 @@ class SysuMm01(builder_common.SkipsCorruptImages, tfds.core.GeneratorBasedBuilde
 
   def _info(self) -> tfds.core.DatasetInfo:
     return builder_common.dataset_info(
-        self, description=self.__doc__,
-        homepage='https://github.com/wuancong/SYSU-MM01', citation=_CITATION)
+      self,
+      description=self.__doc__,
+      homepage='https://github.com/wuancong/SYSU-MM01',
+      citation=_CITATION,
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = builder_common.manual_root(dl_manager, 'sysu')
