@@ -163,6 +163,7 @@ def test_ablate_runs_two_rows_end_to_end_and_resumes(tmp_path):
   assert '2 already done' in again.stdout and 'training' not in again.stdout
 
 
+@pytest.mark.slow
 def test_ablate_refuses_a_bad_row_in_one_line(tmp_path):
   done = subprocess.run(
     [

@@ -94,6 +94,7 @@ def real_data_config(root, data_dir):
 # ------------------------------------------------------------------- data ---
 
 
+@pytest.mark.slow
 def test_incomplete_dataset_folder(sysu_tree, run_copy, tmp_path):
   workdir, before = run_copy
   root = tmp_path / 'SYSU-MM01'
@@ -189,6 +190,7 @@ def test_training_identity_with_one_modality_is_named(sysu_tree, run_copy, tmp_p
 # ----------------------------------------------------------------- config ---
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'override, message',
   [
@@ -208,6 +210,7 @@ def test_config_override_of_unknown_field_or_wrong_type(override, message, tmp_p
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_config(run_copy):
   workdir, before = run_copy
   result = run_main('--workdir', workdir, '--config.model.num_parts=3')
@@ -265,6 +268,7 @@ def test_pretrained_file_of_another_architecture(tiny_run, tmp_path):
 # ---------------------------------------------------------------- workdir ---
 
 
+@pytest.mark.slow
 def test_workdir_that_cannot_be_created(tmp_path):
   """A path under a regular file: fails at once, before any data is read."""
   blocker = tmp_path / 'a_file'
@@ -347,6 +351,7 @@ def assert_single_line(result, *fragments):
     assert fragment in last, (fragment, last)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'overrides, message',
   [
@@ -409,6 +414,7 @@ def test_config_file_that_cannot_be_loaded(kind, tmp_path):
   assert '\n' not in str(error.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['syntax', 'no_get_config', 'wrong_type'])
 def test_config_file_that_cannot_be_loaded_through_the_command(kind, tmp_path):
   """The three ways it surfaces in absl's parser: an exception, an AttributeError
@@ -435,6 +441,7 @@ def test_config_file_that_cannot_be_loaded_through_the_command(kind, tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_config_file_with_a_misspelt_field(tmp_path):
   """A config file may add fields ml_collections knows nothing of: refused, named."""
   path = tmp_path / 'typo.py'
@@ -504,6 +511,7 @@ class _CollectInfo(_CollectWarnings):
     self.logger.setLevel(self.level)
 
 
+@pytest.mark.slow
 def test_manual_dir_that_does_not_exist_beside_data_prepared_earlier(sysu_tree, run_copy, tmp_path):
   """tfds would reuse the prepared copy without looking at manual_dir: refused instead,
   and every run says which prepared data it uses and where it came from."""
@@ -568,6 +576,7 @@ def run_convert(*args, timeout=300):
   )
 
 
+@pytest.mark.slow
 def test_convert_refuses_to_overwrite_without_the_flag(run_copy, tmp_path):
   workdir, before = run_copy
   output = tmp_path / 'cal.safetensors'
@@ -587,6 +596,7 @@ def test_convert_refuses_to_overwrite_without_the_flag(run_copy, tmp_path):
   assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_convert_output_that_cannot_be_written(run_copy, tmp_path, monkeypatch):
   """A folder, a path under a file, a read-only disk: refused before the checkpoint is read."""
   from cal_jax.interop import export as convert  # pylint: disable=g-import-not-at-top
@@ -772,6 +782,7 @@ def test_pretrained_random_bytes_through_training(run_copy, tmp_path):
 # ---------------------------------------------------------------- visualize ---
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flag', ['--num_ids=0', '--num_queries=0', '--trial=-1'])
 def test_visualize_counts_below_one(flag, run_copy):
   workdir, before = run_copy

@@ -114,6 +114,7 @@ def test_one_process_gathers_nothing():
   np.testing.assert_array_equal(rows, [[4, 8], [9, 18], [2, 4]])
 
 
+@pytest.mark.slow
 def test_main_refuses_inconsistent_flags_before_anything_runs(tmp_path):
   workdir = tmp_path / 'run'
   result = subprocess.run(

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here runs a command in a subprocess
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch')
 SCRIPTS = ['local.sh', 'tpu_pod.sh', 'slurm.sbatch']

@@ -127,6 +127,7 @@ def test_failing_final_evaluation_keeps_the_final_checkpoint(run_copy, monkeypat
 # ------------------------------------------------------------- signals ---
 
 
+@pytest.mark.slow
 def test_sigint_saves_the_current_step_and_exits_130(run_copy):
   args = ['--config', TINY, '--workdir', run_copy, '--config.eval.enabled=False']
   result = run_command(args, env_extra={'FAKE_SIGNAL_AT': '3', 'FAKE_SIGNAL': 'INT'})
@@ -148,6 +149,7 @@ def test_sigint_saves_the_current_step_and_exits_130(run_copy):
 # ------------------------------------------------------------- crashes ---
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('where', ['train_step', 'background_save'])
 def test_a_crash_keeps_its_traceback_and_leaves_no_partial_checkpoint(run_copy, where):
   """A bug is no user error: its traceback stays. What a failed save left is removed,
@@ -185,6 +187,7 @@ def test_a_crash_keeps_its_traceback_and_leaves_no_partial_checkpoint(run_copy, 
 # ------------------------------------------------------------------ lock ---
 
 
+@pytest.mark.slow
 def test_second_run_on_a_workdir_names_the_first_and_a_killed_ones_lock_is_taken_over(
   run_copy, tmp_path
 ):
@@ -226,6 +229,7 @@ def test_second_run_on_a_workdir_names_the_first_and_a_killed_ones_lock_is_taken
 # ------------------------------------------------------- changed config ---
 
 
+@pytest.mark.slow
 def test_resuming_with_another_config_is_refused_naming_the_fields(run_copy):
   with open(os.path.join(run_copy, 'config.json'), 'rb') as f:
     before = f.read()
@@ -339,6 +343,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(
 # ------------------------------------------------------------ full disk ---
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_save_is_one_line_naming_the_disk(run_copy):
   args = ['--config', TINY, '--workdir', run_copy, '--config.eval.enabled=False']
   result = run_command(args, env_extra={'FAKE_FAIL_SAVE_AT': '8', 'FAKE_FAIL': 'enospc'})
@@ -383,6 +388,7 @@ def test_pretrained_file_is_only_needed_by_a_fresh_start(run_copy, tiny_run, tmp
 # -------------------------------------------------------- relative paths ---
 
 
+@pytest.mark.slow
 def test_relative_paths_from_another_directory(tmp_path):
   """main, convert and visualize started outside the repository, with relative
   --config, --workdir, --output and data paths: everything lands where they point."""

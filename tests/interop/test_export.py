@@ -271,6 +271,7 @@ def test_shared_stem_and_region_mining(tmp_path, tiny_config, trained):
     assert np.abs(torch_embed(net, batch, modality) - expected).max() < TOLERANCE
 
 
+@pytest.mark.slow
 def test_torch_model_imports_no_jax():
   """torch_model.py runs alone (loaded by path) and through the package, without JAX."""
   path = os.path.join(REPO, 'cal_jax', 'interop', 'torch_model.py')
@@ -312,6 +313,7 @@ def save_workdir(workdir, config, state, variables, step: int) -> None:
     f.write(config.to_json_best_effort(indent=2))
 
 
+@pytest.mark.slow
 def test_command_line_exports_a_workdir(tmp_path, tiny_config, tiny_state, trained, exported):
   _, variables, _ = trained
   workdir = tmp_path / 'run'
@@ -343,6 +345,7 @@ def test_command_line_exports_a_workdir(tmp_path, tiny_config, tiny_state, train
     convert.export_checkpoint(str(workdir), str(tmp_path / 'cal.pt'), step=7)
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line(tmp_path):
   result = subprocess.run(
     [

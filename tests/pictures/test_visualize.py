@@ -180,6 +180,7 @@ def test_draw_writes_every_picture(tiny_run, tmp_path):
   assert sorted(os.listdir(workdir)) == before  # the run is only read
 
 
+@pytest.mark.slow
 def test_visualize_command(tiny_run, tmp_path):
   """The command reads the run's config.json; a folder that is no run is named."""
   _, workdir = tiny_run

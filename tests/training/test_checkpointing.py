@@ -249,6 +249,7 @@ _KILLED_MID_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_during_async_save(tmp_path, tiny_config):
   env = dict(
     os.environ,

@@ -93,6 +93,7 @@ def uninterrupted_run(tmp_path_factory, shared_data):
   return workdir
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, shared_data, uninterrupted_run):
   """8 steps uninterrupted == killed after the step-4 checkpoint, then resumed."""
   interrupted = str(tmp_path / 'interrupted')
@@ -131,6 +132,7 @@ SLOW_MAIN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_resumes_to_the_uninterrupted_result(
   tmp_path, shared_data, uninterrupted_run
 ):
@@ -181,6 +183,7 @@ def test_sigterm_saves_the_current_step_and_resumes_to_the_uninterrupted_result(
     np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data):
   """The loop checks every loss before it saves: the NaN step is reported, the last
   good checkpoint stays and no later one is written."""
@@ -215,6 +218,7 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data):
   assert sorted(os.listdir(os.path.join(tmp_path, 'checkpoints'))) == ['2']
 
 
+@pytest.mark.slow
 def test_eval_mode_writes_results_for_every_protocol(tmp_path, shared_data, uninterrupted_run):
   """`--mode eval` on a finished run: eval_results.json with every SYSU key and field."""
   import json
