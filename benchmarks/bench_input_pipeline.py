@@ -20,8 +20,11 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from cal_jax import input_pipeline as ip
-from cal_jax import sampler as sampler_lib
+from cal_jax.data import eval_batches, train_stream
+from cal_jax.data import sampler as sampler_lib
+from cal_jax.data.augment import TrainTransform
+from cal_jax.data.images import resize_images
+from cal_jax.data.splits import SplitArrays
 
 NUM_IDS, NUM_VISIBLE, NUM_INFRARED = 395, 22258, 11909
 
@@ -39,14 +42,14 @@ def _person_like_jpeg(rng: np.random.Generator) -> bytes:
   return buffer.getvalue()
 
 
-def _sysu_like_split(unique: int, seed: int = 0) -> ip.SplitArrays:
+def _sysu_like_split(unique: int, seed: int = 0) -> SplitArrays:
   rng = np.random.default_rng(seed)
   pool = [_person_like_jpeg(rng) for _ in range(unique)]
   n = NUM_VISIBLE + NUM_INFRARED
   modality = np.repeat([0, 1], [NUM_VISIBLE, NUM_INFRARED])
   ids = np.concatenate([np.arange(NUM_VISIBLE) % NUM_IDS, np.arange(NUM_INFRARED) % NUM_IDS]) + 1
   images = np.array([pool[i % unique] for i in range(n)], dtype=object)
-  return ip.SplitArrays(
+  return SplitArrays(
     image=images,
     id=ids.astype(np.int32),
     camera=np.zeros(n, np.int32),
@@ -81,17 +84,17 @@ def main() -> None:
     seed=0,
     local_devices=args.local_devices,
   )
-  transform = ip.TrainTransform()  # 288 x 144, every augmentation on
+  transform = TrainTransform()  # 288 x 144, every augmentation on
   cores = os.cpu_count() or 1
   start = time.perf_counter()
-  pixels = ip.resize_images(split.image, transform.image_size)
+  pixels = resize_images(split.image, transform.image_size)
   elapsed = time.perf_counter() - start
   print(
     f'decode + resize once (PIL, {cores} threads): '
     f'{len(split) / elapsed:.0f} images/s, {elapsed:.1f} s, '
     f'{pixels.nbytes / 2**30:.1f} GiB'
   )
-  iterator = ip.create_train_iterator(
+  iterator = train_stream.create_train_iterator(
     split, sampler, transform, pixels=pixels, num_steps=args.warmup + args.steps
   )
   start = time.perf_counter()
@@ -111,7 +114,7 @@ def main() -> None:
 
   indices = np.arange(4096)  # about SYSU-MM01's query + gallery
   start = time.perf_counter()
-  dataset = ip.create_eval_dataset(
+  dataset = eval_batches.create_eval_dataset(
     split, indices, image_size=transform.image_size, batch_size=128, flip=True
   )
   created = time.perf_counter() - start

@@ -25,9 +25,9 @@ import tracemalloc
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, 'tests'))
-from reference_eval import loop_eval  # pylint: disable=g-import-not-at-top
+from reference_eval import loop_eval
 
-from cal_jax.metrics import evaluate_ranking  # pylint: disable=g-import-not-at-top
+from cal_jax.evaluation.metrics import evaluate_ranking
 
 NUM_QUERIES = 3803
 NUM_IDS = 96

@@ -61,13 +61,13 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cal_jax import parallel  # noqa: E402
+from cal_jax import distributed as parallel  # noqa: E402
 from cal_jax.losses import match_distill  # noqa: E402
 from cal_jax.models import resnet  # noqa: E402
 from cal_jax.models.batch_norm import BatchNorm  # noqa: E402
 from cal_jax.models.cal import classifier_init, create_model  # noqa: E402
-from cal_jax.train_state import TrainState, create_train_state  # noqa: E402
-from cal_jax.train_step import make_p_train_step  # noqa: E402
+from cal_jax.training.state import TrainState, create_train_state  # noqa: E402
+from cal_jax.training.step import make_p_train_step  # noqa: E402
 
 try:
   import torch
@@ -304,8 +304,8 @@ def time_jax_resnet_step(
 def torch_resnet_identity(
   depth: int, width: int, last_stride: int, num_classes: int
 ) -> 'torch.nn.Module':
-  """The torchvision ResNet of `cal_jax.torch_model` with `ResNetIdentity`'s head."""
-  from cal_jax import torch_model  # pylint: disable=g-import-not-at-top
+  """The torchvision ResNet of `cal_jax.interop.torch_model` with `ResNetIdentity`'s head."""
+  from cal_jax.interop import torch_model
 
   tnn = torch.nn
   kind, blocks_per_stage = resnet.ARCHITECTURES[depth]

@@ -80,8 +80,8 @@ def check_config_file(argument: str) -> None:
   module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
   module.__file__ = path
   try:
-    exec(code, module.__dict__)  # pylint: disable=exec-used
-  except Exception as error:  # pylint: disable=broad-except
+    exec(code, module.__dict__)
+  except Exception as error:
     raise ConfigFileError(
       f'config file {shown}{_where(error, path)}: importing it failed: '
       f'{type(error).__name__}: {error}'
@@ -95,7 +95,7 @@ def check_config_file(argument: str) -> None:
     )
   try:
     config = get_config(*args)
-  except Exception as error:  # pylint: disable=broad-except
+  except Exception as error:
     raise ConfigFileError(
       f'config file {shown}{_where(error, path)}: get_config('
       f'{", ".join(map(repr, args))}) raised {type(error).__name__}: '
@@ -169,7 +169,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       f'FATAL Flags parsing error: no config field {text.splitlines()[0]}{where}. '
       + ' '.join(text.splitlines()[1:])
     )
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     _exit_for_config_file(argv)  # a syntax error, a failing import, get_config raising
     raise
   for name in flags.FLAGS:

@@ -149,7 +149,7 @@ def draw(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
 
   tf.config.experimental.set_visible_devices([], 'GPU')  # TensorFlow serves the data only
   workdir = cli.absolute_path(_WORKDIR.value)

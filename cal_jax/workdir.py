@@ -157,7 +157,7 @@ def locked(workdir: str) -> Iterator[None]:
   Raises:
     WorkdirLockedError: naming the holder's pid, host and start time.
   """
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging
 
   path = os.path.join(workdir, LOCK_FILE)
   while True:

@@ -66,7 +66,7 @@ def _injected(config, devices=None):
 
 
 def _fail_saves():
-  from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
 
   at, kind = os.environ['FAKE_FAIL_SAVE_AT'], os.environ.get('FAKE_FAIL', 'enospc')
   save = handler.JsonCheckpointHandler._save_fn
@@ -82,7 +82,7 @@ def _fail_saves():
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import app
 
   from cal_jax import cli, main  # noqa: E402
 

@@ -134,7 +134,7 @@ def test_truncated_image_fails_naming_it(sysu_tree, run_copy, tmp_path):
   assert not (tmp_path / 'tfds' / 'sysu_mm01' / '1.0.0').exists()  # nothing half-prepared
 
   # Asked to, the preparation leaves it out, and every run names it again.
-  from cal_jax.data import splits as data  # pylint: disable=g-import-not-at-top
+  from cal_jax.data import splits as data
 
   config.data.skip_corrupt_images = True
   lines = []
@@ -158,7 +158,7 @@ class _CollectWarnings:
   """absl warnings into a list, while in the `with` block."""
 
   def __init__(self, lines):
-    import logging  # pylint: disable=g-import-not-at-top
+    import logging
 
     self.lines, self.logger = lines, logging.getLogger('absl')
     self.handler = logging.Handler(logging.WARNING)
@@ -240,9 +240,9 @@ def test_batch_not_divisible_by_the_devices(run_copy):
 
 def test_pretrained_file_of_another_architecture(tiny_run, tmp_path):
   """Read at a fresh start only (a resumed run has the weights in its checkpoint)."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file
 
-  from cal_jax.models import torchvision_weights as pretrained  # pylint: disable=g-import-not-at-top
+  from cal_jax.models import torchvision_weights as pretrained
 
   workdir = str(tmp_path / 'fresh')
   config = tiny.get_config()
@@ -402,7 +402,7 @@ CONFIG_FILES = {
 
 @pytest.mark.parametrize('kind', sorted(CONFIG_FILES))
 def test_config_file_that_cannot_be_loaded(kind, tmp_path):
-  from cal_jax import cli  # pylint: disable=g-import-not-at-top
+  from cal_jax import cli
 
   source, message = CONFIG_FILES[kind]
   path = tmp_path / f'{kind}.py'
@@ -495,12 +495,12 @@ def test_test_identities_in_the_training_list(sysu_tree, run_copy, tmp_path):
 class _CollectInfo(_CollectWarnings):
   def __init__(self, lines):
     super().__init__(lines)
-    import logging  # pylint: disable=g-import-not-at-top
+    import logging
 
     self.handler.setLevel(logging.INFO)
 
   def __enter__(self):
-    import logging  # pylint: disable=g-import-not-at-top
+    import logging
 
     self.level = self.logger.level
     self.logger.setLevel(logging.INFO)
@@ -515,7 +515,7 @@ class _CollectInfo(_CollectWarnings):
 def test_manual_dir_that_does_not_exist_beside_data_prepared_earlier(sysu_tree, run_copy, tmp_path):
   """tfds would reuse the prepared copy without looking at manual_dir: refused instead,
   and every run says which prepared data it uses and where it came from."""
-  from cal_jax.data import splits as data  # pylint: disable=g-import-not-at-top
+  from cal_jax.data import splits as data
 
   workdir, before = run_copy
   root = tmp_path / 'SYSU-MM01'
@@ -590,7 +590,7 @@ def test_convert_refuses_to_overwrite_without_the_flag(run_copy, tmp_path):
   assert output.read_bytes() == b'an earlier export'
   result = run_convert('--workdir', workdir, '--output', str(output), '--overwrite')
   assert result.returncode == 0, result.stderr[-3000:]
-  from cal_jax.interop import torch_model  # pylint: disable=g-import-not-at-top
+  from cal_jax.interop import torch_model
 
   assert torch_model.load(str(output)).metadata['checkpoint_step'] == 0
   assert snapshot(workdir) == before
@@ -599,7 +599,7 @@ def test_convert_refuses_to_overwrite_without_the_flag(run_copy, tmp_path):
 @pytest.mark.slow
 def test_convert_output_that_cannot_be_written(run_copy, tmp_path, monkeypatch):
   """A folder, a path under a file, a read-only disk: refused before the checkpoint is read."""
-  from cal_jax.interop import export as convert  # pylint: disable=g-import-not-at-top
+  from cal_jax.interop import export as convert
 
   workdir, before = run_copy
   folder = tmp_path / 'exports.safetensors'
@@ -652,10 +652,10 @@ class _Payload:
 def _bad_weight_files(tmp_path):
   """{name: path} of files that must not load: random bytes, inconsistent safetensors
   headers and metadata, a pickle that would run code."""
-  import json  # pylint: disable=g-import-not-at-top
-  import struct  # pylint: disable=g-import-not-at-top
+  import json
+  import struct
 
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
 
   rng = np.random.default_rng(0)
   files = {}
@@ -728,7 +728,7 @@ EXPORTED_FILE_ERRORS = {
 
 def test_exported_files_that_must_not_load(tmp_path):
   """torch_model.load: one message naming the file, no code run, nothing allocated first."""
-  from cal_jax.interop import torch_model  # pylint: disable=g-import-not-at-top
+  from cal_jax.interop import torch_model
 
   files, marker = _bad_weight_files(tmp_path)
   for name, fragment in EXPORTED_FILE_ERRORS.items():
@@ -753,7 +753,7 @@ PRETRAINED_FILE_ERRORS = {
 @pytest.mark.parametrize('name', sorted(PRETRAINED_FILE_ERRORS))
 def test_pretrained_files_that_must_not_load(name, tmp_path):
   """config.model.pretrained: a ValueError naming the file (one line from cal_jax.main)."""
-  from cal_jax.models import torchvision_weights as pretrained  # pylint: disable=g-import-not-at-top
+  from cal_jax.models import torchvision_weights as pretrained
 
   files, marker = _bad_weight_files(tmp_path)
   with pytest.raises(ValueError) as error:
@@ -796,7 +796,7 @@ def test_visualize_counts_below_one(flag, run_copy):
   name, value = flag[2:].split('=')
   assert_single_line(result, f'FATAL Flags parsing error: flag {flag}: {value} is not')
   assert snapshot(workdir) == before
-  from cal_jax import visualize  # pylint: disable=g-import-not-at-top
+  from cal_jax import visualize
 
   with pytest.raises(ValueError, match=re.escape(f'--{name}={value}: must be an integer >= ')):
     visualize.draw(tiny.get_config(), workdir, ['regions'], workdir, **{name: int(value)})

@@ -59,7 +59,7 @@ def cli(overrides):
 
 
 def tiny_config(overrides):
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from configs import tiny
 
   config = tiny.get_config()
   for key, value in overrides.items():
@@ -169,7 +169,7 @@ def runs(tmp_path_factory):
 
 
 def final_params(workdir):
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   tree = ocp.PyTreeCheckpointer().restore(
     os.path.join(workdir, 'checkpoints', str(NUM_STEPS), 'state')
@@ -183,10 +183,10 @@ def final_params(workdir):
 def initial_params():
   """The runs' initial parameters: `create_train_state` on the same config and seed (compiled
   at XLA's default level here: the same values up to rounding, far below an update)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
-  from cal_jax.models.cal import create_model  # pylint: disable=g-import-not-at-top
-  from cal_jax.training import state as train_state  # pylint: disable=g-import-not-at-top
+  from cal_jax.models.cal import create_model
+  from cal_jax.training import state as train_state
 
   config = tiny_config(OVERRIDES)
   state = train_state.create_train_state(
@@ -222,7 +222,7 @@ def test_each_process_feeds_its_own_identities(runs):
 
 
 def test_only_process_zero_writes(runs):
-  from cal_jax.evaluation import results as results_lib  # pylint: disable=g-import-not-at-top
+  from cal_jax.evaluation import results as results_lib
 
   workdir = runs['two']
   events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]

@@ -118,7 +118,7 @@ def create_train_iterator(
   options.deterministic = True
   iterator = dataset.with_options(options).as_numpy_iterator()
   if device_prefetch:
-    from flax import jax_utils  # pylint: disable=g-import-not-at-top
+    from flax import jax_utils
 
     iterator = jax_utils.prefetch_to_device(iterator, device_prefetch)
   return iterator

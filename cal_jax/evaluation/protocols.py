@@ -226,7 +226,7 @@ def load_rand_perm(path: str) -> np.ndarray:
     The MATLAB cell array as scipy loads it: entry ``[cam - 1][0]`` holds,
     per identity ``pid - 1``, a [runs, images] array of 1-based image numbers.
   """
-  import scipy.io  # pylint: disable=g-import-not-at-top
+  import scipy.io
 
   return scipy.io.loadmat(path)['rand_perm_cam']
 

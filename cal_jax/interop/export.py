@@ -281,12 +281,12 @@ def export(
   try:
     os.makedirs(directory, exist_ok=True)
     if suffix == '.safetensors':
-      from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+      from safetensors.numpy import save_file
 
       save_file(state, temporary, metadata={k: json.dumps(v) for k, v in metadata.items()})
     else:
       try:
-        import torch  # pylint: disable=g-import-not-at-top
+        import torch
       except ImportError as error:
         raise ImportError(
           f"{path}: writing .pt needs torch (pip install 'cal_jax[torch]'); .safetensors does not."

@@ -181,13 +181,13 @@ def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
   suffix = os.path.splitext(path)[1].lower()
   if suffix == '.safetensors':
     check_safetensors(path)
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    from safetensors import safe_open
 
     try:
       with safe_open(path, framework='pt') as f:
         raw = f.metadata() or {}
         state = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as error:  # pylint: disable=broad-except  (safetensors' own error type)
+    except Exception as error:  # safetensors' own error type
       raise WeightFileError(f'{path}: not a readable .safetensors file: {error}') from error
     metadata = {}
     for key, value in raw.items():

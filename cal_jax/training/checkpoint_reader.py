@@ -34,7 +34,7 @@ def is_primary() -> bool:
 
 def sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
 
@@ -176,7 +176,7 @@ class CheckpointReader:
           return self._restore_step(template, latest)
         except IncompatibleCheckpointError:
           raise
-        except Exception as error:  # pylint: disable=broad-except  (tensorstore's own)
+        except Exception as error:  # tensorstore's own
           read_errors[latest] = self._read_problem(latest, error)
     if step not in self._manager.all_steps():
       raise FileNotFoundError(
@@ -189,7 +189,7 @@ class CheckpointReader:
         return self._restore_step(template, step)
       except IncompatibleCheckpointError:
         raise
-      except Exception as error:  # pylint: disable=broad-except
+      except Exception as error:
         problem = self._read_problem(step, error)
     raise DamagedCheckpointError(
       f'The checkpoint of step {step} in {self.directory} is damaged: {problem}. The '

@@ -159,7 +159,7 @@ class Checkpointer(CheckpointReader):
     self._finish_pending()
     try:
       saved = bool(self._manager.save(int(step), args=args, metrics=metrics))
-    except Exception as error:  # pylint: disable=broad-except  (the previous save's, too)
+    except Exception as error:  # the previous save's, too
       self._after_failed_save()
       self._raise_if_disk_full(error, step)
       raise
@@ -197,7 +197,7 @@ class Checkpointer(CheckpointReader):
     step, self._pending = self._pending, None
     try:
       self._manager.wait_until_finished()
-    except Exception as error:  # pylint: disable=broad-except
+    except Exception as error:
       self._after_failed_save()
       self._raise_if_disk_full(error, step)
       raise

@@ -154,7 +154,7 @@ def test_identity_lacking_a_modality_is_named():
 
 
 def test_from_config():
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  import ml_collections
 
   config = ml_collections.ConfigDict(
     {'seed': 5, 'data': {'num_ids_per_batch': P, 'num_pos': K}, 'optim': {'steps_per_epoch': 0}}

@@ -252,7 +252,7 @@ def test_eval_batches_are_padded_and_ordered(split, pixels):
 
 
 def test_device_prefetch(split):
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   s = _sampler(split, local_devices=jax.local_device_count())
   batch = next(train_stream.create_train_iterator(split, s, OFF, num_steps=1, device_prefetch=1))

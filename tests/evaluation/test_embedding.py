@@ -85,7 +85,7 @@ def test_global_embedding_of_the_baseline(eval_setup):
 
 def test_part_maps_are_the_drm_selection_and_the_tsaa_attention(eval_setup, tiny_config):
   """What the pictures draw (Fig. 4): S_hat keeps N_k tokens per part, S sums to 1."""
-  from cal_jax.models import region_mining  # pylint: disable=g-import-not-at-top
+  from cal_jax.models import region_mining
 
   model, variables, images_v, _ = eval_setup
   maps = inference.part_maps(model, variables, images_v, VISIBLE)

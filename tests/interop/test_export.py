@@ -78,13 +78,13 @@ def trained_like(model: CAL, params, batch_stats, image_size, seed: int = 0) -> 
 
 
 def flat(tree) -> dict:
-  import flax  # pylint: disable=g-import-not-at-top
+  import flax
 
   return flax.traverse_util.flatten_dict(dict(tree))
 
 
 def unflat(tree) -> dict:
-  import flax  # pylint: disable=g-import-not-at-top
+  import flax
 
   return flax.traverse_util.unflatten_dict(tree)
 
@@ -144,7 +144,7 @@ def test_formats_and_fields_agree():
 
 def test_file_holds_the_inference_tensors_only(exported, trained, tiny_config):
   _, variables, _ = trained
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file
 
   tensors = load_file(exported['.safetensors'])
   expected = torch_model.CALInference(convert.model_hyperparameters(tiny_config)).state_dict()
@@ -228,7 +228,7 @@ def test_ranking_matches_jax(trained, torch_models):
 def test_tied_scores_select_the_tokens_lax_top_k_selects():
   """Equal scores (zero prototypes: a uniform softmax, and ties in blocks) select the
   lowest token indices in both frameworks."""
-  from cal_jax.models import region_mining  # pylint: disable=g-import-not-at-top
+  from cal_jax.models import region_mining
 
   drm = torch_model.RegionMining(channels=4, num_parts=3, select_ratio=0.6, pool_sizes=(1, 3))
   torch.nn.init.zeros_(drm.prototypes.weight)
@@ -327,7 +327,7 @@ def test_command_line_exports_a_workdir(tmp_path, tiny_config, tiny_state, train
     timeout=300,
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file
 
   written, reference = load_file(str(output)), load_file(exported['.safetensors'])
   assert set(written) == set(reference)

@@ -97,7 +97,7 @@ def test_cmc_curves_of_an_old_results_file_say_what_to_do():
 
 
 def test_periodic_evaluation_writes_the_pictures_and_table_to_tensorboard(tiny_run):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
 
   _, workdir = tiny_run
   images, texts = {}, {}

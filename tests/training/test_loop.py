@@ -68,7 +68,7 @@ def final_state(workdir, step):
 
 
 def flat(tree):
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   return {
     jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)
