@@ -18,7 +18,7 @@ What crosses processes outside the train step:
   * `primary_first`: process 0 prepares the data set, the others read it after.
   * `split_and_gather`: each process embeds its slice of the test images and
     the features are gathered in order (evaluation).
-Orbax synchronises checkpoint saves itself (`cal_jax.checkpointing`).
+Orbax synchronises checkpoint saves itself (`cal_jax.training.checkpointing`).
 """
 
 import dataclasses

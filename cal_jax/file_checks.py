@@ -10,7 +10,7 @@
 
 Both read only the file's own index (header, zip directory) and raise
 `WeightFileError` (a ValueError) naming the file, so that no size the file
-claims is allocated before it is known to fit in the file. `cal_jax/torch_model.py`
+claims is allocated before it is known to fit in the file. `cal_jax/interop/torch_files.py`
 keeps its own copy of these checks, so that it can be copied alone into a
 PyTorch project (tests/test_bad_inputs.py runs both on the same files).
 """

@@ -9,7 +9,7 @@ so that the tests and the benchmark share one copy:
   removal mask, the unique-identity list built with
   ``np.unique(..., return_index=True)`` and sorted indices, the float32 CMC.
   The one deliberate change: ``np.argsort(..., kind="stable")`` instead of the
-  default (unstable) quicksort, the tie rule `cal_jax.metrics` uses.
+  default (unstable) quicksort, the tie rule `cal_jax.evaluation.metrics` uses.
 * `agw_sysu_gallery` / `agw_sysu_query` and `deen_llcm_gallery` /
   `deen_llcm_query` list a data set folder the way AGW's and DEEN's
   ``data_manager.py`` do, with ``random.seed(trial)``; `agw_sysu_gallery`

@@ -1,4 +1,4 @@
-"""Tests of cal_jax.datasets: synthetic trees read by the real tfds builders.
+"""Tests of cal_jax.data.datasets: synthetic trees read by the real tfds builders.
 
 Expected counts are worked out here by walking the written tree and reading
 its index files, not taken from the generator or from `records`.

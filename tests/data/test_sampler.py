@@ -1,4 +1,4 @@
-"""Tests of the cross-modal identity sampler (cal_jax.sampler)."""
+"""Tests of the cross-modal identity sampler (cal_jax.data.sampler)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Tests of cal_jax.metrics: hand-computed cases and agreement with loops."""
+"""Tests of cal_jax.evaluation.metrics: hand-computed cases and agreement with loops."""
 
 import numpy as np
 import pytest

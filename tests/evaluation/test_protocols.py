@@ -1,4 +1,4 @@
-"""Tests of cal_jax.protocols against the reference listings and draws."""
+"""Tests of cal_jax.evaluation.protocols against the reference listings and draws."""
 
 import dataclasses
 import os

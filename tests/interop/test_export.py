@@ -1,4 +1,4 @@
-"""Export to PyTorch: `cal_jax.convert` writes, `cal_jax.torch_model` reads and embeds.
+"""Export to PyTorch: `cal_jax.convert` writes, `cal_jax.interop.torch_model` reads and embeds.
 
 The tiny CAL's variables are made trained-like first (every parameter
 perturbed; batch-norm statistics measured on random images, then shifted and
