@@ -13,6 +13,7 @@ import importlib.util
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -272,17 +273,25 @@ def test_shared_stem_and_region_mining(tmp_path, tiny_config, trained):
 
 
 @pytest.mark.slow
-def test_torch_model_imports_no_jax():
-  """torch_model.py runs alone (loaded by path) and through the package, without JAX."""
-  path = os.path.join(REPO, 'cal_jax', 'interop', 'torch_model.py')
+def test_torch_model_imports_no_jax(tmp_path):
+  """torch_model.py and torch_files.py run copied alone into a project without cal_jax, and
+  through the package, without JAX."""
+  for name in ('torch_model.py', 'torch_files.py'):
+    shutil.copy(os.path.join(REPO, 'cal_jax', 'interop', name), tmp_path / name)
   code = (
     f'import importlib.util, sys\n'
-    f'spec = importlib.util.spec_from_file_location("standalone", {path!r})\n'
-    f'spec.loader.exec_module(importlib.util.module_from_spec(spec))\n'
+    f'sys.modules["cal_jax"] = None  # a PyTorch project without cal_jax\n'
+    f'sys.path.insert(0, {str(tmp_path)!r})\n'
+    f'spec = importlib.util.spec_from_file_location("torch_model", '
+    f'{str(tmp_path / "torch_model.py")!r})\n'
+    f'standalone = importlib.util.module_from_spec(spec)\n'
+    f'spec.loader.exec_module(standalone)\n'
+    f'assert standalone.read.__module__ == "torch_files", standalone.read.__module__\n'
+    f'del sys.modules["cal_jax"]\n'
     f'import cal_jax.interop.torch_model\n'
     f'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax",'
-    f' "optax", "orbax", "tensorflow") or (m.startswith("cal_jax.") and '
-    f'm not in ("cal_jax.interop", "cal_jax.interop.torch_model"))))\n'
+    f' "optax", "orbax", "tensorflow") or (m.startswith("cal_jax.") and m not in '
+    f'("cal_jax.interop", "cal_jax.interop.torch_model", "cal_jax.interop.torch_files"))))\n'
   )
   result = subprocess.run(
     [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120
