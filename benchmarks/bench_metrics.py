@@ -24,10 +24,10 @@ import tracemalloc
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                os.pardir, "tests"))
-from cal_jax.metrics import evaluate_ranking  # pylint: disable=g-import-not-at-top
-from reference_eval import loop_eval  # pylint: disable=g-import-not-at-top
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, 'tests'))
+from reference_eval import loop_eval
+
+from cal_jax.evaluation.metrics import evaluate_ranking
 
 NUM_QUERIES = 3803
 NUM_IDS = 96
@@ -38,8 +38,7 @@ NOISE = 4.0
 
 
 def _features(rng, pids, centres, noise):
-  f = centres[pids] + noise * rng.standard_normal(
-      (len(pids), centres.shape[1]), dtype=np.float32)
+  f = centres[pids] + noise * rng.standard_normal((len(pids), centres.shape[1]), dtype=np.float32)
   return f / np.linalg.norm(f, axis=1, keepdims=True)
 
 
@@ -58,9 +57,8 @@ def _sysu_like(rng, dim, shots):
 
 def bench_sysu(trials: int, dim: int, skip_loop: bool) -> None:
   rng = np.random.default_rng(0)
-  for shots, name in ((1, "single-shot"), (10, "multi-shot")):
-    q_feat, q_pids, q_cams, centres, g_pids, g_cams = _sysu_like(rng, dim,
-                                                                 shots)
+  for shots, name in ((1, 'single-shot'), (10, 'multi-shot')):
+    q_feat, q_pids, q_cams, centres, g_pids, g_cams = _sysu_like(rng, dim, shots)
     fast_s = loop_s = 0.0
     fast_map, loop_map = [], []
     for _ in range(trials):
@@ -69,19 +67,20 @@ def bench_sysu(trials: int, dim: int, skip_loop: bool) -> None:
       t0 = time.perf_counter()
       result = evaluate_ranking(distmat, q_pids, g_pids, q_cams, g_cams)
       fast_s += time.perf_counter() - t0
-      fast_map.append(result["mAP"])
+      fast_map.append(result['mAP'])
       if not skip_loop:
         t0 = time.perf_counter()
         _, ap, _ = loop_eval(distmat, q_pids, g_pids, q_cams, g_cams)
         loop_s += time.perf_counter() - t0
         loop_map.append(ap)
-    print(f"SYSU all-search {name}: {NUM_QUERIES} queries x {len(g_pids)} "
-          f"gallery, {trials} trials")
-    print(f"  vectorised  {fast_s:8.2f} s   mean mAP {np.mean(fast_map):.4f}")
+    print(f'SYSU all-search {name}: {NUM_QUERIES} queries x {len(g_pids)} gallery, {trials} trials')
+    print(f'  vectorised  {fast_s:8.2f} s   mean mAP {np.mean(fast_map):.4f}')
     if not skip_loop:
-      print(f"  loop        {loop_s:8.2f} s   mean mAP {np.mean(loop_map):.4f}")
-      print(f"  speed-up    {loop_s / fast_s:8.1f} x   max |mAP diff| "
-            f"{np.max(np.abs(np.subtract(fast_map, loop_map))):.1e}")
+      print(f'  loop        {loop_s:8.2f} s   mean mAP {np.mean(loop_map):.4f}')
+      print(
+        f'  speed-up    {loop_s / fast_s:8.1f} x   max |mAP diff| '
+        f'{np.max(np.abs(np.subtract(fast_map, loop_map))):.1e}'
+      )
 
 
 def bench_memory(num_gallery: int, num_queries: int, dim: int) -> None:
@@ -93,27 +92,32 @@ def bench_memory(num_gallery: int, num_queries: int, dim: int) -> None:
   q_pids = rng.integers(0, num_ids, num_queries)
   q_cams = rng.choice([3, 6], num_queries)
   # Less noise at this short dimension, for a non-trivial ranking.
-  distmat = -(_features(rng, q_pids, centres, 1.0)
-              @ _features(rng, g_pids, centres, 1.0).T)  # float32
+  distmat = -(
+    _features(rng, q_pids, centres, 1.0) @ _features(rng, g_pids, centres, 1.0).T
+  )  # float32
   tracemalloc.start()
   t0 = time.perf_counter()
   result = evaluate_ranking(distmat, q_pids, g_pids, q_cams, g_cams)
   seconds = time.perf_counter() - t0
   _, peak = tracemalloc.get_traced_memory()
   tracemalloc.stop()
-  print(f"Memory: {num_queries} queries x {num_gallery} gallery "
-        f"(distance matrix {distmat.nbytes / 2**20:.0f} MiB, not counted)")
-  print(f"  peak allocated by evaluate_ranking {peak / 2**20:8.1f} MiB, "
-        f"{seconds:.2f} s, mAP {result['mAP']:.4f}")
+  print(
+    f'Memory: {num_queries} queries x {num_gallery} gallery '
+    f'(distance matrix {distmat.nbytes / 2**20:.0f} MiB, not counted)'
+  )
+  print(
+    f'  peak allocated by evaluate_ranking {peak / 2**20:8.1f} MiB, '
+    f'{seconds:.2f} s, mAP {result["mAP"]:.4f}'
+  )
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--trials", type=int, default=10)
-  parser.add_argument("--dim", type=int, default=2048)
-  parser.add_argument("--skip_loop", action="store_true")
-  parser.add_argument("--memory_gallery", type=int, default=100_000)
-  parser.add_argument("--memory_queries", type=int, default=300)
+  parser.add_argument('--trials', type=int, default=10)
+  parser.add_argument('--dim', type=int, default=2048)
+  parser.add_argument('--skip_loop', action='store_true')
+  parser.add_argument('--memory_gallery', type=int, default=100_000)
+  parser.add_argument('--memory_queries', type=int, default=300)
   args = parser.parse_args()
   bench_sysu(args.trials, args.dim, args.skip_loop)
   # The features only shape the distances; a short dimension keeps the
@@ -121,5 +125,5 @@ def main() -> None:
   bench_memory(args.memory_gallery, args.memory_queries, 128)
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   main()

@@ -44,29 +44,30 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Config files import `configs.default`: the repository root must be importable.
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 sys.path.insert(0, _ROOT)
 
-from absl import app, flags  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from cal_jax import parallel  # noqa: E402
+from cal_jax import distributed as parallel  # noqa: E402
 from cal_jax.losses import match_distill  # noqa: E402
 from cal_jax.models import resnet  # noqa: E402
 from cal_jax.models.batch_norm import BatchNorm  # noqa: E402
 from cal_jax.models.cal import classifier_init, create_model  # noqa: E402
-from cal_jax.train_state import TrainState, create_train_state  # noqa: E402
-from cal_jax.train_step import make_p_train_step  # noqa: E402
+from cal_jax.training.state import TrainState, create_train_state  # noqa: E402
+from cal_jax.training.step import make_p_train_step  # noqa: E402
 
 try:
   import torch
@@ -74,23 +75,24 @@ except ImportError:
   torch = None
 
 _DEFAULT_CONFIG = os.path.join(_ROOT, 'configs', 'default.py')
-_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Configuration file.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', _DEFAULT_CONFIG, 'Configuration file.', lock_config=True
+)
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per variant.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first call.')
-_NUM_CLASSES = flags.DEFINE_integer('num-classes', 395,
-                                    'Training identities (SYSU-MM01: 395).')
+_NUM_CLASSES = flags.DEFINE_integer('num-classes', 395, 'Training identities (SYSU-MM01: 395).')
 _NO_TORCH = flags.DEFINE_boolean('no-torch', False, 'Skip the PyTorch reference step.')
 
 
 @dataclasses.dataclass
 class Timing:
   """Timings of one step variant, in seconds."""
+
   name: str
   first_call: float
   steps: list[float]
   images: int
-  callback: Optional[float] = None  # host solver time summed over the timed steps
+  callback: float | None = None  # host solver time summed over the timed steps
 
   @property
   def median(self) -> float:
@@ -116,8 +118,9 @@ class CallbackTimer:
       self.durations.append(time.perf_counter() - start)
 
 
-def identity_batch(config: ml_collections.ConfigDict, devices: int, num_classes: int,
-                   seed: int = 0) -> dict[str, np.ndarray]:
+def identity_batch(
+  config: ml_collections.ConfigDict, devices: int, num_classes: int, seed: int = 0
+) -> dict[str, np.ndarray]:
   """Random images laid out as the sampler lays them out.
 
   Per device, whole identities, K visible then K infrared images of each.
@@ -126,22 +129,31 @@ def identity_batch(config: ml_collections.ConfigDict, devices: int, num_classes:
   """
   ids, k = config.data.num_ids_per_batch, config.data.num_pos
   if ids % devices:
-    raise ValueError(f'config.data.num_ids_per_batch={ids} is not divisible by the '
-                     f'{devices} local devices')
+    raise ValueError(
+      f'config.data.num_ids_per_batch={ids} is not divisible by the {devices} local devices'
+    )
   if num_classes < ids:
-    raise ValueError(f'--num-classes={num_classes} is smaller than the {ids} identities '
-                     'of a batch')
+    raise ValueError(f'--num-classes={num_classes} is smaller than the {ids} identities of a batch')
   rng = np.random.default_rng(seed)
   identities = rng.choice(num_classes, ids, replace=False).reshape(devices, ids // devices)
   labels = np.stack([np.concatenate([np.repeat(d, k)] * 2) for d in identities])
   modality = np.broadcast_to(np.repeat([0, 1], ids // devices * k), labels.shape)
   shape = labels.shape + (config.data.image_height, config.data.image_width, 3)
-  return {'image': rng.standard_normal(shape, dtype=np.float32),
-          'label': labels.astype(np.int32), 'modality': modality.astype(np.int32)}
+  return {
+    'image': rng.standard_normal(shape, dtype=np.float32),
+    'label': labels.astype(np.int32),
+    'modality': modality.astype(np.int32),
+  }
 
 
-def time_steps(name: str, run_step: Callable[[], None], warmup: int, steps: int, images: int,
-               on_timed_start: Callable[[], None] = lambda: None) -> Timing:
+def time_steps(
+  name: str,
+  run_step: Callable[[], None],
+  warmup: int,
+  steps: int,
+  images: int,
+  on_timed_start: Callable[[], None] = lambda: None,
+) -> Timing:
   """First call, `warmup` untimed calls, then `steps` timed calls of `run_step`."""
   start = time.perf_counter()
   run_step()
@@ -154,8 +166,10 @@ def time_steps(name: str, run_step: Callable[[], None], warmup: int, steps: int,
     start = time.perf_counter()
     run_step()
     durations.append(time.perf_counter() - start)
-  print(f'  {name}: first call {first_call:.2f} s, steps '
-        + ' '.join(f'{d:.3f}' for d in durations), flush=True)
+  print(
+    f'  {name}: first call {first_call:.2f} s, steps ' + ' '.join(f'{d:.3f}' for d in durations),
+    flush=True,
+  )
   return Timing(name, first_call, durations, images)
 
 
@@ -166,11 +180,18 @@ def pmapped_runner(p_step: Callable, state: Any, *args: Any) -> Callable[[], Non
   def run_step() -> None:
     holder[0], metrics = p_step(holder[0], *args)
     jax.block_until_ready((holder[0], metrics))
+
   return run_step
 
 
-def time_cal_step(name: str, config: ml_collections.ConfigDict, batch: dict[str, jax.Array],
-                  num_classes: int, warmup: int, steps: int) -> Timing:
+def time_cal_step(
+  name: str,
+  config: ml_collections.ConfigDict,
+  batch: dict[str, jax.Array],
+  num_classes: int,
+  warmup: int,
+  steps: int,
+) -> Timing:
   """The CAL step of `config`, with the host solver timed."""
   timer = CallbackTimer(match_distill.solve_assignments_on_host)
   # match_queries looks the solver up in its module when the step is traced,
@@ -178,12 +199,21 @@ def time_cal_step(name: str, config: ml_collections.ConfigDict, batch: dict[str,
   match_distill.solve_assignments_on_host = timer
   try:
     model = create_model(config, num_classes, axis_name=parallel.AXIS)
-    state = create_train_state(model, config, jax.random.key(config.seed),
-                               steps_per_epoch=config.optim.steps_per_epoch or 1000)
+    state = create_train_state(
+      model,
+      config,
+      jax.random.key(config.seed),
+      steps_per_epoch=config.optim.steps_per_epoch or 1000,
+    )
     key = parallel.replicate(jax.random.key_data(jax.random.key(config.seed)))
-    timing = time_steps(name, pmapped_runner(make_p_train_step(config),
-                                             parallel.replicate(state), batch, key),
-                        warmup, steps, batch['label'].size, timer.durations.clear)
+    timing = time_steps(
+      name,
+      pmapped_runner(make_p_train_step(config), parallel.replicate(state), batch, key),
+      warmup,
+      steps,
+      batch['label'].size,
+      timer.durations.clear,
+    )
   finally:
     match_distill.solve_assignments_on_host = timer.function
   timing.callback = sum(timer.durations)
@@ -192,35 +222,46 @@ def time_cal_step(name: str, config: ml_collections.ConfigDict, batch: dict[str,
 
 class ResNetIdentity(nn.Module):
   """Backbone, global average pool, BNNeck, bias-free classifier: [B, H, W, 3] -> [B, K]."""
+
   num_classes: int
   depth: int = 50
   width: int = 64
   last_stride: int = 1
-  axis_name: Optional[str] = None
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = True) -> jax.Array:
-    maps = resnet.ResNet(self.depth, self.width, self.last_stride, self.axis_name,
-                         name='backbone')(images, train)
+    maps = resnet.ResNet(self.depth, self.width, self.last_stride, self.axis_name, name='backbone')(
+      images, train
+    )
     neck = BatchNorm(use_bias=False, axis_name=self.axis_name, name='neck')(
-        jnp.mean(maps, axis=(1, 2)), not train)
-    return nn.Dense(self.num_classes, use_bias=False, kernel_init=classifier_init,
-                    name='classifier')(neck)
+      jnp.mean(maps, axis=(1, 2)), not train
+    )
+    return nn.Dense(
+      self.num_classes, use_bias=False, kernel_init=classifier_init, name='classifier'
+    )(neck)
 
 
 def sgd(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """`torch.optim.SGD(lr, momentum, weight_decay, nesterov)` at the base rate."""
-  return optax.chain(optax.add_decayed_weights(optim.weight_decay),
-                     optax.sgd(optim.base_lr, optim.momentum, optim.nesterov))
+  return optax.chain(
+    optax.add_decayed_weights(optim.weight_decay),
+    optax.sgd(optim.base_lr, optim.momentum, optim.nesterov),
+  )
 
 
-def resnet_identity_step(state: TrainState, batch: dict[str, jax.Array], *,
-                         axis_name: str = parallel.AXIS
-                         ) -> tuple[TrainState, dict[str, jax.Array]]:
+def resnet_identity_step(
+  state: TrainState, batch: dict[str, jax.Array], *, axis_name: str = parallel.AXIS
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the cross-entropy of `ResNetIdentity`, gradients averaged over devices."""
+
   def loss_fn(params):
-    logits, mutated = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
-                                     batch['image'], train=True, mutable=['batch_stats'])
+    logits, mutated = state.apply_fn(
+      {'params': params, 'batch_stats': state.batch_stats},
+      batch['image'],
+      train=True,
+      mutable=['batch_stats'],
+    )
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']))
     return loss, mutated['batch_stats']
 
@@ -231,25 +272,41 @@ def resnet_identity_step(state: TrainState, batch: dict[str, jax.Array], *,
   return new_state, {'loss': jax.lax.pmean(loss, axis_name)}
 
 
-def time_jax_resnet_step(config: ml_collections.ConfigDict, batch: dict[str, jax.Array],
-                         num_classes: int, warmup: int, steps: int) -> Timing:
+def time_jax_resnet_step(
+  config: ml_collections.ConfigDict,
+  batch: dict[str, jax.Array],
+  num_classes: int,
+  warmup: int,
+  steps: int,
+) -> Timing:
   """`resnet_identity_step` on the config's backbone, with `sgd` at the base rate."""
   m = config.model
   model = ResNetIdentity(num_classes, m.depth, m.width, m.last_stride, parallel.AXIS)
   images = jnp.zeros((2, config.data.image_height, config.data.image_width, 3), jnp.float32)
   init = jax.jit(functools.partial(model.clone(axis_name=None).init, train=False))
   variables = init(jax.random.key(config.seed), images)
-  state = TrainState.create(apply_fn=model.apply, params=variables['params'],
-                            batch_stats=variables['batch_stats'], tx=sgd(config.optim))
+  state = TrainState.create(
+    apply_fn=model.apply,
+    params=variables['params'],
+    batch_stats=variables['batch_stats'],
+    tx=sgd(config.optim),
+  )
   p_step = jax.pmap(resnet_identity_step, axis_name=parallel.AXIS, donate_argnums=(0,))
-  return time_steps('jax ResNet ID', pmapped_runner(p_step, parallel.replicate(state), batch),
-                    warmup, steps, batch['label'].size)
+  return time_steps(
+    'jax ResNet ID',
+    pmapped_runner(p_step, parallel.replicate(state), batch),
+    warmup,
+    steps,
+    batch['label'].size,
+  )
 
 
-def torch_resnet_identity(depth: int, width: int, last_stride: int,
-                          num_classes: int) -> 'torch.nn.Module':
-  """The torchvision ResNet of `cal_jax.torch_model` with `ResNetIdentity`'s head."""
-  from cal_jax import torch_model  # pylint: disable=g-import-not-at-top
+def torch_resnet_identity(
+  depth: int, width: int, last_stride: int, num_classes: int
+) -> 'torch.nn.Module':
+  """The torchvision ResNet of `cal_jax.interop.torch_model` with `ResNetIdentity`'s head."""
+  from cal_jax.interop import torch_model
+
   tnn = torch.nn
   kind, blocks_per_stage = resnet.ARCHITECTURES[depth]
   block = torch_model.Bottleneck if kind == 'bottleneck' else torch_model.BasicBlock
@@ -268,16 +325,25 @@ def torch_resnet_identity(depth: int, width: int, last_stride: int,
   return tnn.Sequential(*layers, tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), neck, classifier)
 
 
-def time_torch_resnet_step(config: ml_collections.ConfigDict, batch: dict[str, np.ndarray],
-                           num_classes: int, warmup: int, steps: int) -> Timing:
+def time_torch_resnet_step(
+  config: ml_collections.ConfigDict,
+  batch: dict[str, np.ndarray],
+  num_classes: int,
+  warmup: int,
+  steps: int,
+) -> Timing:
   """`torch_resnet_identity` and `torch.optim.SGD` on the same batch, NCHW."""
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(config.seed)
   m, optim = config.model, config.optim
   model = torch_resnet_identity(m.depth, m.width, m.last_stride, num_classes).train()
-  optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                              lr=optim.base_lr, momentum=optim.momentum,
-                              weight_decay=optim.weight_decay, nesterov=optim.nesterov)
+  optimizer = torch.optim.SGD(
+    [p for p in model.parameters() if p.requires_grad],
+    lr=optim.base_lr,
+    momentum=optim.momentum,
+    weight_decay=optim.weight_decay,
+    nesterov=optim.nesterov,
+  )
   images = torch.from_numpy(batch['image'].reshape((-1,) + batch['image'].shape[2:]))
   images = images.permute(0, 3, 1, 2).contiguous()
   labels = torch.from_numpy(batch['label'].reshape(-1).astype(np.int64))
@@ -287,6 +353,7 @@ def time_torch_resnet_step(config: ml_collections.ConfigDict, batch: dict[str, n
     optimizer.zero_grad(set_to_none=True)
     loss_fn(model(images), labels).backward()
     optimizer.step()
+
   return time_steps('torch ResNet ID', run_step, warmup, steps, labels.numel())
 
 
@@ -299,45 +366,70 @@ def global_id_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return config
 
 
-def print_report(config: ml_collections.ConfigDict, config_name: str, devices: int,
-                 num_classes: int, timings: list[Timing]) -> None:
+def print_report(
+  config: ml_collections.ConfigDict,
+  config_name: str,
+  devices: int,
+  num_classes: int,
+  timings: list[Timing],
+) -> None:
   """The machine, the config, the batch, and one row of figures per step."""
   d, m = config.data, config.model
   batch = 2 * d.num_ids_per_batch * d.num_pos
   print()
   print(f'date      {datetime.datetime.now().isoformat(timespec="seconds")}')
-  print(f'machine   processor={platform.processor() or platform.machine()!r}, '
-        f'cpu_count={os.cpu_count()}, jax {jax.__version__} devices={jax.devices()}'
-        + (f', torch {torch.__version__} threads={torch.get_num_threads()}'
-           if torch is not None and not _NO_TORCH.value else ''))
-  print(f'config    {config_name}: ResNet-{m.depth} width {m.width} last stride '
-        f'{m.last_stride}, {d.image_height}x{d.image_width}, N_p={m.num_parts}, '
-        f'{num_classes} classes')
-  print(f'batch     {batch} images = {d.num_ids_per_batch} ids x ({d.num_pos} visible + '
-        f'{d.num_pos} infrared), over {devices} device(s); '
-        f'{_WARMUP.value} warm-up + {len(timings[0].steps)} timed steps')
+  print(
+    f'machine   processor={platform.processor() or platform.machine()!r}, '
+    f'cpu_count={os.cpu_count()}, jax {jax.__version__} devices={jax.devices()}'
+    + (
+      f', torch {torch.__version__} threads={torch.get_num_threads()}'
+      if torch is not None and not _NO_TORCH.value
+      else ''
+    )
+  )
+  print(
+    f'config    {config_name}: ResNet-{m.depth} width {m.width} last stride '
+    f'{m.last_stride}, {d.image_height}x{d.image_width}, N_p={m.num_parts}, '
+    f'{num_classes} classes'
+  )
+  print(
+    f'batch     {batch} images = {d.num_ids_per_batch} ids x ({d.num_pos} visible + '
+    f'{d.num_pos} infrared), over {devices} device(s); '
+    f'{_WARMUP.value} warm-up + {len(timings[0].steps)} timed steps'
+  )
   print()
-  print(f'{"step":<22}{"first call s":>13}{"median s":>11}{"mean s":>11}{"images/s":>10}'
-        f'{"host solver":>13}')
+  print(
+    f'{"step":<22}{"first call s":>13}{"median s":>11}{"mean s":>11}{"images/s":>10}'
+    f'{"host solver":>13}'
+  )
   for t in timings:
     share = '' if t.callback is None else f'{100 * t.callback / sum(t.steps):.3g}%'
-    print(f'{t.name:<22}{t.first_call:>13.2f}{t.median:>11.3f}{t.mean:>11.3f}'
-          f'{t.images / t.median:>10.1f}{share:>13}')
+    print(
+      f'{t.name:<22}{t.first_call:>13.2f}{t.median:>11.3f}{t.mean:>11.3f}'
+      f'{t.images / t.median:>10.1f}{share:>13}'
+    )
   by_name = {t.name: t for t in timings}
   cal = by_name['jax CAL']
   print()
-  print(f'host solver (CAL): {cal.callback:.4f} s in {len(cal.steps)} steps '
-        f'({cal.callback / len(cal.steps) * 1e3:.2f} ms/step) = '
-        f'{100 * cal.callback / sum(cal.steps):.3g}% of the step time')
-  print(f'jax CAL first call - median step (about the compilation): '
-        f'{cal.first_call - cal.median:.1f} s')
+  print(
+    f'host solver (CAL): {cal.callback:.4f} s in {len(cal.steps)} steps '
+    f'({cal.callback / len(cal.steps) * 1e3:.2f} ms/step) = '
+    f'{100 * cal.callback / sum(cal.steps):.3g}% of the step time'
+  )
+  print(
+    f'jax CAL first call - median step (about the compilation): {cal.first_call - cal.median:.1f} s'
+  )
   reference = by_name.get('torch ResNet ID')
   if reference is not None:
     for name in ('jax CAL', 'jax CAL global_id', 'jax ResNet ID'):
-      print(f'median step ratio  {name} / torch ResNet ID = '
-            f'{by_name[name].median / reference.median:.2f}')
-  print(f'median step ratio  jax CAL / jax ResNet ID = '
-        f'{cal.median / by_name["jax ResNet ID"].median:.2f}')
+      print(
+        f'median step ratio  {name} / torch ResNet ID = '
+        f'{by_name[name].median / reference.median:.2f}'
+      )
+  print(
+    f'median step ratio  jax CAL / jax ResNet ID = '
+    f'{cal.median / by_name["jax ResNet ID"].median:.2f}'
+  )
 
 
 def main(argv: list[str]) -> None:
@@ -352,13 +444,17 @@ def main(argv: list[str]) -> None:
   devices = jax.local_device_count()
   host_batch = identity_batch(config, devices, num_classes, config.seed)
   batch = jax.device_put(host_batch, parallel.local_sharding())
-  print(f'timing {2 * config.data.num_ids_per_batch * config.data.num_pos}-image steps '
-        f'of {config_name} on {devices} device(s)', flush=True)
+  print(
+    f'timing {2 * config.data.num_ids_per_batch * config.data.num_pos}-image steps '
+    f'of {config_name} on {devices} device(s)',
+    flush=True,
+  )
 
   timings = [time_cal_step('jax CAL', config, batch, num_classes, warmup, steps)]
   gc.collect()
-  timings.append(time_cal_step('jax CAL global_id', global_id_only(config), batch,
-                               num_classes, warmup, steps))
+  timings.append(
+    time_cal_step('jax CAL global_id', global_id_only(config), batch, num_classes, warmup, steps)
+  )
   gc.collect()
   timings.append(time_jax_resnet_step(config, batch, num_classes, warmup, steps))
   gc.collect()

@@ -1,3 +1,3 @@
 """cal_jax: Concordant Attention Learning (Wu et al., ICCV 2023) for VI-ReID in JAX/Flax."""
 
-__version__ = "0.1.0"
+__version__ = '0.1.0'

@@ -24,11 +24,16 @@ from ml_collections import config_flags
 
 from cal_jax import ablations, cli
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'The config every row starts from.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'The config every row starts from.', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The grid: one workdir per row and seed below.')
-_ROWS = flags.DEFINE_string('rows', 'table3', 'Tables (table3, table4, table5, fig3_parts, '
-                            'fig3_alpha, diagnosis) and/or row names, comma-separated.')
+_ROWS = flags.DEFINE_string(
+  'rows',
+  'table3',
+  'Tables (table3, table4, table5, fig3_parts, '
+  'fig3_alpha, diagnosis) and/or row names, comma-separated.',
+)
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds 0..N-1 per row (config.seed).')
 _FIRST_SEED = flags.DEFINE_integer('first_seed', 0, 'The first seed.')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -45,23 +50,36 @@ def config_overrides(argv: list[str]) -> list[str]:
   return [a for a in argv if a.startswith('--config.')]
 
 
-def run_one(config_file: str, directory: str, row: ablations.Row, seed: int,
-            extra: list[str]) -> dict:
+def run_one(
+  config_file: str, directory: str, row: ablations.Row, seed: int, extra: list[str]
+) -> dict:
   """Trains and evaluates one row and seed (resuming), returns its eval_results.json."""
   results_file = os.path.join(directory, 'eval_results.json')
   if os.path.exists(results_file):
     with open(results_file) as f:
       return json.load(f)
   os.makedirs(directory, exist_ok=True)
-  command = [sys.executable, '-m', 'cal_jax.main', '--config', config_file,
-             '--workdir', directory, f'--config.seed={seed}', *extra, *ablations.as_flags(row)]
+  command = [
+    sys.executable,
+    '-m',
+    'cal_jax.main',
+    '--config',
+    config_file,
+    '--workdir',
+    directory,
+    f'--config.seed={seed}',
+    *extra,
+    *ablations.as_flags(row),
+  ]
   with open(os.path.join(directory, 'log.txt'), 'a') as log:
     log.write('+ ' + ' '.join(command) + '\n')
     log.flush()
     done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
   if done.returncode != 0 or not os.path.exists(results_file):
-    raise RuntimeError(f'row {row.name}, seed {seed} failed (exit {done.returncode}); '
-                       f'see {os.path.join(directory, "log.txt")}. Rerun to resume.')
+    raise RuntimeError(
+      f'row {row.name}, seed {seed} failed (exit {done.returncode}); '
+      f'see {os.path.join(directory, "log.txt")}. Rerun to resume.'
+    )
   with open(results_file) as f:
     return json.load(f)
 
@@ -90,26 +108,39 @@ def summarize(rows: list[ablations.Row], results: dict[str, list[dict]]) -> dict
 
 def format_table(table: dict, protocol: str) -> str:
   """Markdown, in the layout of the paper's Tables 3-5."""
-  lines = [f'{protocol}: mean ± std over seeds [mean std over gallery draws]', '',
-           '| row | seeds | ' + ' | '.join(METRICS) + ' |',
-           '| --- | --- | ' + ' | '.join('---' for _ in METRICS) + ' |']
+  lines = [
+    f'{protocol}: mean ± std over seeds [mean std over gallery draws]',
+    '',
+    '| row | seeds | ' + ' | '.join(METRICS) + ' |',
+    '| --- | --- | ' + ' | '.join('---' for _ in METRICS) + ' |',
+  ]
   for entry in table.values():
-    cells = [f"{entry[m]:.2f} ± {entry[f'{m}_std_seeds']:.2f} [{entry[f'{m}_std_draws']:.2f}]"
-             for m in METRICS]
-    lines.append(f"| {entry['label']} | {entry['seeds']} | " + ' | '.join(cells) + ' |')
+    cells = [
+      f'{entry[m]:.2f} ± {entry[f"{m}_std_seeds"]:.2f} [{entry[f"{m}_std_draws"]:.2f}]'
+      for m in METRICS
+    ]
+    lines.append(f'| {entry["label"]} | {entry["seeds"]} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
 def plot(table: dict, protocol: str, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   labels = [e['label'] for e in table.values()]
   x = np.arange(len(labels))
   fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels)), 3.5))
   for i, metric in enumerate(('R1', 'mAP')):
-    ax.bar(x + (i - 0.5) * 0.38, [e[metric] for e in table.values()], 0.36,
-           yerr=[e[f'{metric}_std_seeds'] for e in table.values()], capsize=3, label=metric)
+    ax.bar(
+      x + (i - 0.5) * 0.38,
+      [e[metric] for e in table.values()],
+      0.36,
+      yerr=[e[f'{metric}_std_seeds'] for e in table.values()],
+      capsize=3,
+      label=metric,
+    )
   ax.set_xticks(x, labels, rotation=20, ha='right', fontsize=8)
   ax.set_ylabel('%')
   ax.set_title(f'{protocol}, mean ± std over seeds', fontsize=9)
@@ -125,16 +156,27 @@ def format_duration(seconds: float) -> str:
   return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{secs:02d}s'
 
 
-def run_grid(config_file: str, workdir: str, rows: list[ablations.Row], seeds: list[int],
-             extra: list[str], out=print) -> dict:
+def run_grid(
+  config_file: str,
+  workdir: str,
+  rows: list[ablations.Row],
+  seeds: list[int],
+  extra: list[str],
+  out=print,
+) -> dict:
   """Every row x seed (finished ones read back), then the table files. Returns the table."""
   # Seed-major: a grid stopped early has every row at the first seeds.
   grid = [(row, seed) for seed in seeds for row in rows]
   results: dict[str, list[dict]] = {row.name: [] for row in rows}  # in seed order
-  todo = [(r, s) for r, s in grid
-          if not os.path.exists(os.path.join(run_dir(workdir, r, s), 'eval_results.json'))]
-  out(f'{len(grid)} runs ({len(rows)} rows x {len(seeds)} seeds), {len(grid) - len(todo)} '
-      f'already done, in {workdir}')
+  todo = [
+    (r, s)
+    for r, s in grid
+    if not os.path.exists(os.path.join(run_dir(workdir, r, s), 'eval_results.json'))
+  ]
+  out(
+    f'{len(grid)} runs ({len(rows)} rows x {len(seeds)} seeds), {len(grid) - len(todo)} '
+    f'already done, in {workdir}'
+  )
   started, trained = time.time(), 0
   for i, (row, seed) in enumerate(grid, 1):
     directory = run_dir(workdir, row, seed)
@@ -148,16 +190,23 @@ def run_grid(config_file: str, workdir: str, rows: list[ablations.Row], seeds: l
     if fresh:
       trained += 1
       per_run = (time.time() - started) / trained
-      eta = (f', {format_duration(time.time() - started)} so far, ETA '
-             f'{format_duration(per_run * (len(todo) - trained))}')
-    out(f'[{i}/{len(grid)}] {row.name} seed {seed}: {protocol} R1 {metrics["R1"]:.2f} '
-        f'mAP {metrics["mAP"]:.2f}{eta}')
+      eta = (
+        f', {format_duration(time.time() - started)} so far, ETA '
+        f'{format_duration(per_run * (len(todo) - trained))}'
+      )
+    out(
+      f'[{i}/{len(grid)}] {row.name} seed {seed}: {protocol} R1 {metrics["R1"]:.2f} '
+      f'mAP {metrics["mAP"]:.2f}{eta}'
+    )
   table = summarize(rows, results)
   protocol = primary(results[rows[0].name][0])[0]
   text = format_table(table, protocol)
   with open(os.path.join(workdir, 'ablation.json'), 'w') as f:
-    json.dump({'protocol': protocol, 'seeds': seeds, 'config': config_file, 'extra': extra,
-               'rows': table}, f, indent=2)
+    json.dump(
+      {'protocol': protocol, 'seeds': seeds, 'config': config_file, 'extra': extra, 'rows': table},
+      f,
+      indent=2,
+    )
   with open(os.path.join(workdir, 'ablation.md'), 'w') as f:
     f.write(text + '\n')
   plot(table, protocol, os.path.join(workdir, 'ablation.png'))
@@ -177,8 +226,14 @@ def main(argv):
     workdir = cli.absolute_path(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
     seeds = list(range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value))
-    run_grid(cli.absolute_path(flags.FLAGS['config'].config_filename), workdir, rows, seeds,
-             config_overrides(sys.argv[1:]), out=lambda s: print(s, flush=True))
+    run_grid(
+      cli.absolute_path(flags.FLAGS['config'].config_filename),
+      workdir,
+      rows,
+      seeds,
+      config_overrides(sys.argv[1:]),
+      out=lambda s: print(s, flush=True),
+    )
   except (ValueError, OSError, RuntimeError) as error:
     cli.exit_with('cal_jax.ablate', error)
 

@@ -13,8 +13,10 @@ from typing import Any
 
 import ml_collections
 
-# Every loss term of Eq. (20) and the additions (see configs/default.py).
-_ALL_TERMS = ('id', 'pcl', 'kd1', 'kd2', 'dis', 'div', 'attention_div')
+from cal_jax.losses import LOSS_TERMS
+
+# Every loss term of Eq. (20) and the additions but the baseline's global ID loss.
+_ALL_TERMS = tuple(t for t in LOSS_TERMS if t != 'global_id')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,27 +30,49 @@ def _row(name: str, label: str, **overrides: Any) -> Row:
   return Row(name, label, {k.replace('__', '.'): v for k, v in overrides.items()})
 
 
-_BASELINE = {f'loss.{t}': 0.0 for t in _ALL_TERMS} | {'loss.global_id': 1.0,
-                                                       'model.embedding': 'global'}
+_BASELINE = {f'loss.{t}': 0.0 for t in _ALL_TERMS} | {
+  'loss.global_id': 1.0,
+  'model.embedding': 'global',
+}
 
-ROWS = {r.name: r for r in [
+ROWS = {
+  r.name: r
+  for r in [
     # Table 3: the components.
     Row('baseline', 'Baseline (ID loss)', _BASELINE),
     _row('tca', '+ TCA (DRM, TSAA, PCL)', loss__kd1=0.0, loss__kd2=0.0),
     _row('full', '+ MatchDistill (CAL)'),
-    _row('paper', 'CAL as written (Eq. 20 with Eq. 18)', loss__kd1=1.0, loss__kd1_form='dot',
-         loss__attention_div=0.0),
+    _row(
+      'paper',
+      'CAL as written (Eq. 20 with Eq. 18)',
+      loss__kd1=1.0,
+      loss__kd1_form='dot',
+      loss__attention_div=0.0,
+    ),
     # Table 4: DRM, TSAA and PCL variants that the model has switches for.
     _row('drm_no_div', 'DRM w/o L_div', loss__div=0.0),
     _row('drm_no_dis', 'DRM w/o L_dis', loss__dis=0.0),
     _row('drm_shared', 'Shared DRM', model__shared_region_mining=True),
     # LV and HS have no DRM regions, so L_dis and L_div (Eqs. 4-5) go with it.
     _row('drm_lv', 'DRM -> LV', model__part_queries='learnable', loss__dis=0.0, loss__div=0.0),
-    *[_row(f'drm_hs_{n}', f'DRM -> HS (n = {n})', model__part_queries='horizontal',
-           model__num_parts=n, loss__dis=0.0, loss__div=0.0) for n in (2, 4, 6)],
+    *[
+      _row(
+        f'drm_hs_{n}',
+        f'DRM -> HS (n = {n})',
+        model__part_queries='horizontal',
+        model__num_parts=n,
+        loss__dis=0.0,
+        loss__div=0.0,
+      )
+      for n in (2, 4, 6)
+    ],
     _row('tsaa_sd', 'TSAA (SD)', model__attention_similarity='scaled_dot'),
-    _row('tsaa_sd_no_ca', 'TSAA (SD) w/o CA', model__attention_similarity='scaled_dot',
-         model__channel_attention=False),
+    _row(
+      'tsaa_sd_no_ca',
+      'TSAA (SD) w/o CA',
+      model__attention_similarity='scaled_dot',
+      model__channel_attention=False,
+    ),
     _row('pcl_none', 'w/o PCL', loss__pcl=0.0),
     _row('pcl_triplet', 'PCL -> Triplet loss', loss__pcl_form='triplet'),
     _row('pcl_center', 'PCL -> Center loss', loss__pcl_form='center'),
@@ -56,43 +80,87 @@ ROWS = {r.name: r for r in [
     # in the default (docs/decisions.md), so the rows set both weights.
     _row('kd1_only', 'L_kd1 only', loss__kd1=1.0, loss__kd2=0.0),
     _row('kd2_only', 'L_kd2 only', loss__kd1=0.0, loss__kd2=1.0),
-    _row('no_cqm', 'L_kd1 + L_kd2 w/o CQM', loss__kd1=1.0, loss__kd2=1.0,
-         loss__query_matching=False),
+    _row(
+      'no_cqm', 'L_kd1 + L_kd2 w/o CQM', loss__kd1=1.0, loss__kd2=1.0, loss__query_matching=False
+    ),
     _row('cqm', 'L_kd1 + L_kd2 with CQM', loss__kd1=1.0, loss__kd2=1.0),
     # Fig. 3: N_p and alpha.
     *[_row(f'parts_{n}', f'N_p = {n}', model__num_parts=n) for n in (2, 3, 4, 5, 6)],
     *[_row(f'alpha_{a}', f'alpha = 0.{a}', model__select_ratio=a / 10) for a in (2, 4, 6, 8)],
     _row('alpha_10', 'alpha = 1.0', model__select_ratio=1.0),
     # Diagnosis of the attention collapse (docs/decisions.md): one change each.
-    *[_row(f'kd1_{form}', f'+ L_kd1 = {label}', loss__kd1=1.0, loss__kd1_form=form)
-      for form, label in (('dot', '-<S_a, S_b> (Eq. 18)'), ('cosine', '1 - cos(S_a, S_b)'),
-                          ('kl', 'KL(S_a || S_b)'), ('mse', '|S_a - S_b|^2'))],
-    _row('kd1_kl_attention_div', '+ L_kd1 (KL) + attention diversity', loss__kd1=1.0,
-         loss__kd1_form='kl', loss__attention_div=1.0),
+    *[
+      _row(f'kd1_{form}', f'+ L_kd1 = {label}', loss__kd1=1.0, loss__kd1_form=form)
+      for form, label in (
+        ('dot', '-<S_a, S_b> (Eq. 18)'),
+        ('cosine', '1 - cos(S_a, S_b)'),
+        ('kl', 'KL(S_a || S_b)'),
+        ('mse', '|S_a - S_b|^2'),
+      )
+    ],
+    _row(
+      'kd1_kl_attention_div',
+      '+ L_kd1 (KL) + attention diversity',
+      loss__kd1=1.0,
+      loss__kd1_form='kl',
+      loss__attention_div=1.0,
+    ),
     _row('attention_div', '+ attention diversity (Eq. 5 form)', loss__attention_div=1.0),
-    _row('attention_div_cosine', '+ attention diversity of the maps\' cosines',
-         loss__attention_div=1.0, loss__attention_div_form='cosine'),
+    _row(
+      'attention_div_cosine',
+      "+ attention diversity of the maps' cosines",
+      loss__attention_div=1.0,
+      loss__attention_div_form='cosine',
+    ),
     _row('no_stop_gradient', 'teachers not stopped', loss__stop_teacher_gradient=False),
     _row('no_global_id', 'w/o global ID loss', loss__global_id=0.0),
-]}
+  ]
+}
 
 TABLES = {
-    'table3': ('baseline', 'tca', 'full'),
-    'table4': ('drm_no_div', 'drm_no_dis', 'drm_shared', 'drm_lv', 'drm_hs_2', 'drm_hs_4',
-               'drm_hs_6', 'tsaa_sd', 'tsaa_sd_no_ca', 'pcl_none', 'pcl_triplet', 'pcl_center',
-               'full'),
-    'table5': ('kd1_only', 'kd2_only', 'no_cqm', 'cqm'),
-    'fig3_parts': tuple(f'parts_{n}' for n in (2, 3, 4, 5, 6)),
-    'fig3_alpha': ('alpha_2', 'alpha_4', 'alpha_6', 'alpha_8', 'alpha_10'),
-    'diagnosis': ('full', 'paper', 'kd1_dot', 'kd1_cosine', 'kd1_kl', 'kd1_mse',
-                  'kd1_kl_attention_div', 'attention_div', 'attention_div_cosine', 'tca',
-                  'pcl_none', 'no_stop_gradient', 'no_global_id', 'baseline'),
+  'table3': ('baseline', 'tca', 'full'),
+  'table4': (
+    'drm_no_div',
+    'drm_no_dis',
+    'drm_shared',
+    'drm_lv',
+    'drm_hs_2',
+    'drm_hs_4',
+    'drm_hs_6',
+    'tsaa_sd',
+    'tsaa_sd_no_ca',
+    'pcl_none',
+    'pcl_triplet',
+    'pcl_center',
+    'full',
+  ),
+  'table5': ('kd1_only', 'kd2_only', 'no_cqm', 'cqm'),
+  'fig3_parts': tuple(f'parts_{n}' for n in (2, 3, 4, 5, 6)),
+  'fig3_alpha': ('alpha_2', 'alpha_4', 'alpha_6', 'alpha_8', 'alpha_10'),
+  'diagnosis': (
+    'full',
+    'paper',
+    'kd1_dot',
+    'kd1_cosine',
+    'kd1_kl',
+    'kd1_mse',
+    'kd1_kl_attention_div',
+    'attention_div',
+    'attention_div_cosine',
+    'tca',
+    'pcl_none',
+    'no_stop_gradient',
+    'no_global_id',
+    'baseline',
+  ),
 }
 
 MISSING = {
-    'pcl_ica_cca': ('Table 4 PCL -> ICA&CCA (MCLNet, Hao et al., ICCV 2021): its losses are '
-                    'not published as code we could read and the paper\'s form is not '
-                    'reproduced here; see docs/decisions.md'),
+  'pcl_ica_cca': (
+    'Table 4 PCL -> ICA&CCA (MCLNet, Hao et al., ICCV 2021): its losses are '
+    "not published as code we could read and the paper's form is not "
+    'reproduced here; see docs/decisions.md'
+  ),
 }
 
 
@@ -107,8 +175,10 @@ def select_rows(spec: str) -> list[Row]:
     elif item in MISSING:
       raise ValueError(f'--rows: {item}: {MISSING[item]}')
     else:
-      raise ValueError(f'--rows: unknown row or table {item!r}; tables: {", ".join(TABLES)}; '
-                       f'rows: {", ".join(ROWS)}')
+      raise ValueError(
+        f'--rows: unknown row or table {item!r}; tables: {", ".join(TABLES)}; '
+        f'rows: {", ".join(ROWS)}'
+      )
   if not names:
     raise ValueError('--rows is empty; name a table (e.g. table3) or rows (e.g. baseline,full)')
   return [ROWS[n] for n in dict.fromkeys(names)]

@@ -26,8 +26,8 @@ import textwrap
 import traceback
 from typing import NoReturn
 
-from absl import flags, logging
 import ml_collections
+from absl import flags, logging
 from ml_collections.config_flags import config_flags as config_flags_lib
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
@@ -39,8 +39,11 @@ class ConfigFileError(ValueError):
 
 def _where(error: BaseException, path: str) -> str:
   """', line N' of the innermost frame of `error` in the file `path`, or ''."""
-  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
-           if os.path.abspath(frame.filename) == os.path.abspath(path)]
+  lines = [
+    frame.lineno
+    for frame in traceback.extract_tb(error.__traceback__)
+    if os.path.abspath(frame.filename) == os.path.abspath(path)
+  ]
   return f', line {lines[-1]}' if lines else ''
 
 
@@ -54,8 +57,10 @@ def check_config_file(argument: str) -> None:
   path, *args = argument.split(':', 1)
   shown = repr(path)
   if not os.path.exists(path):
-    raise ConfigFileError(f'config file {shown} does not exist (--config takes the path of a '
-                          'Python file, e.g. configs/sysu.py)')
+    raise ConfigFileError(
+      f'config file {shown} does not exist (--config takes the path of a '
+      'Python file, e.g. configs/sysu.py)'
+    )
   if not os.path.isfile(path):
     raise ConfigFileError(f'config file {shown} is a folder, not a Python file')
   try:
@@ -67,31 +72,41 @@ def check_config_file(argument: str) -> None:
     code = compile(source, path, 'exec')
   except (SyntaxError, ValueError) as error:
     line = f', line {error.lineno}' if getattr(error, 'lineno', None) else ''
-    raise ConfigFileError(f'config file {shown}{line}: {type(error).__name__}: '
-                          f'{getattr(error, "msg", None) or error}; fix the file') from error
+    raise ConfigFileError(
+      f'config file {shown}{line}: {type(error).__name__}: '
+      f'{getattr(error, "msg", None) or error}; fix the file'
+    ) from error
   loader = importlib.machinery.SourceFileLoader('_cal_jax_config_check', path)
   module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
   module.__file__ = path
   try:
-    exec(code, module.__dict__)  # pylint: disable=exec-used
-  except Exception as error:  # pylint: disable=broad-except
-    raise ConfigFileError(f'config file {shown}{_where(error, path)}: importing it failed: '
-                          f'{type(error).__name__}: {error}') from error
+    exec(code, module.__dict__)
+  except Exception as error:
+    raise ConfigFileError(
+      f'config file {shown}{_where(error, path)}: importing it failed: '
+      f'{type(error).__name__}: {error}'
+    ) from error
   get_config = getattr(module, 'get_config', None)
   if not callable(get_config):
-    raise ConfigFileError(f'config file {shown} has no get_config() function: a config file '
-                          'defines get_config() returning an ml_collections.ConfigDict (see '
-                          'configs/default.py)')
+    raise ConfigFileError(
+      f'config file {shown} has no get_config() function: a config file '
+      'defines get_config() returning an ml_collections.ConfigDict (see '
+      'configs/default.py)'
+    )
   try:
     config = get_config(*args)
-  except Exception as error:  # pylint: disable=broad-except
-    raise ConfigFileError(f'config file {shown}{_where(error, path)}: get_config('
-                          f'{", ".join(map(repr, args))}) raised {type(error).__name__}: '
-                          f'{error}') from error
+  except Exception as error:
+    raise ConfigFileError(
+      f'config file {shown}{_where(error, path)}: get_config('
+      f'{", ".join(map(repr, args))}) raised {type(error).__name__}: '
+      f'{error}'
+    ) from error
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigFileError(f'config file {shown}: get_config() returned '
-                          f'{"None" if config is None else "a " + type(config).__name__}, not an '
-                          'ml_collections.ConfigDict (a missing return statement?)')
+    raise ConfigFileError(
+      f'config file {shown}: get_config() returned '
+      f'{"None" if config is None else "a " + type(config).__name__}, not an '
+      'ml_collections.ConfigDict (a missing return statement?)'
+    )
 
 
 def _is_config_file_flag(flag: flags.Flag) -> bool:
@@ -144,18 +159,26 @@ def parse_flags(argv: list[str]) -> list[str]:
     cause = error.args[0] if isinstance(error, AttributeError) and error.args else error
     text = str(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause)
     field = re.match(r"'([^']+)'", text)
-    named = [a for a in argv[1:] if field and a.startswith('--config.')
-             and re.search(rf'\.{re.escape(field[1])}(=|\.|$)', a)]
+    named = [
+      a
+      for a in argv[1:]
+      if field and a.startswith('--config.') and re.search(rf'\.{re.escape(field[1])}(=|\.|$)', a)
+    ]
     where = f' in {named[0]}' if named else ''
-    sys.exit(f'FATAL Flags parsing error: no config field {text.splitlines()[0]}{where}. '
-             + ' '.join(text.splitlines()[1:]))
-  except Exception:  # pylint: disable=broad-except
+    sys.exit(
+      f'FATAL Flags parsing error: no config field {text.splitlines()[0]}{where}. '
+      + ' '.join(text.splitlines()[1:])
+    )
+  except Exception:
     _exit_for_config_file(argv)  # a syntax error, a failing import, get_config raising
     raise
   for name in flags.FLAGS:
     flag = flags.FLAGS[name]
-    if (_is_config_file_flag(flag) and flag.present
-        and not isinstance(flag.value, ml_collections.ConfigDict)):
+    if (
+      _is_config_file_flag(flag)
+      and flag.present
+      and not isinstance(flag.value, ml_collections.ConfigDict)
+    ):
       _exit_for_config_file(argv)  # get_config() returned another type, or the file is absent
   return remaining
 
@@ -166,8 +189,7 @@ def exit_with(program: str, error: BaseException) -> NoReturn:
 
 
 # Every config field that holds a path a user types (resolved by `resolve_config_paths`).
-CONFIG_PATH_FIELDS = ('data.manual_dir', 'data.data_dir', 'model.pretrained',
-                      'eval.rand_perm_path')
+CONFIG_PATH_FIELDS = ('data.manual_dir', 'data.data_dir', 'model.pretrained', 'eval.rand_perm_path')
 
 
 def absolute_path(path: str | None) -> str | None:

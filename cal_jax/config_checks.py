@@ -28,19 +28,21 @@ from typing import Any
 
 import ml_collections
 
+from cal_jax.data.datasets.specs import SPECS
+from cal_jax.losses import LOSS_TERMS
 from cal_jax.losses.match_distill import KD1_FORMS
 from cal_jax.losses.metric_losses import PCL_FORMS
 from cal_jax.losses.region_losses import ATTENTION_DIV_FORMS
 from cal_jax.models.attention_adapter import SIMILARITIES
 from cal_jax.models.part_queries import PART_QUERIES
 
-# Builders with test protocols (cal_jax.evaluate.DATASET_PREFIX), and the
-# layout of `config.data.synthetic` that generates data for each.
-DATASETS = ('sysu_mm01', 'regdb', 'llcm')
-SYNTHETIC_LAYOUTS = {'sysu': 'sysu_mm01', 'regdb': 'regdb', 'llcm': 'llcm'}
-REGDB_BUILDER_CONFIGS = tuple(f'trial_{t}' for t in range(1, 11))
+# Builders with test protocols (the data set table), and the layout of
+# `config.data.synthetic` that generates data for each.
+DATASETS = tuple(SPECS)
+SYNTHETIC_LAYOUTS = {spec.short: spec.builder for spec in SPECS.values()}
+REGDB_BUILDER_CONFIGS = SPECS['regdb'].builder_configs
 PRETRAINED_SUFFIXES = ('.pth', '.pt', '.safetensors')
-LOSS_WEIGHTS = ('id', 'global_id', 'pcl', 'kd1', 'kd2', 'dis', 'div', 'attention_div')
+LOSS_WEIGHTS = LOSS_TERMS  # config.loss holds one weight per term
 # N_p! part assignments are counted (every checkpoint keeps the counts): 10! is
 # 3.6 million int64 counts, 29 MB; 12! would be 3.8 GB.
 MAX_NUM_PARTS = 10
@@ -50,8 +52,13 @@ class ConfigError(ValueError):
   """One or more config fields outside their valid range."""
 
 
-def describe_range(low: float | None, high: float | None, low_open: bool = False,
-                   high_open: bool = False, note: str = '') -> str:
+def describe_range(
+  low: float | None,
+  high: float | None,
+  low_open: bool = False,
+  high_open: bool = False,
+  note: str = '',
+) -> str:
   """' in [0, 1]', ' > 0', ' <= 10' or '' (with ' (note)'): the text of a rule's range."""
   num = lambda x: str(x) if isinstance(x, int) else f'{x:g}'
   if low is not None and high is not None:
@@ -105,7 +112,6 @@ class Float:
 
 @dataclasses.dataclass(frozen=True)
 class Bool:
-
   def problem(self, value: Any) -> str | None:
     return None if isinstance(value, bool) else 'must be True or False'
 
@@ -118,8 +124,9 @@ class Choice:
   def problem(self, value: Any) -> str | None:
     if isinstance(value, str) and value in self.choices:
       return None
-    return (f'must be one of {", ".join(repr(c) for c in self.choices)}'
-            + (f' ({self.note})' if self.note else ''))
+    return f'must be one of {", ".join(repr(c) for c in self.choices)}' + (
+      f' ({self.note})' if self.note else ''
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,82 +152,93 @@ class OddSizes:
   """A non-empty sequence of odd positive integers (pooling window sizes)."""
 
   def problem(self, value: Any) -> str | None:
-    ok = (isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
-          and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v % 2 == 1
-                  for v in value))
-    return None if ok else ('must be a non-empty tuple of odd integers >= 1 (stride-1 max '
-                            'pooling keeps the map size only for odd windows)')
+    ok = (
+      isinstance(value, Sequence)
+      and not isinstance(value, str)
+      and len(value) > 0
+      and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v % 2 == 1 for v in value
+      )
+    )
+    return (
+      None
+      if ok
+      else (
+        'must be a non-empty tuple of odd integers >= 1 (stride-1 max '
+        'pooling keeps the map size only for odd windows)'
+      )
+    )
 
 
 _WEIGHT = Float(0.0, note='a loss weight; 0 turns the term off')
 
 # One rule per field of configs/default.py (tests/test_config_checks.py keeps them in step).
 RULES: dict[str, Any] = {
-    'seed': Int(0, 2**31 - 1),
-    'log_every_steps': Int(1),
-    'checkpoint_every_steps': Int(1),
-    'eval_every_steps': Int(0, note='0: evaluate at the end only'),
-    'keep_checkpoints': Int(1),
-    'profile': Bool(),
-    'data.name': Choice(DATASETS),
-    'data.builder_config': Text(),
-    'data.manual_dir': Text(),
-    'data.synthetic': Choice(('',) + tuple(SYNTHETIC_LAYOUTS), note='"" for real data'),
-    'data.synthetic_num_ids': Int(6),
-    'data.synthetic_height': Int(16),
-    'data.synthetic_infrared_gap': Float(0.0, 1.0),
-    'data.data_dir': Text(),
-    'data.skip_corrupt_images': Bool(),
-    'data.image_height': Int(1, note='pixels'),
-    'data.image_width': Int(1, note='pixels'),
-    'data.num_ids_per_batch': Int(1),
-    'data.num_pos': Int(1),
-    'data.pad': Int(0, note='pixels'),
-    'data.flip': Bool(),
-    'data.random_erasing': Float(0.0, 1.0, note='a probability'),
-    'data.channel_aug': Bool(),
-    'data.channel_aug_prob': Float(0.0, 1.0, note='a probability'),
-    'data.balanced_sampler': Bool(),
-    'data.prefetch': Int(0),
-    'data.eval_batch_size': Int(1),
-    'data.eval_flip': Bool(),
-    'model.depth': IntChoice((18, 34, 50, 101)),
-    'model.width': Int(1),
-    'model.last_stride': Int(1, 2),
-    'model.modality_specific_stem': Bool(),
-    'model.num_parts': Int(1, MAX_NUM_PARTS, note='N_p! part matchings are counted'),
-    'model.select_ratio': Float(0.0, 1.0, low_open=True, note='alpha of Eq. 3'),
-    'model.pool_sizes': OddSizes(),
-    'model.shared_region_mining': Bool(),
-    'model.adapter_hidden': Int(1),
-    'model.adapter_dim': Int(1),
-    'model.channel_reduction': Int(1),
-    'model.part_queries': Choice(PART_QUERIES),
-    'model.attention_similarity': Choice(SIMILARITIES),
-    'model.channel_attention': Bool(),
-    'model.embedding': Choice(('parts', 'global')),
-    'model.pretrained': Text(),
-    **{f'loss.{name}': _WEIGHT for name in LOSS_WEIGHTS},
-    'loss.pcl_margin': Float(0.0, note='sigma of Eq. 15'),
-    'loss.pcl_form': Choice(PCL_FORMS),
-    'loss.kd1_form': Choice(KD1_FORMS),
-    'loss.query_matching': Bool(),
-    'loss.attention_div_form': Choice(ATTENTION_DIV_FORMS),
-    'loss.stop_teacher_gradient': Bool(),
-    'optim.base_lr': Float(0.0, low_open=True),
-    'optim.warmup_start_lr': Float(0.0),
-    'optim.final_lr': Float(0.0),
-    'optim.momentum': Float(0.0, 1.0, high_open=True),
-    'optim.nesterov': Bool(),
-    'optim.backbone_lr_mult': Float(0.0),
-    'optim.weight_decay': Float(0.0),
-    'optim.num_epochs': Int(0, note='0 evaluates the initial model'),
-    'optim.warmup_epochs': Int(0),
-    'optim.steps_per_epoch': Int(0, note="0: the standard codebases' count"),
-    'eval.enabled': Bool(),
-    'eval.num_trials': Int(1),
-    'eval.rand_perm_path': Text(),
-    'eval.pictures': Bool(),
+  'seed': Int(0, 2**31 - 1),
+  'log_every_steps': Int(1),
+  'checkpoint_every_steps': Int(1),
+  'eval_every_steps': Int(0, note='0: evaluate at the end only'),
+  'keep_checkpoints': Int(1),
+  'profile': Bool(),
+  'data.name': Choice(DATASETS),
+  'data.builder_config': Text(),
+  'data.manual_dir': Text(),
+  'data.synthetic': Choice(('',) + tuple(SYNTHETIC_LAYOUTS), note='"" for real data'),
+  'data.synthetic_num_ids': Int(6),
+  'data.synthetic_height': Int(16),
+  'data.synthetic_infrared_gap': Float(0.0, 1.0),
+  'data.data_dir': Text(),
+  'data.skip_corrupt_images': Bool(),
+  'data.image_height': Int(1, note='pixels'),
+  'data.image_width': Int(1, note='pixels'),
+  'data.num_ids_per_batch': Int(1),
+  'data.num_pos': Int(1),
+  'data.pad': Int(0, note='pixels'),
+  'data.flip': Bool(),
+  'data.random_erasing': Float(0.0, 1.0, note='a probability'),
+  'data.channel_aug': Bool(),
+  'data.channel_aug_prob': Float(0.0, 1.0, note='a probability'),
+  'data.balanced_sampler': Bool(),
+  'data.prefetch': Int(0),
+  'data.eval_batch_size': Int(1),
+  'data.eval_flip': Bool(),
+  'model.depth': IntChoice((18, 34, 50, 101)),
+  'model.width': Int(1),
+  'model.last_stride': Int(1, 2),
+  'model.modality_specific_stem': Bool(),
+  'model.num_parts': Int(1, MAX_NUM_PARTS, note='N_p! part matchings are counted'),
+  'model.select_ratio': Float(0.0, 1.0, low_open=True, note='alpha of Eq. 3'),
+  'model.pool_sizes': OddSizes(),
+  'model.shared_region_mining': Bool(),
+  'model.adapter_hidden': Int(1),
+  'model.adapter_dim': Int(1),
+  'model.channel_reduction': Int(1),
+  'model.part_queries': Choice(PART_QUERIES),
+  'model.attention_similarity': Choice(SIMILARITIES),
+  'model.channel_attention': Bool(),
+  'model.embedding': Choice(('parts', 'global')),
+  'model.pretrained': Text(),
+  **{f'loss.{name}': _WEIGHT for name in LOSS_WEIGHTS},
+  'loss.pcl_margin': Float(0.0, note='sigma of Eq. 15'),
+  'loss.pcl_form': Choice(PCL_FORMS),
+  'loss.kd1_form': Choice(KD1_FORMS),
+  'loss.query_matching': Bool(),
+  'loss.attention_div_form': Choice(ATTENTION_DIV_FORMS),
+  'loss.stop_teacher_gradient': Bool(),
+  'optim.base_lr': Float(0.0, low_open=True),
+  'optim.warmup_start_lr': Float(0.0),
+  'optim.final_lr': Float(0.0),
+  'optim.momentum': Float(0.0, 1.0, high_open=True),
+  'optim.nesterov': Bool(),
+  'optim.backbone_lr_mult': Float(0.0),
+  'optim.weight_decay': Float(0.0),
+  'optim.num_epochs': Int(0, note='0 evaluates the initial model'),
+  'optim.warmup_epochs': Int(0),
+  'optim.steps_per_epoch': Int(0, note="0: the standard codebases' count"),
+  'eval.enabled': Bool(),
+  'eval.num_trials': Int(1),
+  'eval.rand_perm_path': Text(),
+  'eval.pictures': Bool(),
 }
 
 
@@ -259,69 +277,91 @@ def _show(value: Any) -> str:
   return repr(value) if isinstance(value, str) else str(value)
 
 
-def _cross_checks(config: ml_collections.ConfigDict, partial: bool,
-                  resuming: bool = False) -> list[str]:
+def _cross_checks(
+  config: ml_collections.ConfigDict, partial: bool, resuming: bool = False
+) -> list[str]:
   problems = []
   get = lambda field, default=None: _value(config, field, default)
   synthetic = get('data.synthetic', '')
   name = dataset_name(config)
   builder_config = get('data.builder_config', '')
   if name == 'regdb' and builder_config not in REGDB_BUILDER_CONFIGS:
-    problems.append(f'config.data.builder_config={builder_config!r}: RegDB needs a trial, one of '
-                    "'trial_1' .. 'trial_10'")
+    problems.append(
+      f'config.data.builder_config={builder_config!r}: RegDB needs a trial, one of '
+      "'trial_1' .. 'trial_10'"
+    )
   elif name in ('sysu_mm01', 'llcm') and builder_config:
-    problems.append(f'config.data.builder_config={builder_config!r}: {name} has no builder '
-                    'configs; set it to ""')
+    problems.append(
+      f'config.data.builder_config={builder_config!r}: {name} has no builder configs; set it to ""'
+    )
   gap = get('data.synthetic_infrared_gap', 1.0)
   if synthetic and synthetic != 'sysu' and gap != 1.0:
-    problems.append(f'config.data.synthetic_infrared_gap={gap}: only the synthetic "sysu" '
-                    'layout has an infrared gap; leave it at 1.0')
+    problems.append(
+      f'config.data.synthetic_infrared_gap={gap}: only the synthetic "sysu" '
+      'layout has an infrared gap; leave it at 1.0'
+    )
   manual_dir = get('data.manual_dir', '')
   if not partial and not synthetic:
     if not manual_dir:
-      problems.append(f'config.data.manual_dir is empty: set it to the folder of {name} as its '
-                      'owners distribute it (--config.data.manual_dir=/path/to/it), or use '
-                      'configs/synthetic.py for the built-in synthetic data')
+      problems.append(
+        f'config.data.manual_dir is empty: set it to the folder of {name} as its '
+        'owners distribute it (--config.data.manual_dir=/path/to/it), or use '
+        'configs/synthetic.py for the built-in synthetic data'
+      )
     elif not os.path.isdir(manual_dir):
       problems.append(
-          f'config.data.manual_dir={manual_dir!r} does not exist'
-          + (' (it is a file)' if os.path.exists(manual_dir) else '')
-          + f': point it at the folder of {name}; data prepared from it earlier is not used '
-          'without it')
+        f'config.data.manual_dir={manual_dir!r} does not exist'
+        + (' (it is a file)' if os.path.exists(manual_dir) else '')
+        + f': point it at the folder of {name}; data prepared from it earlier is not used '
+        'without it'
+      )
   data_dir = get('data.data_dir', '')
   if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
     problems.append(f'config.data.data_dir={data_dir!r} is a file, not a folder')
   pretrained = get('model.pretrained', '')
   if pretrained and not partial and not resuming:
     if not os.path.isfile(pretrained):
-      problems.append(f'config.model.pretrained={pretrained!r} does not exist'
-                      + (' (it is a folder)' if os.path.isdir(pretrained) else '')
-                      + "; nothing is downloaded: save a torchvision model's state_dict() there")
+      problems.append(
+        f'config.model.pretrained={pretrained!r} does not exist'
+        + (' (it is a folder)' if os.path.isdir(pretrained) else '')
+        + "; nothing is downloaded: save a torchvision model's state_dict() there"
+      )
     elif os.path.splitext(pretrained)[1].lower() not in PRETRAINED_SUFFIXES:
-      problems.append(f'config.model.pretrained={pretrained!r}: unknown format; expected '
-                      f'{", ".join(PRETRAINED_SUFFIXES)}')
+      problems.append(
+        f'config.model.pretrained={pretrained!r}: unknown format; expected '
+        f'{", ".join(PRETRAINED_SUFFIXES)}'
+      )
   rand_perm = get('eval.rand_perm_path', '')
   if rand_perm:
     if name != 'sysu_mm01':
-      problems.append(f'config.eval.rand_perm_path={rand_perm!r}: only SYSU-MM01 has MATLAB '
-                      f'galleries, this config reads {name}; set it to ""')
+      problems.append(
+        f'config.eval.rand_perm_path={rand_perm!r}: only SYSU-MM01 has MATLAB '
+        f'galleries, this config reads {name}; set it to ""'
+      )
     elif not partial and not os.path.isfile(rand_perm):
-      problems.append(f'config.eval.rand_perm_path={rand_perm!r} does not exist: give the '
-                      "data set's exp/rand_perm_cam.mat, or \"\" for seeded galleries")
+      problems.append(
+        f'config.eval.rand_perm_path={rand_perm!r} does not exist: give the '
+        'data set\'s exp/rand_perm_cam.mat, or "" for seeded galleries'
+      )
   epochs, warmup = get('optim.num_epochs'), get('optim.warmup_epochs')
-  if (isinstance(epochs, int) and isinstance(warmup, int) and epochs > 0
-      and warmup > epochs):
-    problems.append(f'config.optim.warmup_epochs={warmup} is more than '
-                    f'config.optim.num_epochs={epochs}: training would end during the warm-up')
+  if isinstance(epochs, int) and isinstance(warmup, int) and epochs > 0 and warmup > epochs:
+    problems.append(
+      f'config.optim.warmup_epochs={warmup} is more than '
+      f'config.optim.num_epochs={epochs}: training would end during the warm-up'
+    )
   weights = [get(f'loss.{term}') for term in LOSS_WEIGHTS]
   if all(isinstance(w, (int, float)) and w == 0 for w in weights):
-    problems.append('every loss weight (config.loss.' + ', '.join(LOSS_WEIGHTS)
-                    + ') is 0: nothing would be learned')
+    problems.append(
+      'every loss weight (config.loss.'
+      + ', '.join(LOSS_WEIGHTS)
+      + ') is 0: nothing would be learned'
+    )
   return problems
 
 
-def check_config(config: ml_collections.ConfigDict, *, partial: bool = False,
-                 resuming: bool = False) -> None:
+def check_config(
+  config: ml_collections.ConfigDict, *, partial: bool = False, resuming: bool = False
+) -> None:
   """Refuses a config with a field outside its valid range (see the module doc).
 
   `resuming`: the run continues from a checkpoint, which holds the ImageNet
@@ -331,8 +371,7 @@ def check_config(config: ml_collections.ConfigDict, *, partial: bool = False,
     ConfigError: one message naming every bad field, its value and its range.
   """
   if not isinstance(config, (ml_collections.ConfigDict, Mapping)):
-    raise ConfigError(f'the config is a {type(config).__name__}, not an '
-                      'ml_collections.ConfigDict')
+    raise ConfigError(f'the config is a {type(config).__name__}, not an ml_collections.ConfigDict')
   leaves = _leaves(config)
   known = {**RULES, **OPTIONAL_RULES}
   problems = []
@@ -340,16 +379,21 @@ def check_config(config: ml_collections.ConfigDict, *, partial: bool = False,
     rule = known.get(field)
     if rule is None:
       close = difflib.get_close_matches(field, list(known), n=1)
-      problems.append(f'config.{field}: no such field'
-                      + (f' (did you mean config.{close[0]}?)' if close else '')
-                      + '; every field is documented in configs/default.py')
+      problems.append(
+        f'config.{field}: no such field'
+        + (f' (did you mean config.{close[0]}?)' if close else '')
+        + '; every field is documented in configs/default.py'
+      )
       continue
     problem = rule.problem(value)
     if problem:
       problems.append(f'config.{field}={_show(value)}: {problem}')
   if not partial:
-    problems += [f'config.{field} is missing (every config starts from configs/default.py)'
-                 for field in RULES if field not in leaves]
+    problems += [
+      f'config.{field} is missing (every config starts from configs/default.py)'
+      for field in RULES
+      if field not in leaves
+    ]
   if not problems:  # ranges first: the cross-checks assume well-typed values
     problems = _cross_checks(config, partial, resuming)
   if problems:

@@ -1,4 +1,10 @@
-"""Multi-host runs: starting JAX's multi-controller runtime, and the few cross-process steps.
+"""Devices and processes: the pmap axis, replicated pytrees, and multi-host runs.
+
+Arrays of the pmapped steps are laid out with a leading axis of local devices
+and sharded over a mesh whose axis is named like the step's (`AXIS`, 'batch'),
+which is what a pmapped step returns: inputs replicated this way (`replicate`)
+hit the same compiled executable as the step's own outputs (flax's
+`jax_utils.replicate` names its mesh differently and costs a second compilation).
 
 Every process runs the same program (`python -m cal_jax.main ...`, see `launch/`).
 `initialize` calls `jax.distributed.initialize` when the run is multi-process:
@@ -12,7 +18,7 @@ What crosses processes outside the train step:
   * `primary_first`: process 0 prepares the data set, the others read it after.
   * `split_and_gather`: each process embeds its slice of the test images and
     the features are gathered in order (evaluation).
-Orbax synchronises checkpoint saves itself (`cal_jax.checkpointing`).
+Orbax synchronises checkpoint saves itself (`cal_jax.training.checkpointing`).
 """
 
 import dataclasses
@@ -20,18 +26,25 @@ import glob
 import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Optional, TypeVar
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+AXIS = 'batch'  # the mapped axis of the train step and of every collective in it
 MODES = ('auto', 'always', 'never')
 LOOPBACK_HOSTS = ('127.0.0.1', 'localhost', '[::1]', '::1')
-# The variables `jax.distributed.initialize` reads on a SLURM step (jax._src.clusters.slurm_cluster).
-SLURM_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
-                   'SLURM_LOCALID')
+# What `jax.distributed.initialize` reads on a SLURM step (jax._src.clusters.slurm_cluster).
+SLURM_VARIABLES = (
+  'SLURM_JOB_ID',
+  'SLURM_STEP_NODELIST',
+  'SLURM_NTASKS',
+  'SLURM_PROCID',
+  'SLURM_LOCALID',
+)
 T = TypeVar('T')
 
 
@@ -51,10 +64,10 @@ class Options:
   """
 
   mode: str = 'auto'
-  coordinator_address: Optional[str] = None
-  num_processes: Optional[int] = None
-  process_id: Optional[int] = None
-  local_device_ids: Optional[tuple[int, ...]] = None
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  local_device_ids: tuple[int, ...] | None = None
   initialization_timeout: int = 300
 
   def __post_init__(self):
@@ -63,11 +76,13 @@ class Options:
     if (self.num_processes is None) != (self.process_id is None):
       raise ValueError('--num_processes and --process_id go together: give both or neither')
     if self.num_processes is not None and not 0 <= self.process_id < self.num_processes:
-      raise ValueError(f'--process_id={self.process_id} must lie in [0, --num_processes='
-                       f'{self.num_processes})')
+      raise ValueError(
+        f'--process_id={self.process_id} must lie in [0, --num_processes={self.num_processes})'
+      )
     if self.num_processes is not None and self.coordinator_address is None:
-      raise ValueError('--num_processes and --process_id need --coordinator_address '
-                       '(host:port of process 0)')
+      raise ValueError(
+        '--num_processes and --process_id need --coordinator_address (host:port of process 0)'
+      )
 
 
 def on_cloud_tpu_vm() -> bool:
@@ -76,7 +91,7 @@ def on_cloud_tpu_vm() -> bool:
   return bool(chips) and importlib.util.find_spec('libtpu') is not None
 
 
-def detect_cluster(environ: Mapping[str, str], tpu_vm: bool) -> Optional[str]:
+def detect_cluster(environ: Mapping[str, str], tpu_vm: bool) -> str | None:
   """The multi-process environment JAX can configure itself, or None.
 
   Args:
@@ -94,8 +109,9 @@ def detect_cluster(environ: Mapping[str, str], tpu_vm: bool) -> Optional[str]:
   return None
 
 
-def should_initialize(options: Options, environ: Mapping[str, str], tpu_vm: bool
-                      ) -> tuple[bool, str]:
+def should_initialize(
+  options: Options, environ: Mapping[str, str], tpu_vm: bool
+) -> tuple[bool, str]:
   """(whether to call `jax.distributed.initialize`, why), without side effects."""
   if options.mode == 'never':
     return False, '--distributed=never'
@@ -113,7 +129,7 @@ def is_loopback(address: str) -> bool:
   return address.rsplit(':', 1)[0] in LOOPBACK_HOSTS
 
 
-def initialize(options: Options, environ: Optional[Mapping[str, str]] = None) -> bool:
+def initialize(options: Options, environ: Mapping[str, str] | None = None) -> bool:
   """Calls `jax.distributed.initialize` if the run is multi-process; True if it did.
 
   Must run before anything else touches JAX's devices. A loopback coordinator
@@ -128,10 +144,13 @@ def initialize(options: Options, environ: Optional[Mapping[str, str]] = None) ->
   if options.coordinator_address and is_loopback(options.coordinator_address):
     kwargs['coordinator_bind_address'] = options.coordinator_address
   jax.distributed.initialize(
-      coordinator_address=options.coordinator_address, num_processes=options.num_processes,
-      process_id=options.process_id,
-      local_device_ids=list(options.local_device_ids) if options.local_device_ids else None,
-      initialization_timeout=options.initialization_timeout, **kwargs)
+    coordinator_address=options.coordinator_address,
+    num_processes=options.num_processes,
+    process_id=options.process_id,
+    local_device_ids=list(options.local_device_ids) if options.local_device_ids else None,
+    initialization_timeout=options.initialization_timeout,
+    **kwargs,
+  )
   return True
 
 
@@ -165,13 +184,15 @@ def process_slice(indices: np.ndarray, num_processes: int, process_index: int) -
   if not indices.size:
     raise ValueError('no indices to share between processes')
   per_process = -(-indices.size // num_processes)
-  padded = np.concatenate([indices, np.repeat(indices[-1:], per_process * num_processes
-                                                          - indices.size)])
-  return padded[process_index * per_process:(process_index + 1) * per_process]
+  padded = np.concatenate(
+    [indices, np.repeat(indices[-1:], per_process * num_processes - indices.size)]
+  )
+  return padded[process_index * per_process : (process_index + 1) * per_process]
 
 
-def split_and_gather(extract: Callable[[np.ndarray], np.ndarray], indices: Sequence[int]
-                     ) -> np.ndarray:
+def split_and_gather(
+  extract: Callable[[np.ndarray], np.ndarray], indices: Sequence[int]
+) -> np.ndarray:
   """`extract(indices)`, the work split over the processes.
 
   Each process calls `extract` on its `process_slice`; the rows [ceil(N/P), D]
@@ -185,11 +206,32 @@ def split_and_gather(extract: Callable[[np.ndarray], np.ndarray], indices: Seque
     return extract(indices)
   rows = np.asarray(extract(process_slice(indices, count, index)))
   gathered = np.asarray(multihost_utils.process_allgather(rows))  # [P, ceil(N/P), D]
-  return gathered.reshape((-1,) + rows.shape[1:])[:indices.size]
+  return gathered.reshape((-1,) + rows.shape[1:])[: indices.size]
 
 
 def host_share_summary(labels: np.ndarray) -> str:
   """One log line: which identities this process feeds to its devices ([L, B] labels)."""
   per_device = [sorted(set(np.asarray(row).tolist())) for row in labels]
-  return (f'process {jax.process_index()} of {jax.process_count()}, identities per local '
-          f'device: {per_device}')
+  return (
+    f'process {jax.process_index()} of {jax.process_count()}, identities per local '
+    f'device: {per_device}'
+  )
+
+
+def local_sharding(devices: Sequence[jax.Device] | None = None) -> NamedSharding:
+  mesh = Mesh(np.array(devices or jax.local_devices()), (AXIS,))
+  return NamedSharding(mesh, PartitionSpec(AXIS))
+
+
+def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+  """One copy of every leaf per device (default: the local ones): [...] -> [devices, ...]."""
+  devices = devices or jax.local_devices()
+  stacked = jax.tree_util.tree_map(
+    lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), tree
+  )
+  return jax.device_put(stacked, local_sharding(devices))
+
+
+def unreplicate(tree: Any) -> Any:
+  """The first device's copy of every leaf, on the host."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), tree)

@@ -10,7 +10,7 @@
 
 Both read only the file's own index (header, zip directory) and raise
 `WeightFileError` (a ValueError) naming the file, so that no size the file
-claims is allocated before it is known to fit in the file. `cal_jax/torch_model.py`
+claims is allocated before it is known to fit in the file. `cal_jax/interop/torch_files.py`
 keeps its own copy of these checks, so that it can be copied alone into a
 PyTorch project (tests/test_bad_inputs.py runs both on the same files).
 """
@@ -24,8 +24,23 @@ import zipfile
 
 # safetensors' own limit on the JSON header.
 MAX_HEADER_BYTES = 100 * 2**20
-DTYPE_BYTES = {'BOOL': 1, 'U8': 1, 'I8': 1, 'F8_E4M3': 1, 'F8_E5M2': 1, 'U16': 2, 'I16': 2,
-               'F16': 2, 'BF16': 2, 'U32': 4, 'I32': 4, 'F32': 4, 'U64': 8, 'I64': 8, 'F64': 8}
+DTYPE_BYTES = {
+  'BOOL': 1,
+  'U8': 1,
+  'I8': 1,
+  'F8_E4M3': 1,
+  'F8_E5M2': 1,
+  'U16': 2,
+  'I16': 2,
+  'F16': 2,
+  'BF16': 2,
+  'U32': 4,
+  'I32': 4,
+  'F32': 4,
+  'U64': 8,
+  'I64': 8,
+  'F64': 8,
+}
 
 
 class WeightFileError(ValueError):
@@ -36,8 +51,9 @@ def check_safetensors(path: str) -> None:
   """Raises WeightFileError unless `path` has a consistent safetensors header."""
   path = os.fspath(path)
   size = os.path.getsize(path)
-  bad = lambda why: WeightFileError(f'{path}: not a valid .safetensors file ({why}); write it '
-                                    'again with safetensors.save_file')
+  bad = lambda why: WeightFileError(
+    f'{path}: not a valid .safetensors file ({why}); write it again with safetensors.save_file'
+  )
   with open(path, 'rb') as f:
     start = f.read(8)
     if len(start) < 8:
@@ -55,7 +71,8 @@ def check_safetensors(path: str) -> None:
   data_bytes = size - 8 - length
   metadata = header.pop('__metadata__', {}) or {}
   if not isinstance(metadata, dict) or not all(
-      isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+  ):
     raise bad('its __metadata__ is not a map of strings to strings')
   for name, entry in header.items():
     if not isinstance(entry, dict):
@@ -64,19 +81,27 @@ def check_safetensors(path: str) -> None:
     if dtype not in DTYPE_BYTES:
       raise bad(f'tensor {name!r}: unknown dtype {dtype!r}')
     if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+      isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
       raise bad(f'tensor {name!r}: shape {shape!r} is not a list of sizes')
-    if (not isinstance(offsets, list) or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
-      raise bad(f'tensor {name!r}: byte range {offsets!r} is not within the '
-                f'{data_bytes} data bytes of the file')
+    if (
+      not isinstance(offsets, list)
+      or len(offsets) != 2
+      or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+      or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+    ):
+      raise bad(
+        f'tensor {name!r}: byte range {offsets!r} is not within the '
+        f'{data_bytes} data bytes of the file'
+      )
     count = 1
     for d in shape:
       count *= d
     if count * DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
-      raise bad(f'tensor {name!r}: {dtype} {shape} needs {count * DTYPE_BYTES[dtype]} bytes, '
-                f'its byte range holds {offsets[1] - offsets[0]}')
+      raise bad(
+        f'tensor {name!r}: {dtype} {shape} needs {count * DTYPE_BYTES[dtype]} bytes, '
+        f'its byte range holds {offsets[1] - offsets[0]}'
+      )
 
 
 def check_torch_zip(path: str) -> bool:
@@ -94,15 +119,20 @@ def check_torch_zip(path: str) -> bool:
     with zipfile.ZipFile(path) as archive:
       entries = archive.infolist()
   except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-    raise WeightFileError(f'{path}: a damaged zip file ({error}); save it again with '
-                          'torch.save') from None
+    raise WeightFileError(
+      f'{path}: a damaged zip file ({error}); save it again with torch.save'
+    ) from None
   for entry in entries:
     if entry.compress_type != zipfile.ZIP_STORED:
-      raise WeightFileError(f'{path}: entry {entry.filename!r} is compressed; torch.save '
-                            'writes stored entries: not a torch file, or repacked')
+      raise WeightFileError(
+        f'{path}: entry {entry.filename!r} is compressed; torch.save '
+        'writes stored entries: not a torch file, or repacked'
+      )
     if entry.header_offset + entry.file_size > size:
-      raise WeightFileError(f'{path}: entry {entry.filename!r} claims {entry.file_size} bytes '
-                            f'beyond the end of the {size}-byte file (a truncated copy?)')
+      raise WeightFileError(
+        f'{path}: entry {entry.filename!r} claims {entry.file_size} bytes '
+        f'beyond the end of the {size}-byte file (a truncated copy?)'
+      )
   if not any(e.filename == 'data.pkl' or e.filename.endswith('/data.pkl') for e in entries):
     raise WeightFileError(f'{path}: a zip file without data.pkl: not written by torch.save')
   return True

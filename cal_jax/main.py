@@ -22,32 +22,38 @@ import sys
 # TensorFlow serves the input pipeline only: keep it off the accelerators.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from cal_jax import cli, distributed, stopping, train  # noqa: E402
+from cal_jax import cli, distributed, stopping  # noqa: E402
+from cal_jax.training import loop  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                          'train: train then evaluate; eval: evaluate a checkpoint.')
-_CHECKPOINT = flags.DEFINE_integer('checkpoint', None,
-                                   'eval mode: the checkpoint step (default: the latest).')
+_MODE = flags.DEFINE_enum(
+  'mode', 'train', ['train', 'eval'], 'train: train then evaluate; eval: evaluate a checkpoint.'
+)
+_CHECKPOINT = flags.DEFINE_integer(
+  'checkpoint', None, 'eval mode: the checkpoint step (default: the latest).'
+)
 _DISTRIBUTED = flags.DEFINE_enum(
-    'distributed', 'auto', list(distributed.MODES),
-    'Start jax.distributed: auto (when --coordinator_address is given or a SLURM step of several '
-    'tasks or a Cloud TPU VM is detected), always, never.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'Multi-host: HOST:PORT of the coordinator (process 0).')
+  'distributed',
+  'auto',
+  list(distributed.MODES),
+  'Start jax.distributed: auto (when --coordinator_address is given or a SLURM step of several '
+  'tasks or a Cloud TPU VM is detected), always, never.',
+)
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', None, 'Multi-host: HOST:PORT of the coordinator (process 0).'
+)
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0..N-1.')
-_LOCAL_DEVICE_IDS = flags.DEFINE_list('local_device_ids', None,
-                                      'Multi-host: the devices this process drives (default: '
-                                      "JAX's choice).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+  'local_device_ids', None, "Multi-host: the devices this process drives (default: JAX's choice)."
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -71,31 +77,42 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     options = distributed.Options(
-        mode=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-        local_device_ids=tuple(int(i) for i in _LOCAL_DEVICE_IDS.value or ()) or None)
+      mode=_DISTRIBUTED.value,
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+      local_device_ids=tuple(int(i) for i in _LOCAL_DEVICE_IDS.value or ()) or None,
+    )
   except ValueError as error:
     cli.exit_with('cal_jax.main', error)
   distributed.initialize(options)  # before anything touches a device
   tfds.disable_progress_bar()
   tf.config.experimental.set_visible_devices([], 'GPU')
-  logging.info('JAX process %d of %d, local devices: %s', jax.process_index(),
-               jax.process_count(), jax.local_devices())
+  logging.info(
+    'JAX process %d of %d, local devices: %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_devices(),
+  )
   config = cli.resolve_config_paths(_CONFIG.value)
   workdir = cli.absolute_path(_WORKDIR.value)
   try:
     if _MODE.value == 'train':
-      train.train_and_evaluate(config, workdir)
+      loop.train_and_evaluate(config, workdir)
     else:
-      train.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
+      loop.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
   except cli.USER_ERRORS as error:  # a message naming what to fix, not a traceback
     cli.exit_with('cal_jax.main', error)
   except stopping.Stopped as stopped:  # SIGTERM / SIGINT: the step is saved
     print(f'cal_jax.main: {stopped}', file=sys.stderr, flush=True)
     sys.exit(stopped.exit_status)
   except KeyboardInterrupt:  # a second SIGINT, or one before training started
-    print('cal_jax.main: interrupted (SIGINT); the workdir keeps its last committed '
-          'checkpoint. Run the same command again to resume.', file=sys.stderr, flush=True)
+    print(
+      'cal_jax.main: interrupted (SIGINT); the workdir keeps its last committed '
+      'checkpoint. Run the same command again to resume.',
+      file=sys.stderr,
+      flush=True,
+    )
     sys.exit(130)
 
 

@@ -23,7 +23,7 @@ checkpoint.
 
 import signal
 import threading
-from typing import Any, Optional
+from typing import Any
 
 import jax
 from absl import logging
@@ -43,8 +43,10 @@ class Stopped(Exception):
     return 128 + self.signum
 
   def __str__(self) -> str:
-    return (f'stopped by {signal.Signals(self.signum).name} after step {self.step}; its '
-            f'checkpoint is saved in {self.directory}. Run the same command again to resume.')
+    return (
+      f'stopped by {signal.Signals(self.signum).name} after step {self.step}; its '
+      f'checkpoint is saved in {self.directory}. Run the same command again to resume.'
+    )
 
 
 class StopSignals:
@@ -52,7 +54,7 @@ class StopSignals:
   only set `signum`."""
 
   def __init__(self):
-    self.signum: Optional[int] = None
+    self.signum: int | None = None
     self._previous: dict[int, Any] = {}
 
   def install(self) -> 'StopSignals':
@@ -65,8 +67,11 @@ class StopSignals:
     del frame
     self.signum = signum
     signal.signal(signum, self._previous[signum])  # a second one acts at once
-    logging.warning('%s received: saving the checkpoint of the current step, then stopping '
-                    '(send it again to stop at once).', signal.Signals(signum).name)
+    logging.warning(
+      '%s received: saving the checkpoint of the current step, then stopping '
+      '(send it again to stop at once).',
+      signal.Signals(signum).name,
+    )
 
   def uninstall(self) -> None:
     for signum, handler in self._previous.items():

@@ -15,38 +15,52 @@ overrides, as to cal_jax.main); the checkpoint is restored as `--mode eval`
 restores it, and M-hat is applied. `cmc` needs only eval_results.json.
 """
 
+import dataclasses
 import json
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags  # noqa: E402
 import ml_collections  # noqa: E402
+from absl import (  # noqa: E402
+  app,
+  flags,
+  logging,  # noqa: E402
+)
 from ml_collections import config_flags  # noqa: E402
 
-from cal_jax import cli, config_checks, evaluate, evaluation_run, pictures, plots  # noqa: E402
-from cal_jax import train  # noqa: E402
-from cal_jax import results as results_lib  # noqa: E402
+from cal_jax import cli, config_checks  # noqa: E402
 from cal_jax import workdir as workdir_lib  # noqa: E402
+from cal_jax.evaluation import evaluator, run  # noqa: E402
+from cal_jax.evaluation import results as results_lib  # noqa: E402
+from cal_jax.pictures import (
+  figures,  # noqa: E402
+  plots,  # noqa: E402
+)
+from cal_jax.training import loop  # noqa: E402
 
 KINDS = ('regions', 'attention', 'ranking', 'cmc')
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Configuration file (default: the config.json the run wrote in --workdir).',
-    lock_config=True)
+  'config',
+  None,
+  'Configuration file (default: the config.json the run wrote in --workdir).',
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run to draw.')
 _WHAT = flags.DEFINE_multi_enum('what', list(KINDS), KINDS, 'Pictures to draw (repeatable).')
-_OUTPUT = flags.DEFINE_string('output', None,
-                              'Folder for the PNG files (default WORKDIR/pictures).')
+_OUTPUT = flags.DEFINE_string(
+  'output', None, 'Folder for the PNG files (default WORKDIR/pictures).'
+)
 _CHECKPOINT = flags.DEFINE_integer('checkpoint', None, 'Checkpoint step (default: the latest).')
-_PROTOCOL = flags.DEFINE_string('protocol', None,
-                                'ranking: protocol key, e.g. sysu/all/single (default: the '
-                                "data set's first).")
+_PROTOCOL = flags.DEFINE_string(
+  'protocol', None, "ranking: protocol key, e.g. sysu/all/single (default: the data set's first)."
+)
 _TRIAL = flags.DEFINE_integer('trial', 0, 'ranking: the gallery draw.', lower_bound=0)
-_NUM_IDS = flags.DEFINE_integer('num_ids', 4, 'regions, attention: identities to draw.',
-                                lower_bound=1)
-_NUM_QUERIES = flags.DEFINE_integer('num_queries', 4, 'ranking: queries to draw.',
-                                    lower_bound=1)
+_NUM_IDS = flags.DEFINE_integer(
+  'num_ids', 4, 'regions, attention: identities to draw.', lower_bound=1
+)
+_NUM_QUERIES = flags.DEFINE_integer('num_queries', 4, 'ranking: queries to draw.', lower_bound=1)
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -54,54 +68,78 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a training run wrote into its workdir."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} does not exist: --workdir must be a training run of '
-                            'cal_jax.main, or pass its --config')
+    raise FileNotFoundError(
+      f'{path} does not exist: --workdir must be a training run of '
+      'cal_jax.main, or pass its --config'
+    )
   with open(path, encoding='utf-8') as f:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def draw(config: ml_collections.ConfigDict, workdir: str, what: list[str], output: str, *,
-         checkpoint: int | None = None, protocol: str | None = None, trial: int = 0,
-         num_ids: int = 4, num_queries: int = 4) -> list[str]:
+def draw(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  what: list[str],
+  output: str,
+  *,
+  checkpoint: int | None = None,
+  protocol: str | None = None,
+  trial: int = 0,
+  num_ids: int = 4,
+  num_queries: int = 4,
+) -> list[str]:
   """Writes the PNGs of `what` into `output`; returns their paths."""
-  for name, value, low in (('num_ids', num_ids, 1), ('num_queries', num_queries, 1),
-                           ('trial', trial, 0)):
+  for name, value, low in (
+    ('num_ids', num_ids, 1),
+    ('num_queries', num_queries, 1),
+    ('trial', trial, 0),
+  ):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
       raise ValueError(f'--{name}={value}: must be an integer >= {low}')
   workdir_lib.check_writable(output)  # before the work, not after
-  figures = {}
+  drawn = {}
   if 'cmc' in what:
     path = os.path.join(workdir, 'eval_results.json')
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'{path} does not exist: evaluate first '
-                              '(python -m cal_jax.main --mode eval ...)')
+      raise FileNotFoundError(
+        f'{path} does not exist: evaluate first (python -m cal_jax.main --mode eval ...)'
+      )
     results, meta = results_lib.read_results(path)
-    figures['cmc'] = plots.cmc_figure(
-        pictures.cmc_curves(results),
-        f'CMC, {meta.get("dataset", "")} at step {meta.get("checkpoint_step", "?")}')
+    drawn['cmc'] = plots.cmc_figure(
+      figures.cmc_curves(results),
+      f'CMC, {meta.get("dataset", "")} at step {meta.get("checkpoint_step", "?")}',
+    )
   if set(what) - {'cmc'}:
-    setup = train.TrainingSetup(config, workdir)
-    try:
-      state, counts = train.restore_for_evaluation(setup, checkpoint)
-    finally:
-      setup.checkpointer.close()
-    embedder = evaluation_run.make_embedder(config, setup.model, state, counts)
-    test = setup.splits.test
+    trained = loop.restore_trained(config, workdir, checkpoint)
+    settings = evaluator.EvalSettings.from_config(config)
+    embedder = run.make_embedder(
+      trained.model, trained.state, trained.counts.m_hat(), settings.embedding
+    )
+    test, name = trained.splits.test, trained.splits.name
     if {'regions', 'attention'} & set(what):
-      maps = pictures.part_map_figures(embedder, test, num_ids)
-      figures.update({k: v for k, v in maps.items() if k in what})
+      maps = figures.part_map_figures(embedder, test, settings.image_size, num_ids)
+      drawn.update({k: v for k, v in maps.items() if k in what})
     if 'ranking' in what:
-      keys = evaluate.protocol_keys(setup.splits.name)
+      keys = evaluator.protocol_keys(name)
       key = protocol or keys[0]
       if key not in keys:
-        raise ValueError(f'--protocol={key!r} is not a protocol of {setup.splits.name}; '
-                         f'choose one of {keys}')
-      ranked = pictures.ranked_lists(embedder, test, key, num_queries, trial=trial)
-      figures[f'ranking_{key.replace("/", "_")}'] = pictures.ranking_figure(
-          ranked, test, pictures.image_size(config))
+        raise ValueError(f'--protocol={key!r} is not a protocol of {name}; choose one of {keys}')
+      # The protocol's trials up to `trial`, evaluated as the results file was.
+      evaluation = evaluator.evaluate(
+        embedder,
+        test,
+        name,
+        dataclasses.replace(settings, num_trials=trial + 1),
+        keys=[key],
+        log=logging.info,
+      )
+      ranked = figures.ranked_lists(evaluation, test, key, num_queries, trial=trial)
+      drawn[f'ranking_{key.replace("/", "_")}'] = figures.ranking_figure(
+        ranked, test, settings.image_size
+      )
   paths = []
-  for name, fig in figures.items():
-    path = os.path.join(output, f'{name}.png')
+  for kind, fig in drawn.items():
+    path = os.path.join(output, f'{kind}.png')
     with open(path, 'wb') as f:
       f.write(plots.to_png(fig))
     paths.append(path)
@@ -111,7 +149,8 @@ def draw(config: ml_collections.ConfigDict, workdir: str, what: list[str], outpu
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+
   tf.config.experimental.set_visible_devices([], 'GPU')  # TensorFlow serves the data only
   workdir = cli.absolute_path(_WORKDIR.value)
   try:
@@ -120,10 +159,17 @@ def main(argv):
     # The run's own config.json may lack fields newer versions write; `cmc` reads no data.
     what = list(dict.fromkeys(_WHAT.value))
     config_checks.check_config(config, partial=_CONFIG.value is None or what == ['cmc'])
-    paths = draw(config, workdir, what,
-                 cli.absolute_path(_OUTPUT.value) or os.path.join(workdir, 'pictures'),
-                 checkpoint=_CHECKPOINT.value, protocol=_PROTOCOL.value, trial=_TRIAL.value,
-                 num_ids=_NUM_IDS.value, num_queries=_NUM_QUERIES.value)
+    paths = draw(
+      config,
+      workdir,
+      what,
+      cli.absolute_path(_OUTPUT.value) or os.path.join(workdir, 'pictures'),
+      checkpoint=_CHECKPOINT.value,
+      protocol=_PROTOCOL.value,
+      trial=_TRIAL.value,
+      num_ids=_NUM_IDS.value,
+      num_queries=_NUM_QUERIES.value,
+    )
   except cli.USER_ERRORS as error:  # a message naming what to fix, not a traceback
     cli.exit_with('cal_jax.visualize', error)
   for path in paths:

@@ -32,7 +32,8 @@ import json
 import os
 import socket
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 
@@ -47,8 +48,10 @@ class WorkdirError(OSError):
 
 
 def _advice(workdir: str) -> str:
-  return (f'Choose another --workdir (on a writable disk with free space), or make '
-          f'{workdir!r} writable; nothing has been written.')
+  return (
+    f'Choose another --workdir (on a writable disk with free space), or make '
+    f'{workdir!r} writable; nothing has been written.'
+  )
 
 
 def check_writable(workdir: str) -> None:
@@ -61,8 +64,10 @@ def check_writable(workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     where = f' ({e.filename})' if e.filename and e.filename != workdir else ''
-    raise WorkdirError(e.errno, f'cannot create the workdir {workdir!r}: '
-                       f'{e.strerror or e}{where}. {_advice(workdir)}') from e
+    raise WorkdirError(
+      e.errno,
+      f'cannot create the workdir {workdir!r}: {e.strerror or e}{where}. {_advice(workdir)}',
+    ) from e
   probe = None
   try:
     fd, probe = tempfile.mkstemp(prefix='.write-probe-', dir=workdir)
@@ -71,8 +76,9 @@ def check_writable(workdir: str) -> None:
       f.flush()
       os.fsync(f.fileno())
   except OSError as e:
-    raise WorkdirError(e.errno, f'cannot write in the workdir {workdir!r}: '
-                       f'{e.strerror or e}. {_advice(workdir)}') from e
+    raise WorkdirError(
+      e.errno, f'cannot write in the workdir {workdir!r}: {e.strerror or e}. {_advice(workdir)}'
+    ) from e
   finally:
     if probe and os.path.exists(probe):
       os.unlink(probe)
@@ -98,11 +104,14 @@ def check_free_space(workdir: str, needed: int) -> None:
   """Raises WorkdirError when the disk of `workdir` has less than `needed` bytes free."""
   free = free_bytes(workdir)
   if free < needed:
-    raise WorkdirError(errno.ENOSPC, f'the disk of the workdir {workdir!r} has '
-                       f'{free / 2**20:.1f} MiB free; this run needs about '
-                       f'{needed / 2**20:.1f} MiB (its checkpoints). Free some space, '
-                       'lower config.keep_checkpoints, or choose another --workdir; '
-                       'nothing has been written.')
+    raise WorkdirError(
+      errno.ENOSPC,
+      f'the disk of the workdir {workdir!r} has '
+      f'{free / 2**20:.1f} MiB free; this run needs about '
+      f'{needed / 2**20:.1f} MiB (its checkpoints). Free some space, '
+      'lower config.keep_checkpoints, or choose another --workdir; '
+      'nothing has been written.',
+    )
 
 
 def write_text_atomically(path: str, text: str) -> None:
@@ -148,7 +157,8 @@ def locked(workdir: str) -> Iterator[None]:
   Raises:
     WorkdirLockedError: naming the holder's pid, host and start time.
   """
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging
+
   path = os.path.join(workdir, LOCK_FILE)
   while True:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -163,11 +173,16 @@ def locked(workdir: str) -> Iterator[None]:
         except FileNotFoundError:  # released meanwhile: try again
           continue
         raise WorkdirLockedError(
-            errno.EBUSY, f'the workdir {workdir!r} is in use by another run: '
-            f'{holder or "a process that is starting"} (lock file {path}). Wait for it to '
-            'end or stop it, or choose another --workdir.') from e
-      logging.warning('Cannot lock %s (%s); running without a lock: make sure no other run '
-                      'uses this workdir.', path, e.strerror or e)
+          errno.EBUSY,
+          f'the workdir {workdir!r} is in use by another run: '
+          f'{holder or "a process that is starting"} (lock file {path}). Wait for it to '
+          'end or stop it, or choose another --workdir.',
+        ) from e
+      logging.warning(
+        'Cannot lock %s (%s); running without a lock: make sure no other run uses this workdir.',
+        path,
+        e.strerror or e,
+      )
       yield
       return
     try:  # the file may have been removed (and re-created) by its last holder meanwhile
@@ -180,8 +195,7 @@ def locked(workdir: str) -> Iterator[None]:
   try:
     since = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f'pid {os.getpid()} on host {socket.gethostname()}, since {since}\n'
-              .encode(), 0)
+    os.pwrite(fd, f'pid {os.getpid()} on host {socket.gethostname()}, since {since}\n'.encode(), 0)
     yield
   finally:
     os.unlink(path)  # before the lock goes: a waiting run then re-opens the new file
@@ -195,9 +209,19 @@ def locked(workdir: str) -> Iterator[None]:
 # the data are read from and the ImageNet file (read at a fresh start only).
 # An entry ending in '.' covers a whole section.
 RESUMABLE_CHANGES = (
-    'eval.', 'data.eval_batch_size', 'data.eval_flip', 'model.embedding',
-    'log_every_steps', 'checkpoint_every_steps', 'eval_every_steps', 'keep_checkpoints',
-    'profile', 'data.prefetch', 'data.manual_dir', 'data.data_dir', 'model.pretrained',
+  'eval.',
+  'data.eval_batch_size',
+  'data.eval_flip',
+  'model.embedding',
+  'log_every_steps',
+  'checkpoint_every_steps',
+  'eval_every_steps',
+  'keep_checkpoints',
+  'profile',
+  'data.prefetch',
+  'data.manual_dir',
+  'data.data_dir',
+  'model.pretrained',
 )
 
 
@@ -224,8 +248,11 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
   Fields the saved config lacks (written by an older version) are not compared.
   """
   old, new = _flatten(saved), _flatten(current)
-  return [f'{field}: run={old[field]!r}, now={new.get(field, "<missing>")!r}'
-          for field in sorted(old) if not _resumable(field) and old[field] != new.get(field)]
+  return [
+    f'{field}: run={old[field]!r}, now={new.get(field, "<missing>")!r}'
+    for field in sorted(old)
+    if not _resumable(field) and old[field] != new.get(field)
+  ]
 
 
 def check_config_unchanged(workdir: str, config: Any) -> None:
@@ -242,7 +269,9 @@ def check_config_unchanged(workdir: str, config: Any) -> None:
   differences = config_differences(saved, json.loads(config.to_json_best_effort()))
   if differences:
     raise ConfigChangedError(
-        f'the workdir {workdir!r} was trained with another config ({path}); differing: '
-        + '; '.join(differences) + '. Resume with the config that trained it, or start '
-        'another --workdir. Only evaluation, logging and checkpoint cadence, data paths and '
-        'model.pretrained may change on a resumed run.')
+      f'the workdir {workdir!r} was trained with another config ({path}); differing: '
+      + '; '.join(differences)
+      + '. Resume with the config that trained it, or start '
+      'another --workdir. Only evaluation, logging and checkpoint cadence, data paths and '
+      'model.pretrained may change on a resumed run.'
+    )

@@ -23,14 +23,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data ---
   config.data = ml_collections.ConfigDict()
-  config.data.name = "sysu_mm01"  # tfds builder: sysu_mm01 | regdb | llcm | ...
-  config.data.builder_config = ""  # e.g. "trial_1" for RegDB
-  config.data.manual_dir = ""  # the data set's folder as its owners distribute it
-  config.data.synthetic = ""  # "sysu" | "regdb" | "llcm": generate a synthetic set
+  config.data.name = 'sysu_mm01'  # tfds builder: sysu_mm01 | regdb | llcm | ...
+  config.data.builder_config = ''  # e.g. "trial_1" for RegDB
+  config.data.manual_dir = ''  # the data set's folder as its owners distribute it
+  config.data.synthetic = ''  # "sysu" | "regdb" | "llcm": generate a synthetic set
   config.data.synthetic_num_ids = 96
   config.data.synthetic_height = 128
   config.data.synthetic_infrared_gap = 1.0  # 1: hard cross-modal gap; 0: luminance
-  config.data.data_dir = ""  # tfds data_dir for prepared data ("" = tfds default)
+  config.data.data_dir = ''  # tfds data_dir for prepared data ("" = tfds default)
   config.data.skip_corrupt_images = False  # True: leave unreadable images out, logged by name
   config.data.image_height = 288
   config.data.image_width = 144
@@ -62,11 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Table 4's ablations (not exported to PyTorch): the part queries P are DRM's
   # part features, or "learnable" (LV) vectors, or "horizontal" (HS) stripes;
   # the similarity is Eq. (9), or "scaled_dot" (SD, Eq. 6); channel attention on.
-  config.model.part_queries = "drm"
-  config.model.attention_similarity = "tsaa"
+  config.model.part_queries = 'drm'
+  config.model.attention_similarity = 'tsaa'
   config.model.channel_attention = True
-  config.model.embedding = "parts"  # test-time feature: "parts" (CAL) | "global" (baseline)
-  config.model.pretrained = ""  # torchvision ResNet checkpoint (.pth / .safetensors)
+  config.model.embedding = 'parts'  # test-time feature: "parts" (CAL) | "global" (baseline)
+  config.model.pretrained = ''  # torchvision ResNet checkpoint (.pth / .safetensors)
 
   # ---------------------------------------------------------------- loss ---
   config.loss = ml_collections.ConfigDict()
@@ -81,14 +81,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.dis = 0.1  # lambda_3
   config.loss.div = 0.1  # lambda_4
   config.loss.pcl_margin = 0.6  # sigma of Eq. (15)
-  config.loss.pcl_form = "pcl"  # "pcl": Eq. (14); Table 4: "triplet" | "center" in its place
+  config.loss.pcl_form = 'pcl'  # "pcl": Eq. (14); Table 4: "triplet" | "center" in its place
   # L_kd1's form on the matched maps, when lambda_1 > 0: "dot" is Eq. (18)
   # literally (optimum: one-hot maps, the attention collapses); "cosine" | "kl" |
   # "mse" align the maps. The paper exactly: kd1=1, kd1_form="dot".
-  config.loss.kd1_form = "kl"
+  config.loss.kd1_form = 'kl'
   config.loss.query_matching = True  # CQM: Hungarian matching (Eq. 17); False: identity
   config.loss.attention_div = 0.0  # diversity of the TSAA maps (not in the paper; hurt here)
-  config.loss.attention_div_form = "dot"  # "dot": Eq. (5)'s form; "cosine": of the maps
+  config.loss.attention_div_form = 'dot'  # "dot": Eq. (5)'s form; "cosine": of the maps
   config.loss.stop_teacher_gradient = True  # cross-refined teachers of L_kd1/L_kd2 stopped
 
   # ------------------------------------------------------------ optimiser ---
@@ -108,7 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.enabled = True  # evaluate at the end of training (and every eval_every_steps)
   config.eval.num_trials = 10  # gallery draws (SYSU-MM01, LLCM)
-  config.eval.rand_perm_path = ""  # SYSU exp/rand_perm_cam.mat: MATLAB galleries
+  config.eval.rand_perm_path = ''  # SYSU exp/rand_perm_cam.mat: MATLAB galleries
   config.eval.pictures = True  # DRM regions, TSAA attention, ranked lists, CMC to TensorBoard
 
   return config

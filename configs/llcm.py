@@ -12,7 +12,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.data.name = "llcm"
+  config.data.name = 'llcm'
   config.data.image_height = 384
   config.data.image_width = 144
   return config

@@ -15,7 +15,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.data.name = "regdb"
-  config.data.builder_config = "trial_1"
+  config.data.name = 'regdb'
+  config.data.builder_config = 'trial_1'
   config.eval.num_trials = 1  # one trial per trained model
   return config

@@ -17,7 +17,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.data.synthetic = "sysu"
+  config.data.synthetic = 'sysu'
   config.data.synthetic_num_ids = 96  # 64 training, 32 test identities
   # Near-infrared brightness 70% luminance, 30% each material's own response:
   # the full per-material gap (1.0) is not bridged from scratch in minutes.

@@ -13,4 +13,4 @@ from configs import synthetic
 
 def get_config():
   # The ablation command's "baseline" row: every CAL term 0, global ID loss 1.
-  return ablations.apply(synthetic.get_config(), ablations.ROWS["baseline"])
+  return ablations.apply(synthetic.get_config(), ablations.ROWS['baseline'])

@@ -13,5 +13,5 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.data.name = "sysu_mm01"
+  config.data.name = 'sysu_mm01'
   return config

@@ -11,7 +11,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.data.synthetic = "sysu"
+  config.data.synthetic = 'sysu'
   config.data.synthetic_num_ids = 24
   config.data.synthetic_height = 64
   config.data.image_height = 64

@@ -35,14 +35,17 @@ def make_identity_batch(config, devices: int, seed: int = 0) -> dict:
     images.append(img)
     labels.append(lab)
     modality.append(mod)
-  return {'image': np.stack(images).astype(np.float32),
-          'label': np.stack(labels).astype(np.int32),
-          'modality': np.stack(modality).astype(np.int32)}
+  return {
+    'image': np.stack(images).astype(np.float32),
+    'label': np.stack(labels).astype(np.int32),
+    'modality': np.stack(modality).astype(np.int32),
+  }
 
 
 @pytest.fixture(scope='session')
 def tiny_config():
   from configs import tiny
+
   config = tiny.get_config()
   # Constant learning rate, no weight decay: a parameter moves iff its gradient is non-zero.
   config.optim.weight_decay = 0.0
@@ -54,16 +57,18 @@ def tiny_config():
 def tiny_state(tiny_config):
   """An unreplicated initial train state of the tiny CAL (compiled once per session)."""
   import jax
-  from cal_jax import train_state
+
   from cal_jax.models.cal import create_model
+  from cal_jax.training import state as train_state
+
   model = create_model(tiny_config, NUM_CLASSES, axis_name='batch')
-  return train_state.create_train_state(model, tiny_config, jax.random.key(0),
-                                        steps_per_epoch=4)
+  return train_state.create_train_state(model, tiny_config, jax.random.key(0), steps_per_epoch=4)
 
 
 @pytest.fixture(scope='session')
 def p_train_step(tiny_config):
-  from cal_jax.train_step import make_p_train_step
+  from cal_jax.training.step import make_p_train_step
+
   return make_p_train_step(tiny_config)
 
 
@@ -72,6 +77,7 @@ def single_torch_thread():
   """torch's thread pool is 10-100x slower on tiny maps beside XLA's: one thread
   for the modules that compare against PyTorch (`pytestmark` in those files)."""
   import torch
+
   threads = torch.get_num_threads()
   torch.set_num_threads(1)
   yield
@@ -84,21 +90,23 @@ def tiny_run(tmp_path_factory):
   step: config.json, the initial state saved as the checkpoint of step 0, and the
   periodic evaluation of it (eval_results.json, TensorBoard metrics and pictures).
   Shared: copy the workdir before changing anything in it."""
-  import numpy as np
   from clu import metric_writers
-  from cal_jax import evaluation_run, train
+
+  from cal_jax.training import loop
+  from cal_jax.training import state as train_state
+  from cal_jax.training.assignments import AssignmentCounts
   from configs import tiny
+
   config = tiny.get_config()
   workdir = str(tmp_path_factory.mktemp('tiny_run'))
-  setup = train.TrainingSetup(config, workdir)
-  state = train.initial_state(setup)
+  setup = loop.TrainingSetup(config, workdir)
+  state = train_state.initial_state(setup.model, config, setup.steps_per_epoch)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
-  counts = np.zeros(24, np.int64)  # 4! assignments, none counted: M-hat = identity
+  counts = AssignmentCounts.zeros(config.model.num_parts)  # none counted: M-hat = identity
   with setup.checkpointer:
-    setup.checkpointer.save(0, state, {'epoch_counts': counts, 'last_epoch_counts': counts})
+    setup.checkpointer.save(0, state, counts.to_json())
   writer = metric_writers.create_default_writer(workdir)
-  evaluation_run.evaluate_state(config, setup.splits, setup.model, state, counts, workdir,
-                                writer=writer)
+  setup.evaluator(state, counts, 0, writer=writer)
   writer.flush()
   return config, workdir

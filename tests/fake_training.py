@@ -11,6 +11,7 @@ Environment variables inject what the tests need:
 """
 
 import errno
+import functools
 import os
 import signal
 import sys
@@ -18,13 +19,12 @@ import time
 
 import numpy as np
 
-from cal_jax import train  # noqa: E402
-
-SCALARS = train.LOSS_TERMS + train.ATTENTION_STATISTICS + ('grad_norm',)
+from cal_jax.training import loop
+from cal_jax.training.step import SCALARS
 
 
 def fake_make_p_train_step(config, devices=None, *, fail_at=None):
-  """A stand-in for `train_step.make_p_train_step`: (state, batch, key) -> (state, metrics)
+  """A stand-in for `step.make_p_train_step`: (state, batch, key) -> (state, metrics)
   with the state's step advanced and finite metrics; raises a RuntimeError at call
   `fail_at`."""
   del devices
@@ -41,6 +41,7 @@ def fake_make_p_train_step(config, devices=None, *, fail_at=None):
     metrics['assignment_counts'] = np.zeros((devices, num_assignments), np.int32)
     metrics['bad_pairs'] = np.zeros(devices)
     return state.replace(step=state.step + 1), metrics
+
   return step
 
 
@@ -60,11 +61,13 @@ def _injected(config, devices=None):
         f.write(str(os.getpid()))
       time.sleep(120)
     return out
+
   return injected
 
 
 def _fail_saves():
-  from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+
   at, kind = os.environ['FAKE_FAIL_SAVE_AT'], os.environ.get('FAKE_FAIL', 'enospc')
   save = handler.JsonCheckpointHandler._save_fn
 
@@ -74,13 +77,17 @@ def _fail_saves():
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
       raise RuntimeError(f'injected bug while writing {directory}')
     return await save(self, x, directory)
+
   handler.JsonCheckpointHandler._save_fn = failing
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from cal_jax import cli, main, train  # pylint: disable=g-import-not-at-top
-  train.make_p_train_step = _injected
+  from absl import app
+
+  from cal_jax import cli, main  # noqa: E402
+
+  # The command line's loop, with the fake step injected.
+  loop.train_and_evaluate = functools.partial(loop.train_and_evaluate, make_step=_injected)
   if os.environ.get('FAKE_FAIL_SAVE_AT'):
     _fail_saves()
   sys.argv[0] = 'cal_jax.main'

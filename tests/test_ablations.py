@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from loss_fakes import fake_outputs
 
 from cal_jax import ablations
 from cal_jax.losses.objective import cal_objective
 from cal_jax.models.cal import create_model
 from configs import tiny
-from test_kd1_forms import fake_outputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,9 +42,12 @@ def test_each_row_changes_its_fields_and_only_those(name):
     assert changed[field] == value
 
 
-LOSS_ROWS = [n for n, r in ablations.ROWS.items()
-             if r.overrides and all(k.startswith('loss.') and isinstance(v, float)
-                                    for k, v in r.overrides.items())]
+LOSS_ROWS = [
+  n
+  for n, r in ablations.ROWS.items()
+  if r.overrides
+  and all(k.startswith('loss.') and isinstance(v, float) for k, v in r.overrides.items())
+]
 
 
 @pytest.mark.parametrize('name', LOSS_ROWS)
@@ -57,8 +60,10 @@ def test_loss_weight_rows_remove_exactly_their_terms_from_eq20(name):
   labels, partner = jnp.array([0, 1, 0, 1]), jnp.array([2, 3, 0, 1])
   total_full, terms, _ = cal_objective(outputs, labels, labels, partner, partner, base.loss)
   total_row, terms_row, _ = cal_objective(outputs, labels, labels, partner, partner, row_weights)
-  expected = float(total_full) - sum((base.loss[f.split('.')[1]] - v) * float(terms[f.split('.')[1]])
-                                     for f, v in ablations.ROWS[name].overrides.items())
+  expected = float(total_full) - sum(
+    (base.loss[f.split('.')[1]] - v) * float(terms[f.split('.')[1]])
+    for f, v in ablations.ROWS[name].overrides.items()
+  )
   np.testing.assert_allclose(float(total_row), expected, rtol=1e-5, atol=1e-6)
   for term in terms:  # the terms themselves are still computed (and logged) unchanged
     if term != 'loss':
@@ -69,10 +74,13 @@ def param_shapes(config):
   model = create_model(config, num_classes=5)
   images = jnp.zeros((2, config.data.image_height, config.data.image_width, 3))
   partner = jnp.array([1, 0])
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, images, partner,
-                                                partner))
-  return {'/'.join(str(getattr(p, 'key', p)) for p in path): leaf.shape
-          for path, leaf in jax.tree_util.tree_leaves_with_path(variables['params'])}
+  variables = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), images, images, partner, partner)
+  )
+  return {
+    '/'.join(str(getattr(p, 'key', p)) for p in path): leaf.shape
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables['params'])
+  }
 
 
 def test_shared_drm_row_has_one_region_miner():
@@ -87,9 +95,14 @@ def test_shared_drm_row_has_one_region_miner():
 def test_parts_rows_set_the_number_of_part_prototypes(parts):
   config = ablations.apply(tiny.get_config(), ablations.ROWS[f'parts_{parts}'])
   outputs = jax.eval_shape(
-      lambda: create_model(config, 5).init_with_output(
-          jax.random.key(0), jnp.zeros((2, 64, 32, 3)), jnp.zeros((2, 64, 32, 3)),
-          jnp.array([1, 0]), jnp.array([1, 0]))[0])
+    lambda: create_model(config, 5).init_with_output(
+      jax.random.key(0),
+      jnp.zeros((2, 64, 32, 3)),
+      jnp.zeros((2, 64, 32, 3)),
+      jnp.array([1, 0]),
+      jnp.array([1, 0]),
+    )[0]
+  )
   assert outputs['sim_vv'].shape[1] == parts
   assert outputs['logits_vi'].shape[1] == parts
 
@@ -97,7 +110,11 @@ def test_parts_rows_set_the_number_of_part_prototypes(parts):
 def test_select_rows():
   assert [r.name for r in ablations.select_rows('table3')] == ['baseline', 'tca', 'full']
   assert [r.name for r in ablations.select_rows('table3,full, kd1_kl')] == [
-      'baseline', 'tca', 'full', 'kd1_kl']
+    'baseline',
+    'tca',
+    'full',
+    'kd1_kl',
+  ]
   with pytest.raises(ValueError, match="unknown row or table 'tabel3'"):
     ablations.select_rows('tabel3')
   with pytest.raises(ValueError, match='ICA&CCA'):
@@ -109,9 +126,20 @@ def test_select_rows():
 @pytest.mark.slow
 def test_ablate_runs_two_rows_end_to_end_and_resumes(tmp_path):
   workdir = tmp_path / 'grid'
-  command = [sys.executable, '-m', 'cal_jax.ablate', '--config', 'configs/tiny.py',
-             '--rows', 'baseline,full', '--seeds', '1', '--workdir', str(workdir),
-             '--config.eval.pictures=False']
+  command = [
+    sys.executable,
+    '-m',
+    'cal_jax.ablate',
+    '--config',
+    'configs/tiny.py',
+    '--rows',
+    'baseline,full',
+    '--seeds',
+    '1',
+    '--workdir',
+    str(workdir),
+    '--config.eval.pictures=False',
+  ]
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
   assert '2 runs (2 rows x 1 seeds), 0 already done' in done.stdout
@@ -123,7 +151,8 @@ def test_ablate_runs_two_rows_end_to_end_and_resumes(tmp_path):
     results = json.loads((workdir / name / 'seed_0' / 'eval_results.json').read_text())
     assert table['rows'][name]['R1'] == pytest.approx(results['sysu/all/single']['R1'])
     assert table['rows'][name]['R1_std_draws'] == pytest.approx(
-        results['sysu/all/single']['R1_std'])
+      results['sysu/all/single']['R1_std']
+    )
   baseline_config = json.loads((workdir / 'baseline' / 'seed_0' / 'config.json').read_text())
   assert baseline_config['model']['embedding'] == 'global'
   assert baseline_config['loss']['kd1'] == 0.0 and baseline_config['eval']['pictures'] is False
@@ -134,10 +163,25 @@ def test_ablate_runs_two_rows_end_to_end_and_resumes(tmp_path):
   assert '2 already done' in again.stdout and 'training' not in again.stdout
 
 
+@pytest.mark.slow
 def test_ablate_refuses_a_bad_row_in_one_line(tmp_path):
-  done = subprocess.run([sys.executable, '-m', 'cal_jax.ablate', '--config', 'configs/tiny.py',
-                         '--rows', 'table3,nope', '--workdir', str(tmp_path / 'g')],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  done = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'cal_jax.ablate',
+      '--config',
+      'configs/tiny.py',
+      '--rows',
+      'table3,nope',
+      '--workdir',
+      str(tmp_path / 'g'),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert done.returncode == 1
   assert "cal_jax.ablate: error: --rows: unknown row or table 'nope'" in done.stderr
   assert 'Traceback' not in done.stderr

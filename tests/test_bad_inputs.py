@@ -7,11 +7,11 @@ leaves what a run had written (checkpoints, config.json, eval_results.json) as
 it was. Most cases start from a copy of the shared tiny run (`tiny_run`).
 
 Unit-level variants live beside the code they test: every data set layout in
-test_datasets.py, every pretrained mismatch (missing, unexpected and reshaped
-keys, width, DataParallel prefixes) in test_pretrained.py, the fingerprint in
-test_checkpointing.py, the atomic results file in test_evaluate.py, the
-sampler's checks in test_sampler.py and the non-finite loss in
-test_train_loop.py.
+data/test_datasets.py, every pretrained mismatch (missing, unexpected and reshaped
+keys, width, DataParallel prefixes) in models/test_torchvision_weights.py, the fingerprint in
+training/test_checkpointing.py, the atomic results file in evaluation/test_evaluator.py, the
+sampler's checks in data/test_sampler.py and the non-finite loss in
+training/test_loop.py.
 """
 
 import errno
@@ -25,9 +25,10 @@ import sys
 import numpy as np
 import pytest
 
-from cal_jax import train
 from cal_jax import workdir as workdir_lib
-from cal_jax.datasets import images, records, synthetic
+from cal_jax.data import images
+from cal_jax.data.datasets import records, synthetic
+from cal_jax.training import loop
 from configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,8 +36,13 @@ TINY = os.path.join(REPO, 'configs', 'tiny.py')
 
 
 def run_main(*args, timeout=300):
-  return subprocess.run([sys.executable, '-m', 'cal_jax.main', '--config', TINY, *args],
-                        cwd=REPO, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, '-m', 'cal_jax.main', '--config', TINY, *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def snapshot(workdir):
@@ -88,15 +94,27 @@ def real_data_config(root, data_dir):
 # ------------------------------------------------------------------- data ---
 
 
+@pytest.mark.slow
 def test_incomplete_dataset_folder(sysu_tree, run_copy, tmp_path):
   workdir, before = run_copy
   root = tmp_path / 'SYSU-MM01'
   shutil.copytree(sysu_tree, root)
   shutil.rmtree(root / 'cam3')
-  result = run_main('--workdir', workdir, '--config.data.synthetic=',
-                    f'--config.data.manual_dir={root}', f'--config.data.data_dir={tmp_path}/tfds')
-  assert_one_line_error(result, 'cal_jax.main: error: SYSU-MM01 folder', str(root),
-                        'missing cam3/', 'expected: cam1/, cam2/, cam3/', 'to do:')
+  result = run_main(
+    '--workdir',
+    workdir,
+    '--config.data.synthetic=',
+    f'--config.data.manual_dir={root}',
+    f'--config.data.data_dir={tmp_path}/tfds',
+  )
+  assert_one_line_error(
+    result,
+    'cal_jax.main: error: SYSU-MM01 folder',
+    str(root),
+    'missing cam3/',
+    'expected: cam1/, cam2/, cam3/',
+    'to do:',
+  )
   assert snapshot(workdir) == before
 
 
@@ -106,17 +124,18 @@ def test_truncated_image_fails_naming_it(sysu_tree, run_copy, tmp_path):
   shutil.copytree(sysu_tree, root)
   victim = records.list_records('sysu', str(root), 'train')[7].path
   data = (root / victim).read_bytes()
-  (root / victim).write_bytes(data[:len(data) // 3])
+  (root / victim).write_bytes(data[: len(data) // 3])
   config = real_data_config(root, tmp_path / 'tfds')
   with pytest.raises(images.CorruptImageError) as error:
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   assert error.value.path == str(root / victim)
   assert 'skip_corrupt_images=True' in str(error.value)
   assert snapshot(workdir) == before
   assert not (tmp_path / 'tfds' / 'sysu_mm01' / '1.0.0').exists()  # nothing half-prepared
 
   # Asked to, the preparation leaves it out, and every run names it again.
-  from cal_jax import data  # pylint: disable=g-import-not-at-top
+  from cal_jax.data import splits as data
+
   config.data.skip_corrupt_images = True
   lines = []
   handler = _CollectWarnings(lines)
@@ -126,15 +145,21 @@ def test_truncated_image_fails_naming_it(sysu_tree, run_copy, tmp_path):
   assert victim not in set(splits.train.path.tolist())
   assert len(splits.train) == len(records.list_records('sysu', str(root), 'train')) - 1
   assert sum(f'leaving out {root / victim}' in line for line in lines) == 1
-  assert sum(re.search(rf'1 unreadable images were left out .*: {re.escape(victim)}$', line)
-             is not None for line in lines) == 2
+  assert (
+    sum(
+      re.search(rf'1 unreadable images were left out .*: {re.escape(victim)}$', line) is not None
+      for line in lines
+    )
+    == 2
+  )
 
 
 class _CollectWarnings:
   """absl warnings into a list, while in the `with` block."""
 
   def __init__(self, lines):
-    import logging  # pylint: disable=g-import-not-at-top
+    import logging
+
     self.lines, self.logger = lines, logging.getLogger('absl')
     self.handler = logging.Handler(logging.WARNING)
     self.handler.emit = lambda record: lines.append(record.getMessage())
@@ -153,33 +178,49 @@ def test_training_identity_with_one_modality_is_named(sysu_tree, run_copy, tmp_p
   train_ids = sorted({r.id for r in records.list_records('sysu', str(root), 'train')})
   for camera in ('cam3', 'cam6'):  # SYSU-MM01's infrared cameras
     shutil.rmtree(root / camera / f'{train_ids[2]:04d}', ignore_errors=True)
-  with pytest.raises(ValueError, match=rf'have no infrared image.*\[{train_ids[2]}\].*restore '
-                     'the missing infrared images, or remove these identities'):
-    train.train_and_evaluate(real_data_config(root, tmp_path / 'tfds'), workdir)
+  with pytest.raises(
+    ValueError,
+    match=rf'have no infrared image.*\[{train_ids[2]}\].*restore '
+    'the missing infrared images, or remove these identities',
+  ):
+    loop.train_and_evaluate(real_data_config(root, tmp_path / 'tfds'), workdir)
   assert snapshot(workdir) == before
 
 
 # ----------------------------------------------------------------- config ---
 
 
-@pytest.mark.parametrize('override, message', [
-    ('--config.model.dept=18',
-     "no config field 'dept' in --config.model.dept=18. Did you mean \"depth\""),
-    ('--config.model.depth=fifty',
-     "flag --config.model.depth=fifty: invalid literal for int() with base 10: 'fifty'"),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  'override, message',
+  [
+    (
+      '--config.model.dept=18',
+      'no config field \'dept\' in --config.model.dept=18. Did you mean "depth"',
+    ),
+    (
+      '--config.model.depth=fifty',
+      "flag --config.model.depth=fifty: invalid literal for int() with base 10: 'fifty'",
+    ),
+  ],
+)
 def test_config_override_of_unknown_field_or_wrong_type(override, message, tmp_path):
   result = run_main('--workdir', str(tmp_path / 'run'), override, timeout=120)
   assert_one_line_error(result, 'FATAL Flags parsing error: ' + message)
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_config(run_copy):
   workdir, before = run_copy
   result = run_main('--workdir', workdir, '--config.model.num_parts=3')
-  assert_one_line_error(result, 'cal_jax.main: error: The checkpoint at step 0 in',
-                        'num_parts: checkpoint=4, config=3', 'Start a fresh run with another '
-                        '--workdir, or resume with the config that wrote this checkpoint')
+  assert_one_line_error(
+    result,
+    'cal_jax.main: error: The checkpoint at step 0 in',
+    'num_parts: checkpoint=4, config=3',
+    'Start a fresh run with another '
+    '--workdir, or resume with the config that wrote this checkpoint',
+  )
   assert snapshot(workdir) == before
 
 
@@ -187,27 +228,37 @@ def test_batch_not_divisible_by_the_devices(run_copy):
   workdir, before = run_copy
   config = tiny.get_config()
   config.data.num_ids_per_batch = 3
-  with pytest.raises(ValueError, match=re.escape(
-      'config.data.num_ids_per_batch=3 must be divisible by num_hosts * local_devices = '
-      '1 * 2 = 2')):
-    train.train_and_evaluate(config, workdir)
+  with pytest.raises(
+    ValueError,
+    match=re.escape(
+      'config.data.num_ids_per_batch=3 must be divisible by num_hosts * local_devices = 1 * 2 = 2'
+    ),
+  ):
+    loop.train_and_evaluate(config, workdir)
   assert snapshot(workdir) == before
 
 
 def test_pretrained_file_of_another_architecture(tiny_run, tmp_path):
   """Read at a fresh start only (a resumed run has the weights in its checkpoint)."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from cal_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file
+
+  from cal_jax.models import torchvision_weights as pretrained
+
   workdir = str(tmp_path / 'fresh')
   config = tiny.get_config()
   config.data.manual_dir = os.path.join(tiny_run[1], 'synthetic_data')
   config.data.data_dir = os.path.join(tiny_run[1], 'tfds')
   path = str(tmp_path / 'resnet18.safetensors')
-  save_file({name: np.zeros(pretrained.torch_shape(target), np.float32)
-             for name, target in pretrained.param_mapping(18, config.model.width).items()}, path)
+  save_file(
+    {
+      name: np.zeros(pretrained.torch_shape(target), np.float32)
+      for name, target in pretrained.param_mapping(18, config.model.width).items()
+    },
+    path,
+  )
   config.model.pretrained = path
   with pytest.raises(pretrained.CheckpointMismatchError) as error:
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   message = str(error.value)
   assert path in message and 'looks like a resnet18 checkpoint' in message
   assert 'config.model.depth=18' in message
@@ -217,13 +268,17 @@ def test_pretrained_file_of_another_architecture(tiny_run, tmp_path):
 # ---------------------------------------------------------------- workdir ---
 
 
+@pytest.mark.slow
 def test_workdir_that_cannot_be_created(tmp_path):
   """A path under a regular file: fails at once, before any data is read."""
   blocker = tmp_path / 'a_file'
   blocker.write_text('keep me')
   result = run_main('--workdir', str(blocker / 'run'))
-  assert_one_line_error(result, f"cal_jax.main: error: cannot create the workdir "
-                        f"'{blocker / 'run'}': Not a directory", 'Choose another --workdir')
+  assert_one_line_error(
+    result,
+    f"cal_jax.main: error: cannot create the workdir '{blocker / 'run'}': Not a directory",
+    'Choose another --workdir',
+  )
   assert blocker.read_text() == 'keep me'
 
 
@@ -232,16 +287,20 @@ def test_read_only_workdir(run_copy, monkeypatch):
   as a read-only mount makes it fail."""
   workdir, before = run_copy
   if os.geteuid() == 0:
+
     def read_only(*args, **kwargs):
       raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
     monkeypatch.setattr(workdir_lib.tempfile, 'mkstemp', read_only)
   else:
     os.chmod(workdir, 0o555)
   try:
-    with pytest.raises(workdir_lib.WorkdirError,
-                       match=rf"cannot write in the workdir '{re.escape(workdir)}': "
-                             r'(Read-only file system|Permission denied)\. Choose another'):
-      train.evaluate_checkpoint(tiny.get_config(), workdir)
+    with pytest.raises(
+      workdir_lib.WorkdirError,
+      match=rf"cannot write in the workdir '{re.escape(workdir)}': "
+      r'(Read-only file system|Permission denied)\. Choose another',
+    ):
+      loop.evaluate_checkpoint(tiny.get_config(), workdir)
   finally:
     os.chmod(workdir, 0o755)
   assert snapshot(workdir) == before
@@ -255,11 +314,14 @@ def test_workdir_on_a_full_disk(run_copy, monkeypatch):
   def nearly_full(path):
     real = statvfs(path)
     return os.statvfs_result((real.f_bsize, 4096, real.f_blocks, 256, 256) + tuple(real)[5:])
+
   monkeypatch.setattr(workdir_lib.os, 'statvfs', nearly_full)
-  with pytest.raises(workdir_lib.WorkdirError,
-                     match=rf"the disk of the workdir '{re.escape(workdir)}' has 1\.0 MiB free; "
-                           r'this run needs about \d+\.\d MiB .*lower config\.keep_checkpoints'):
-    train.train_and_evaluate(tiny.get_config(), workdir)
+  with pytest.raises(
+    workdir_lib.WorkdirError,
+    match=rf"the disk of the workdir '{re.escape(workdir)}' has 1\.0 MiB free; "
+    r'this run needs about \d+\.\d MiB .*lower config\.keep_checkpoints',
+  ):
+    loop.train_and_evaluate(tiny.get_config(), workdir)
   assert snapshot(workdir) == before
 
 
@@ -271,6 +333,7 @@ def test_full_disk_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
 
   def no_space(fd):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
   monkeypatch.setattr(workdir_lib.os, 'fsync', no_space)
   with pytest.raises(OSError, match='No space left on device'):
     workdir_lib.write_text_atomically(str(path), 'new')
@@ -288,14 +351,24 @@ def assert_single_line(result, *fragments):
     assert fragment in last, (fragment, last)
 
 
-@pytest.mark.parametrize('overrides, message', [
-    (['--config.optim.num_epochs=-1'],
-     'config.optim.num_epochs=-1: must be an integer >= 0 (0 evaluates the initial model)'),
-    (['--config.log_every_steps=0', '--config.checkpoint_every_steps=0'],
-     'config.checkpoint_every_steps=0: must be an integer >= 1; config.log_every_steps=0: must be'),
-    (['--config.eval.rand_perm_path=nowhere/rand_perm_cam.mat'],
-     "config.eval.rand_perm_path='{repo}/nowhere/rand_perm_cam.mat' does not exist"),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  'overrides, message',
+  [
+    (
+      ['--config.optim.num_epochs=-1'],
+      'config.optim.num_epochs=-1: must be an integer >= 0 (0 evaluates the initial model)',
+    ),
+    (
+      ['--config.log_every_steps=0', '--config.checkpoint_every_steps=0'],
+      'config.checkpoint_every_steps=0: must be an integer >= 1; config.log_every_steps=0: must be',
+    ),
+    (
+      ['--config.eval.rand_perm_path=nowhere/rand_perm_cam.mat'],
+      "config.eval.rand_perm_path='{repo}/nowhere/rand_perm_cam.mat' does not exist",
+    ),
+  ],
+)
 def test_config_value_out_of_range(overrides, message, tmp_path):
   """Refused before the workdir is created or any data read (every rule: test_config_checks)."""
   result = run_main('--workdir', str(tmp_path / 'run'), *overrides, timeout=120)
@@ -304,25 +377,33 @@ def test_config_value_out_of_range(overrides, message, tmp_path):
 
 
 CONFIG_FILES = {
-    'syntax': ('def get_config(:\n  pass\n', "', line 1: SyntaxError: invalid syntax"),
-    'import': ('import no_such_module_here\n', "', line 1: importing it failed: "
-               "ModuleNotFoundError: No module named 'no_such_module_here'"),
-    'no_get_config': ('config = None\n', "' has no get_config() function"),
-    'raises': ('from configs import default\n\ndef get_config():\n  config = default.get_config()\n'
-               '  config.data.pad = int("four")\n  return config\n',
-               "', line 5: get_config() raised ValueError: invalid literal for int()"),
-    'wrong_type': ('def get_config():\n  return {"seed": 0}\n',
-                   "': get_config() returned a dict, not an ml_collections.ConfigDict"),
-    'missing_return': ('from configs import default\n\ndef get_config():\n'
-                       '  config = default.get_config()\n',
-                       "': get_config() returned None, not an ml_collections.ConfigDict"),
-    'absent': (None, "' does not exist (--config takes the path of a Python file"),
+  'syntax': ('def get_config(:\n  pass\n', "', line 1: SyntaxError: invalid syntax"),
+  'import': (
+    'import no_such_module_here\n',
+    "', line 1: importing it failed: ModuleNotFoundError: No module named 'no_such_module_here'",
+  ),
+  'no_get_config': ('config = None\n', "' has no get_config() function"),
+  'raises': (
+    'from configs import default\n\ndef get_config():\n  config = default.get_config()\n'
+    '  config.data.pad = int("four")\n  return config\n',
+    "', line 5: get_config() raised ValueError: invalid literal for int()",
+  ),
+  'wrong_type': (
+    'def get_config():\n  return {"seed": 0}\n',
+    "': get_config() returned a dict, not an ml_collections.ConfigDict",
+  ),
+  'missing_return': (
+    'from configs import default\n\ndef get_config():\n  config = default.get_config()\n',
+    "': get_config() returned None, not an ml_collections.ConfigDict",
+  ),
+  'absent': (None, "' does not exist (--config takes the path of a Python file"),
 }
 
 
 @pytest.mark.parametrize('kind', sorted(CONFIG_FILES))
 def test_config_file_that_cannot_be_loaded(kind, tmp_path):
-  from cal_jax import cli  # pylint: disable=g-import-not-at-top
+  from cal_jax import cli
+
   source, message = CONFIG_FILES[kind]
   path = tmp_path / f'{kind}.py'
   if source is not None:
@@ -333,6 +414,7 @@ def test_config_file_that_cannot_be_loaded(kind, tmp_path):
   assert '\n' not in str(error.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['syntax', 'no_get_config', 'wrong_type'])
 def test_config_file_that_cannot_be_loaded_through_the_command(kind, tmp_path):
   """The three ways it surfaces in absl's parser: an exception, an AttributeError
@@ -340,24 +422,52 @@ def test_config_file_that_cannot_be_loaded_through_the_command(kind, tmp_path):
   source, message = CONFIG_FILES[kind]
   path = tmp_path / f'{kind}.py'
   path.write_text(source)
-  result = subprocess.run([sys.executable, '-m', 'cal_jax.main', '--config', str(path),
-                           '--workdir', str(tmp_path / 'run')], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-  assert_single_line(result, f"FATAL Flags parsing error: --config: config file '{path}"
-                     + message)
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'cal_jax.main',
+      '--config',
+      str(path),
+      '--workdir',
+      str(tmp_path / 'run'),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert_single_line(result, f"FATAL Flags parsing error: --config: config file '{path}" + message)
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_config_file_with_a_misspelt_field(tmp_path):
   """A config file may add fields ml_collections knows nothing of: refused, named."""
   path = tmp_path / 'typo.py'
-  path.write_text('from configs import tiny\n\ndef get_config():\n  config = tiny.get_config()\n'
-                  '  config.model.dept = 18\n  return config\n')
-  result = subprocess.run([sys.executable, '-m', 'cal_jax.main', '--config', str(path),
-                           '--workdir', str(tmp_path / 'run')], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-  assert_single_line(result, 'cal_jax.main: error: config.model.dept: no such field (did you '
-                     'mean config.model.depth?)')
+  path.write_text(
+    'from configs import tiny\n\ndef get_config():\n  config = tiny.get_config()\n'
+    '  config.model.dept = 18\n  return config\n'
+  )
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'cal_jax.main',
+      '--config',
+      str(path),
+      '--workdir',
+      str(tmp_path / 'run'),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert_single_line(
+    result,
+    'cal_jax.main: error: config.model.dept: no such field (did you mean config.model.depth?)',
+  )
 
 
 # --------------------------------------------------- split lists, prepared data ---
@@ -369,23 +479,29 @@ def test_test_identities_in_the_training_list(sysu_tree, run_copy, tmp_path):
   shutil.copytree(sysu_tree, root)
   test_ids = sorted({r.id for r in records.list_records('sysu', str(root), 'test')})
   (root / 'exp' / 'train_id.txt').write_text(
-      (root / 'exp' / 'train_id.txt').read_text().strip() + f',{test_ids[1]}\n')
-  with pytest.raises(ValueError, match=re.escape(
+    (root / 'exp' / 'train_id.txt').read_text().strip() + f',{test_ids[1]}\n'
+  )
+  with pytest.raises(
+    ValueError,
+    match=re.escape(
       f'identities listed for both training and test (test identities would be trained on): '
-      f'1 ids in both exp/train_id.txt and exp/test_id.txt: {test_ids[1]}')):
-    train.train_and_evaluate(real_data_config(root, tmp_path / 'tfds'), workdir)
+      f'1 ids in both exp/train_id.txt and exp/test_id.txt: {test_ids[1]}'
+    ),
+  ):
+    loop.train_and_evaluate(real_data_config(root, tmp_path / 'tfds'), workdir)
   assert snapshot(workdir) == before
 
 
 class _CollectInfo(_CollectWarnings):
-
   def __init__(self, lines):
     super().__init__(lines)
-    import logging  # pylint: disable=g-import-not-at-top
+    import logging
+
     self.handler.setLevel(logging.INFO)
 
   def __enter__(self):
-    import logging  # pylint: disable=g-import-not-at-top
+    import logging
+
     self.level = self.logger.level
     self.logger.setLevel(logging.INFO)
     super().__enter__()
@@ -395,11 +511,12 @@ class _CollectInfo(_CollectWarnings):
     self.logger.setLevel(self.level)
 
 
-def test_manual_dir_that_does_not_exist_beside_data_prepared_earlier(sysu_tree, run_copy,
-                                                                      tmp_path):
+@pytest.mark.slow
+def test_manual_dir_that_does_not_exist_beside_data_prepared_earlier(sysu_tree, run_copy, tmp_path):
   """tfds would reuse the prepared copy without looking at manual_dir: refused instead,
   and every run says which prepared data it uses and where it came from."""
-  from cal_jax import data  # pylint: disable=g-import-not-at-top
+  from cal_jax.data import splits as data
+
   workdir, before = run_copy
   root = tmp_path / 'SYSU-MM01'
   shutil.copytree(sysu_tree, root)
@@ -410,12 +527,20 @@ def test_manual_dir_that_does_not_exist_beside_data_prepared_earlier(sysu_tree, 
   assert any(line.startswith(f'Preparing sysu_mm01 from {root} into ') for line in lines)
 
   gone = tmp_path / 'unmounted' / 'SYSU-MM01'
-  result = run_main('--workdir', workdir, '--config.data.synthetic=',
-                    f'--config.data.manual_dir={gone}', f'--config.data.data_dir={tmp_path}/tfds',
-                    timeout=120)
-  assert_one_line_error(result, f"cal_jax.main: error: config.data.manual_dir='{gone}' does not "
-                        'exist: point it at the folder of sysu_mm01; data prepared from it '
-                        'earlier is not used without it')
+  result = run_main(
+    '--workdir',
+    workdir,
+    '--config.data.synthetic=',
+    f'--config.data.manual_dir={gone}',
+    f'--config.data.data_dir={tmp_path}/tfds',
+    timeout=120,
+  )
+  assert_one_line_error(
+    result,
+    f"cal_jax.main: error: config.data.manual_dir='{gone}' does not "
+    'exist: point it at the folder of sysu_mm01; data prepared from it '
+    'earlier is not used without it',
+  )
   assert snapshot(workdir) == before
   config.data.manual_dir = str(gone)
   with pytest.raises(FileNotFoundError, match='does not exist'):  # data.load_splits on its own
@@ -427,38 +552,55 @@ def test_manual_dir_that_does_not_exist_beside_data_prepared_earlier(sysu_tree, 
   lines.clear()
   with _CollectInfo(lines):
     data.load_splits(config, workdir)
-  assert any(line.startswith(f'Using sysu_mm01 prepared earlier in ') and f'from {root} ' in line
-             for line in lines), lines
-  assert any(f'was prepared from {root}, not from config.data.manual_dir={moved}: the prepared '
-             'copy is used' in line for line in lines), lines
+  assert any(
+    line.startswith('Using sysu_mm01 prepared earlier in ') and f'from {root} ' in line
+    for line in lines
+  ), lines
+  assert any(
+    f'was prepared from {root}, not from config.data.manual_dir={moved}: the prepared '
+    'copy is used' in line
+    for line in lines
+  ), lines
 
 
 # ------------------------------------------------------------- convert output ---
 
 
 def run_convert(*args, timeout=300):
-  return subprocess.run([sys.executable, '-m', 'cal_jax.convert', *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, '-m', 'cal_jax.convert', *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
+@pytest.mark.slow
 def test_convert_refuses_to_overwrite_without_the_flag(run_copy, tmp_path):
   workdir, before = run_copy
   output = tmp_path / 'cal.safetensors'
   output.write_bytes(b'an earlier export')
   result = run_convert('--workdir', workdir, '--output', str(output))
-  assert_single_line(result, f"cal_jax.convert: error: --output '{output}' exists: pass "
-                     '--overwrite to replace it, or choose another --output')
+  assert_single_line(
+    result,
+    f"cal_jax.convert: error: --output '{output}' exists: pass "
+    '--overwrite to replace it, or choose another --output',
+  )
   assert output.read_bytes() == b'an earlier export'
   result = run_convert('--workdir', workdir, '--output', str(output), '--overwrite')
   assert result.returncode == 0, result.stderr[-3000:]
-  from cal_jax import torch_model  # pylint: disable=g-import-not-at-top
+  from cal_jax.interop import torch_model
+
   assert torch_model.load(str(output)).metadata['checkpoint_step'] == 0
   assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_convert_output_that_cannot_be_written(run_copy, tmp_path, monkeypatch):
   """A folder, a path under a file, a read-only disk: refused before the checkpoint is read."""
-  from cal_jax import convert  # pylint: disable=g-import-not-at-top
+  from cal_jax.interop import export as convert
+
   workdir, before = run_copy
   folder = tmp_path / 'exports.safetensors'
   folder.mkdir()
@@ -466,16 +608,23 @@ def test_convert_output_that_cannot_be_written(run_copy, tmp_path, monkeypatch):
     convert.export_checkpoint(workdir, str(folder))
   blocker = tmp_path / 'a_file'
   blocker.write_text('keep me')
-  with pytest.raises(convert.OutputError, match=re.escape(
-      f"cannot write --output '{blocker}/sub/cal.pt': '{blocker}' is a file, not a folder")):
+  with pytest.raises(
+    convert.OutputError,
+    match=re.escape(
+      f"cannot write --output '{blocker}/sub/cal.pt': '{blocker}' is a file, not a folder"
+    ),
+  ):
     convert.export_checkpoint(workdir, str(blocker / 'sub' / 'cal.pt'))
   assert blocker.read_text() == 'keep me'
 
   def read_only(*args, **kwargs):
     raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
   monkeypatch.setattr(convert.tempfile, 'mkstemp', read_only)
-  with pytest.raises(convert.OutputError, match=re.escape(
-      f"cannot write --output '{tmp_path}/cal.pt': Read-only file system")):
+  with pytest.raises(
+    convert.OutputError,
+    match=re.escape(f"cannot write --output '{tmp_path}/cal.pt': Read-only file system"),
+  ):
     convert.export_checkpoint(workdir, str(tmp_path / 'cal.pt'))
   assert not (tmp_path / 'cal.pt').exists() and snapshot(workdir) == before
   monkeypatch.undo()
@@ -503,9 +652,11 @@ class _Payload:
 def _bad_weight_files(tmp_path):
   """{name: path} of files that must not load: random bytes, inconsistent safetensors
   headers and metadata, a pickle that would run code."""
-  import json  # pylint: disable=g-import-not-at-top
-  import struct  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  import json
+  import struct
+
+  import torch
+
   rng = np.random.default_rng(0)
   files = {}
 
@@ -520,48 +671,65 @@ def _bad_weight_files(tmp_path):
   write('random.safetensors', rng.bytes(4096))
   write('random.pt', rng.bytes(4096))
   write('short.safetensors', b'\x01\x02')
-  safetensors_file('huge_shape.safetensors',
-                   {'w': {'dtype': 'F32', 'shape': [2**40, 2**20], 'data_offsets': [0, 16]}})
-  safetensors_file('offsets_beyond.safetensors',
-                   {'w': {'dtype': 'F32', 'shape': [2**30], 'data_offsets': [0, 2**32]}})
-  safetensors_file('bad_dtype.safetensors',
-                   {'w': {'dtype': 'F128', 'shape': [1], 'data_offsets': [0, 16]}})
-  safetensors_file('metadata_not_json.safetensors',
-                   {'__metadata__': {'config': '{depth: 50'},
-                    'w': {'dtype': 'F32', 'shape': [4], 'data_offsets': [0, 16]}})
-  safetensors_file('config_of_wrong_types.safetensors',
-                   {'__metadata__': {'config': json.dumps({'depth': 'fifty', 'width': -1})},
-                    'w': {'dtype': 'F32', 'shape': [4], 'data_offsets': [0, 16]}})
+  safetensors_file(
+    'huge_shape.safetensors',
+    {'w': {'dtype': 'F32', 'shape': [2**40, 2**20], 'data_offsets': [0, 16]}},
+  )
+  safetensors_file(
+    'offsets_beyond.safetensors',
+    {'w': {'dtype': 'F32', 'shape': [2**30], 'data_offsets': [0, 2**32]}},
+  )
+  safetensors_file(
+    'bad_dtype.safetensors', {'w': {'dtype': 'F128', 'shape': [1], 'data_offsets': [0, 16]}}
+  )
+  safetensors_file(
+    'metadata_not_json.safetensors',
+    {
+      '__metadata__': {'config': '{depth: 50'},
+      'w': {'dtype': 'F32', 'shape': [4], 'data_offsets': [0, 16]},
+    },
+  )
+  safetensors_file(
+    'config_of_wrong_types.safetensors',
+    {
+      '__metadata__': {'config': json.dumps({'depth': 'fifty', 'width': -1})},
+      'w': {'dtype': 'F32', 'shape': [4], 'data_offsets': [0, 16]},
+    },
+  )
   marker = tmp_path / 'code_ran'
   torch.save({'config': {}, 'state_dict': {'w': _Payload(marker)}}, tmp_path / 'payload.pt')
   files['payload.pt'] = tmp_path / 'payload.pt'
   torch.save({'conv1.weight': _Payload(marker)}, tmp_path / 'payload.pth')
   files['payload.pth'] = tmp_path / 'payload.pth'
-  torch.save({'conv1.weight': _Payload(marker)}, tmp_path / 'legacy_payload.pth',
-             _use_new_zipfile_serialization=False)
+  torch.save(
+    {'conv1.weight': _Payload(marker)},
+    tmp_path / 'legacy_payload.pth',
+    _use_new_zipfile_serialization=False,
+  )
   files['legacy_payload.pth'] = tmp_path / 'legacy_payload.pth'
   write('random.pth', rng.bytes(4096))
   return files, marker
 
 
 EXPORTED_FILE_ERRORS = {
-    'random.safetensors': 'not a valid .safetensors file (its header claims',
-    'short.safetensors': 'not a valid .safetensors file (2 bytes, shorter than the 8-byte',
-    'huge_shape.safetensors': "tensor 'w': F32 [1099511627776, 1048576] needs",
-    'offsets_beyond.safetensors': "tensor 'w': byte range [0, 4294967296] is not within the 16",
-    'bad_dtype.safetensors': "tensor 'w': unknown dtype 'F128'",
-    'metadata_not_json.safetensors': "metadata field 'config' is not JSON",
-    'config_of_wrong_types.safetensors': "invalid CALInference hyper-parameters: depth='fifty' "
-                                         "(must be one of [18, 34, 50, 101]), width=-1",
-    'random.pt': 'not a zip-based torch file, so not written by cal_jax.convert',
-    'payload.pt': 'refused to load: the file holds objects other than tensors, whose '
-                  'unpickling could run code (Trying to load unsupported GLOBAL',
+  'random.safetensors': 'not a valid .safetensors file (its header claims',
+  'short.safetensors': 'not a valid .safetensors file (2 bytes, shorter than the 8-byte',
+  'huge_shape.safetensors': "tensor 'w': F32 [1099511627776, 1048576] needs",
+  'offsets_beyond.safetensors': "tensor 'w': byte range [0, 4294967296] is not within the 16",
+  'bad_dtype.safetensors': "tensor 'w': unknown dtype 'F128'",
+  'metadata_not_json.safetensors': "metadata field 'config' is not JSON",
+  'config_of_wrong_types.safetensors': "invalid CALInference hyper-parameters: depth='fifty' "
+  '(must be one of [18, 34, 50, 101]), width=-1',
+  'random.pt': 'not a zip-based torch file, so not written by cal_jax.convert',
+  'payload.pt': 'refused to load: the file holds objects other than tensors, whose '
+  'unpickling could run code (Trying to load unsupported GLOBAL',
 }
 
 
 def test_exported_files_that_must_not_load(tmp_path):
   """torch_model.load: one message naming the file, no code run, nothing allocated first."""
-  from cal_jax import torch_model  # pylint: disable=g-import-not-at-top
+  from cal_jax.interop import torch_model
+
   files, marker = _bad_weight_files(tmp_path)
   for name, fragment in EXPORTED_FILE_ERRORS.items():
     with pytest.raises(torch_model.WeightFileError) as error:
@@ -573,19 +741,20 @@ def test_exported_files_that_must_not_load(tmp_path):
 
 
 PRETRAINED_FILE_ERRORS = {
-    'random.safetensors': 'not a valid .safetensors file (its header claims',
-    'huge_shape.safetensors': "tensor 'w': F32 [1099511627776, 1048576] needs",
-    'offsets_beyond.safetensors': "byte range [0, 4294967296] is not within",
-    'random.pth': 'not a readable torch file (damaged, truncated, or another format)',
-    'payload.pth': 'refused to load: the file holds objects other than tensors',
-    'legacy_payload.pth': 'refused to load: the file holds objects other than tensors',
+  'random.safetensors': 'not a valid .safetensors file (its header claims',
+  'huge_shape.safetensors': "tensor 'w': F32 [1099511627776, 1048576] needs",
+  'offsets_beyond.safetensors': 'byte range [0, 4294967296] is not within',
+  'random.pth': 'not a readable torch file (damaged, truncated, or another format)',
+  'payload.pth': 'refused to load: the file holds objects other than tensors',
+  'legacy_payload.pth': 'refused to load: the file holds objects other than tensors',
 }
 
 
 @pytest.mark.parametrize('name', sorted(PRETRAINED_FILE_ERRORS))
 def test_pretrained_files_that_must_not_load(name, tmp_path):
   """config.model.pretrained: a ValueError naming the file (one line from cal_jax.main)."""
-  from cal_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from cal_jax.models import torchvision_weights as pretrained
+
   files, marker = _bad_weight_files(tmp_path)
   with pytest.raises(ValueError) as error:
     pretrained.load_torchvision_resnet(str(files[name]), 'resnet50')
@@ -605,7 +774,7 @@ def test_pretrained_random_bytes_through_training(run_copy, tmp_path):
   config.data.data_dir = os.path.join(workdir, 'tfds')
   fresh = str(tmp_path / 'fresh')
   with pytest.raises(ValueError, match=re.escape(f'{files["random.pth"]}: not a readable torch')):
-    train.train_and_evaluate(config, fresh)
+    loop.train_and_evaluate(config, fresh)
   assert not os.path.exists(os.path.join(fresh, 'checkpoints', '0'))
   assert snapshot(workdir) == before
 
@@ -613,14 +782,21 @@ def test_pretrained_random_bytes_through_training(run_copy, tmp_path):
 # ---------------------------------------------------------------- visualize ---
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flag', ['--num_ids=0', '--num_queries=0', '--trial=-1'])
 def test_visualize_counts_below_one(flag, run_copy):
   workdir, before = run_copy
-  result = subprocess.run([sys.executable, '-m', 'cal_jax.visualize', '--workdir', workdir,
-                           flag], cwd=REPO, capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, '-m', 'cal_jax.visualize', '--workdir', workdir, flag],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   name, value = flag[2:].split('=')
   assert_single_line(result, f'FATAL Flags parsing error: flag {flag}: {value} is not')
   assert snapshot(workdir) == before
-  from cal_jax import visualize  # pylint: disable=g-import-not-at-top
+  from cal_jax import visualize
+
   with pytest.raises(ValueError, match=re.escape(f'--{name}={value}: must be an integer >= ')):
     visualize.draw(tiny.get_config(), workdir, ['regions'], workdir, **{name: int(value)})

@@ -25,12 +25,13 @@ def leaves(config, prefix=''):
 
 def test_every_field_of_the_default_config_has_a_rule():
   fields = set(leaves(default.get_config()))
-  assert fields == set(config_checks.RULES), (fields ^ set(config_checks.RULES))
+  assert fields == set(config_checks.RULES), fields ^ set(config_checks.RULES)
   assert not fields & set(config_checks.OPTIONAL_RULES)
 
 
-@pytest.mark.parametrize('module', [tiny, synthetic, synthetic_baseline, default, sysu, regdb,
-                                    llcm])
+@pytest.mark.parametrize(
+  'module', [tiny, synthetic, synthetic_baseline, default, sysu, regdb, llcm]
+)
 def test_shipped_configs_pass(module, tmp_path):
   config = module.get_config()
   if not config.data.synthetic:
@@ -38,7 +39,9 @@ def test_shipped_configs_pass(module, tmp_path):
   config_checks.check_config(config)
 
 
-@pytest.mark.parametrize('field, value, expected', [
+@pytest.mark.parametrize(
+  'field, value, expected',
+  [
     ('seed', -1, 'must be an integer in [0, 2147483647]'),
     ('log_every_steps', 0, 'must be an integer >= 1'),
     ('checkpoint_every_steps', 0, 'must be an integer >= 1'),
@@ -86,7 +89,8 @@ def test_shipped_configs_pass(module, tmp_path):
     ('optim.steps_per_epoch', -4, 'must be an integer >= 0'),
     ('eval.num_trials', 0, 'must be an integer >= 1'),
     ('eval.enabled', 0, 'must be True or False'),
-])
+  ],
+)
 def test_a_value_outside_its_range_is_named(field, value, expected):
   config = tiny.get_config()
   section, _, name = field.rpartition('.')
@@ -100,12 +104,23 @@ def test_a_value_outside_its_range_is_named(field, value, expected):
   assert str(error.value).startswith(f'config.{field}={shown}: {expected}'), str(error.value)
 
 
-@pytest.mark.parametrize('field, value', [
-    ('optim.num_epochs', 0), ('eval_every_steps', 0), ('data.pad', 0),
-    ('data.random_erasing', 0.0), ('data.random_erasing', 1.0), ('model.select_ratio', 1.0),
-    ('data.prefetch', 0), ('model.num_parts', 10), ('model.pool_sizes', (1,)),
-    ('optim.momentum', 0.0), ('loss.id', 0.0), ('seed', 2**31 - 1),
-])
+@pytest.mark.parametrize(
+  'field, value',
+  [
+    ('optim.num_epochs', 0),
+    ('eval_every_steps', 0),
+    ('data.pad', 0),
+    ('data.random_erasing', 0.0),
+    ('data.random_erasing', 1.0),
+    ('model.select_ratio', 1.0),
+    ('data.prefetch', 0),
+    ('model.num_parts', 10),
+    ('model.pool_sizes', (1,)),
+    ('optim.momentum', 0.0),
+    ('loss.id', 0.0),
+    ('seed', 2**31 - 1),
+  ],
+)
 def test_the_ends_of_each_range_pass(field, value):
   config = tiny.get_config()
   section, _, name = field.rpartition('.')
@@ -118,8 +133,7 @@ def test_every_problem_in_one_message():
   config.optim.num_epochs = -1
   config.log_every_steps = 0
   config.data.pad = -1
-  message = str(pytest.raises(config_checks.ConfigError, config_checks.check_config,
-                              config).value)
+  message = str(pytest.raises(config_checks.ConfigError, config_checks.check_config, config).value)
   assert message.count('; ') == 2 and '\n' not in message
   for fragment in ('config.optim.num_epochs=-1', 'config.log_every_steps=0', 'config.data.pad=-1'):
     assert fragment in message
@@ -129,9 +143,10 @@ def test_a_field_no_rule_knows_is_refused():
   """ml_collections lets a config file add any field: a misspelt one would be ignored."""
   config = tiny.get_config()
   config.model.dept = 18
-  with pytest.raises(config_checks.ConfigError,
-                     match=re.escape('config.model.dept: no such field (did you mean '
-                                     'config.model.depth?)')):
+  with pytest.raises(
+    config_checks.ConfigError,
+    match=re.escape('config.model.dept: no such field (did you mean config.model.depth?)'),
+  ):
     config_checks.check_config(config)
 
 
@@ -140,9 +155,10 @@ def test_optional_fields_are_checked_when_present():
   config.loss.kd1_form = 'cosine'
   config_checks.check_config(config)
   config.loss.kd1_form = 'l1'
-  with pytest.raises(config_checks.ConfigError,
-                     match=re.escape("config.loss.kd1_form='l1': must be one of 'dot', "
-                                     "'cosine', 'kl', 'mse'")):
+  with pytest.raises(
+    config_checks.ConfigError,
+    match=re.escape("config.loss.kd1_form='l1': must be one of 'dot', 'cosine', 'kl', 'mse'"),
+  ):
     config_checks.check_config(config)
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here runs a command in a subprocess
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
 TIMEOUT_S = 420
@@ -32,11 +34,18 @@ NUM_STEPS = 3
 # one) can pick another matching and change an update by 1e-3..1e-2 of itself; the matching
 # still runs, its terms just carry no gradient. Measured without them: 2e-5.
 OVERRIDES = {
-    'optim.steps_per_epoch': 1, 'optim.num_epochs': NUM_STEPS, 'optim.warmup_epochs': 1,
-    'optim.base_lr': 0.005, 'optim.warmup_start_lr': 0.005, 'optim.final_lr': 0.005,
-    'optim.weight_decay': 0.0, 'model.depth': 18, 'checkpoint_every_steps': 100,
-    'loss.kd1': 0.0, 'loss.kd2': 0.0,
-    'eval.pictures': False,  # process 0 alone draws them (checked once: 6 s, no collective)
+  'optim.steps_per_epoch': 1,
+  'optim.num_epochs': NUM_STEPS,
+  'optim.warmup_epochs': 1,
+  'optim.base_lr': 0.005,
+  'optim.warmup_start_lr': 0.005,
+  'optim.final_lr': 0.005,
+  'optim.weight_decay': 0.0,
+  'model.depth': 18,
+  'checkpoint_every_steps': 100,
+  'loss.kd1': 0.0,
+  'loss.kd2': 0.0,
+  'eval.pictures': False,  # process 0 alone draws them (checked once: 6 s, no collective)
 }
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 # Relative difference of the 2 x 2 and 1 x 4 parameter updates (L2 over all parameters)
@@ -50,7 +59,8 @@ def cli(overrides):
 
 
 def tiny_config(overrides):
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from configs import tiny
+
   config = tiny.get_config()
   for key, value in overrides.items():
     *path, name = key.split('.')
@@ -68,14 +78,25 @@ def subprocess_env():
   train step about 2.5x faster here; the few steps then run slower, which costs nothing.
   """
   flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
-  return dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS='cpu',
-              XLA_FLAGS=' '.join(flags + [FAST_COMPILE]))
+  return dict(
+    os.environ,
+    PYTHON=sys.executable,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=' '.join(flags + [FAST_COMPILE]),
+  )
 
 
 def start(command, env):
   """A subprocess in its own session, so that its whole process group can be killed."""
-  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  return subprocess.Popen(
+    command,
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+  )
 
 
 def finish(procs, timeout):
@@ -102,41 +123,79 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp('multihost')
   env = subprocess_env()
   two, one = str(root / 'two_by_two'), str(root / 'one_by_four')
-  two_by_two = [os.path.join(REPO, 'launch', 'local.sh'), '-q', '-n', '2', '-d', '2',
-                '-t', str(TIMEOUT_S), '-l', str(root / 'logs'), '--',
-                '--config', TINY, '--workdir', two] + cli(OVERRIDES)
-  one_by_four = ['env', f'XLA_FLAGS={env["XLA_FLAGS"]} --xla_force_host_platform_device_count=4',
-                 sys.executable, '-m', 'cal_jax.main', '--config', TINY, '--workdir', one,
-                 '--config.eval.enabled=False'] + cli(OVERRIDES)
+  two_by_two = [
+    os.path.join(REPO, 'launch', 'local.sh'),
+    '-q',
+    '-n',
+    '2',
+    '-d',
+    '2',
+    '-t',
+    str(TIMEOUT_S),
+    '-l',
+    str(root / 'logs'),
+    '--',
+    '--config',
+    TINY,
+    '--workdir',
+    two,
+  ] + cli(OVERRIDES)
+  one_by_four = [
+    'env',
+    f'XLA_FLAGS={env["XLA_FLAGS"]} --xla_force_host_platform_device_count=4',
+    sys.executable,
+    '-m',
+    'cal_jax.main',
+    '--config',
+    TINY,
+    '--workdir',
+    one,
+    '--config.eval.enabled=False',
+  ] + cli(OVERRIDES)
   procs = [start(c, env) for c in (two_by_two, one_by_four)]
   start_params = initial_params()  # meanwhile
   (rc2, out2), (rc1, out1) = finish(procs, TIMEOUT_S + 30)
   logs = [open(root / 'logs' / f'process_{i}.log').read() for i in range(2)]
   assert rc2 == 0, out2[-3000:] + ''.join(log[-3000:] for log in logs)
   assert rc1 == 0, out1[-3000:]
-  return {'two': two, 'one': one, 'logs': logs, 'one_log': out1, 'root': root,
-          'start_params': start_params}
+  return {
+    'two': two,
+    'one': one,
+    'logs': logs,
+    'one_log': out1,
+    'root': root,
+    'start_params': start_params,
+  }
 
 
 def final_params(workdir):
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
+
   tree = ocp.PyTreeCheckpointer().restore(
-      os.path.join(workdir, 'checkpoints', str(NUM_STEPS), 'state'))
-  return {jax.tree_util.keystr(k): np.asarray(v, np.float64)
-          for k, v in jax.tree_util.tree_leaves_with_path(tree['params'])}
+    os.path.join(workdir, 'checkpoints', str(NUM_STEPS), 'state')
+  )
+  return {
+    jax.tree_util.keystr(k): np.asarray(v, np.float64)
+    for k, v in jax.tree_util.tree_leaves_with_path(tree['params'])
+  }
 
 
 def initial_params():
   """The runs' initial parameters: `create_train_state` on the same config and seed (compiled
   at XLA's default level here: the same values up to rounding, far below an update)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from cal_jax import train_state  # pylint: disable=g-import-not-at-top
-  from cal_jax.models.cal import create_model  # pylint: disable=g-import-not-at-top
+  import jax
+
+  from cal_jax.models.cal import create_model
+  from cal_jax.training import state as train_state
+
   config = tiny_config(OVERRIDES)
-  state = train_state.create_train_state(create_model(config, NUM_CLASSES), config,
-                                         jax.random.key(config.seed), steps_per_epoch=1)
-  return {jax.tree_util.keystr(k): np.asarray(v, np.float64)
-          for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
+  state = train_state.create_train_state(
+    create_model(config, NUM_CLASSES), config, jax.random.key(config.seed), steps_per_epoch=1
+  )
+  return {
+    jax.tree_util.keystr(k): np.asarray(v, np.float64)
+    for k, v in jax.tree_util.tree_leaves_with_path(state.params)
+  }
 
 
 def test_two_processes_end_with_the_parameters_of_one(runs):
@@ -163,7 +222,8 @@ def test_each_process_feeds_its_own_identities(runs):
 
 
 def test_only_process_zero_writes(runs):
-  from cal_jax import results as results_lib  # pylint: disable=g-import-not-at-top
+  from cal_jax.evaluation import results as results_lib
+
   workdir = runs['two']
   events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
   assert len(events) == 1  # one TensorBoard writer
@@ -188,9 +248,26 @@ def test_two_process_evaluation_equals_one_process(runs):
   workdir = str(runs['root'] / 'evaluated_alone')
   shutil.copytree(runs['two'], workdir)
   os.remove(os.path.join(workdir, 'eval_results.json'))
-  [(rc, out)] = finish([start([sys.executable, '-m', 'cal_jax.main', '--mode', 'eval',
-                               '--config', TINY, '--workdir', workdir] + cli(OVERRIDES),
-                              subprocess_env())], TIMEOUT_S)
+  [(rc, out)] = finish(
+    [
+      start(
+        [
+          sys.executable,
+          '-m',
+          'cal_jax.main',
+          '--mode',
+          'eval',
+          '--config',
+          TINY,
+          '--workdir',
+          workdir,
+        ]
+        + cli(OVERRIDES),
+        subprocess_env(),
+      )
+    ],
+    TIMEOUT_S,
+  )
   assert rc == 0, out[-3000:]
   assert 'JAX process 0 of 1' in out
   with open(os.path.join(workdir, 'eval_results.json')) as f:
@@ -199,5 +276,6 @@ def test_two_process_evaluation_equals_one_process(runs):
   assert one['meta']['checkpoint_step'] == two['meta']['checkpoint_step'] == NUM_STEPS
   for key in one.keys() - {'meta'}:
     for name in ('R1', 'R5', 'R10', 'R20', 'mAP', 'mINP'):
-      np.testing.assert_allclose(two[key][name], one[key][name], rtol=0, atol=1e-4,
-                                 err_msg=f'{key} {name}')
+      np.testing.assert_allclose(
+        two[key][name], one[key][name], rtol=0, atol=1e-4, err_msg=f'{key} {name}'
+      )

@@ -10,14 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from loss_fakes import fake_outputs, loss_weights
 
-from cal_jax import ablations, inference
+from cal_jax import ablations
+from cal_jax.evaluation import embedding as inference
 from cal_jax.losses import metric_losses
 from cal_jax.losses.objective import cal_objective
 from cal_jax.models import attention_adapter, part_queries
 from cal_jax.models.cal import create_model
 from configs import tiny
-from test_kd1_forms import fake_outputs, loss_weights
 
 RNG = np.random.default_rng(4)
 
@@ -32,6 +33,7 @@ def np_unit(x):
 
 
 # ------------------------------------------------------------------ HS ---
+
 
 @pytest.mark.parametrize('height,stripes', [(8, 2), (8, 4), (8, 6), (5, 3), (3, 4)])
 def test_horizontal_stripes_are_adaptive_average_pooling_over_rows(height, stripes):
@@ -54,6 +56,7 @@ def test_six_stripes_of_eight_rows_overlap_by_a_row():
 
 # ------------------------------------------------------------------ LV ---
 
+
 def test_learnable_queries_are_the_same_for_every_image():
   fmap = jnp.asarray(RNG.normal(size=(3, 4, 2, 6)), jnp.float32)
   module = part_queries.LearnableQueries(4)
@@ -70,18 +73,23 @@ def test_m_hat_reorders_the_learned_vectors_of_the_visible_modality():
   config = ablations.apply(tiny.get_config(), ablations.ROWS['drm_lv'])
   model = create_model(config, 5)
   images = jnp.asarray(RNG.uniform(size=(2, 64, 32, 3)), jnp.float32)
-  variables = model.init(jax.random.key(1), images, images, jnp.array([1, 0]),
-                         jnp.array([1, 0]), train=False)
+  variables = model.init(
+    jax.random.key(1), images, images, jnp.array([1, 0]), jnp.array([1, 0]), train=False
+  )
   order = np.array([2, 0, 3, 1])
-  reordered = {'params': inference.reorder_prototypes(variables['params'], order),
-               'batch_stats': variables['batch_stats']}
-  embed = lambda v, m: np.asarray(model.apply(v, images, m, method=type(model).embed)
-                                  ).reshape(2, 4, -1)
+  reordered = {
+    'params': inference.reorder_prototypes(variables['params'], order),
+    'batch_stats': variables['batch_stats'],
+  }
+  embed = lambda v, m: np.asarray(model.apply(v, images, m, method=type(model).embed)).reshape(
+    2, 4, -1
+  )
   np.testing.assert_allclose(embed(reordered, 0), embed(variables, 0)[:, order], atol=1e-6)
   np.testing.assert_allclose(embed(reordered, 1), embed(variables, 1), atol=1e-6)
 
 
 # ------------------------------------------------------------- SD, CA ---
+
 
 def test_scaled_dot_similarity_is_eq6_on_the_raw_features():
   b, n, k, c = 2, 7, 3, 12
@@ -93,8 +101,9 @@ def test_scaled_dot_similarity_is_eq6_on_the_raw_features():
   expected_sim = np_softmax(np.einsum('bkc,bnc->bkn', parts, tokens) / math.sqrt(c))
   np.testing.assert_allclose(sim, expected_sim, rtol=1e-5, atol=1e-6)
   gates = 1 / (1 + np.exp(-adapter.apply(variables, parts, method=lambda m, p: m.channel_mlp(p))))
-  np.testing.assert_allclose(refined, np.einsum('bkn,bnc->bkc', expected_sim, tokens) * gates,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    refined, np.einsum('bkn,bnc->bkc', expected_sim, tokens) * gates, rtol=1e-5, atol=1e-6
+  )
   # No IN and no MLPs theta_1, theta_2 in Eq. (6): only theta_3 has parameters.
   assert set(variables['params']) == {'channel_mlp'}
 
@@ -106,12 +115,14 @@ def test_without_channel_attention_the_refinement_is_the_attended_tokens():
   adapter = attention_adapter.AttentionAdapter(c, 8, 4, 4, channel_attention=False)
   variables = adapter.init(jax.random.key(0), tokens, parts, tokens)
   refined, sim = adapter.apply(variables, tokens, parts, tokens)
-  np.testing.assert_allclose(refined, np.einsum('bkn,bnc->bkc', np.asarray(sim), tokens),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    refined, np.einsum('bkn,bnc->bkc', np.asarray(sim), tokens), rtol=1e-5, atol=1e-6
+  )
   assert 'channel_mlp' not in variables['params']
 
 
 # --------------------------------------------------- triplet and center ---
+
 
 def np_part_distance(a, b):
   return np.mean(np.sqrt(np.sum((a - b) ** 2, axis=-1) + 1e-12), axis=-1)
@@ -134,10 +145,14 @@ def test_center_loss_against_numpy():
   features = RNG.normal(size=(6, 2, 4)).astype(np.float32)
   centers = RNG.normal(size=(3, 2, 4)).astype(np.float32)
   labels = np.array([2, 0, 1, 1, 0, 2])
-  expected = np.mean([0.5 * np.sum((np_unit(features[i, p]) - centers[labels[i], p]) ** 2)
-                      for i in range(6) for p in range(2)])
-  got = metric_losses.center_loss(jnp.asarray(features), jnp.asarray(labels),
-                                  jnp.asarray(centers))
+  expected = np.mean(
+    [
+      0.5 * np.sum((np_unit(features[i, p]) - centers[labels[i], p]) ** 2)
+      for i in range(6)
+      for p in range(2)
+    ]
+  )
+  got = metric_losses.center_loss(jnp.asarray(features), jnp.asarray(labels), jnp.asarray(centers))
   np.testing.assert_allclose(float(got), expected, rtol=1e-5)
 
 
@@ -148,43 +163,52 @@ def test_pcl_form_replaces_only_the_pcl_term(form):
   labels, partner = jnp.array([0, 1, 0, 1]), jnp.array([2, 3, 0, 1])
   base = loss_weights()
   _, terms, _ = cal_objective(outputs, labels, labels, partner, partner, base)
-  _, terms_row, _ = cal_objective(outputs, labels, labels, partner, partner,
-                                  loss_weights(pcl_form=form))
+  _, terms_row, _ = cal_objective(
+    outputs, labels, labels, partner, partner, loss_weights(pcl_form=form)
+  )
   for name in terms:
     if name not in ('pcl', 'loss'):
       assert float(terms_row[name]) == float(terms[name]), name
   assert float(terms_row['pcl']) != float(terms['pcl'])
   both = lambda k: jnp.concatenate([outputs[f'f_{k}'] for k in k])
   if form == 'triplet':
-    expected = metric_losses.batch_hard_triplet_loss(both(('vv', 'ii')),
-                                                     jnp.concatenate([labels, labels]))
+    expected = metric_losses.batch_hard_triplet_loss(
+      both(('vv', 'ii')), jnp.concatenate([labels, labels])
+    )
   else:
-    expected = metric_losses.center_loss(both(('vv', 'ii', 'vi', 'iv')),
-                                         jnp.concatenate([labels] * 4),
-                                         outputs['class_centers'])
+    expected = metric_losses.center_loss(
+      both(('vv', 'ii', 'vi', 'iv')), jnp.concatenate([labels] * 4), outputs['class_centers']
+    )
   np.testing.assert_allclose(float(terms_row['pcl']), float(expected), rtol=1e-6)
 
 
 # ------------------------------------------------- the rows themselves ---
 
+
 def param_paths(config):
   model = create_model(config, 5)
   images = jnp.zeros((2, 64, 32, 3))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images, images,
-                                             jnp.array([1, 0]), jnp.array([1, 0])))
-  return {'/'.join(str(getattr(k, 'key', k)) for k in path)
-          for path, _ in jax.tree_util.tree_flatten_with_path(shapes['params'])[0]}
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), images, images, jnp.array([1, 0]), jnp.array([1, 0]))
+  )
+  return {
+    '/'.join(str(getattr(k, 'key', k)) for k in path)
+    for path, _ in jax.tree_util.tree_flatten_with_path(shapes['params'])[0]
+  }
 
 
 def test_each_table4_row_changes_the_network_as_it_names():
   base = param_paths(tiny.get_config())
-  rows = {name: param_paths(ablations.apply(tiny.get_config(), ablations.ROWS[name]))
-          for name in ('drm_lv', 'drm_hs_4', 'tsaa_sd', 'tsaa_sd_no_ca', 'pcl_center',
-                       'pcl_triplet')}
+  rows = {
+    name: param_paths(ablations.apply(tiny.get_config(), ablations.ROWS[name]))
+    for name in ('drm_lv', 'drm_hs_4', 'tsaa_sd', 'tsaa_sd_no_ca', 'pcl_center', 'pcl_triplet')
+  }
   drm = {p for p in base if p.startswith('region_mining_')}
   assert drm and not drm & rows['drm_lv'] and not drm & rows['drm_hs_4']
-  assert rows['drm_lv'] - base == {'region_mining_visible/vectors',
-                                   'region_mining_infrared/vectors'}
+  assert rows['drm_lv'] - base == {
+    'region_mining_visible/vectors',
+    'region_mining_infrared/vectors',
+  }
   assert rows['drm_hs_4'] == base - drm  # stripes have no parameters
   mlps = {p for p in base if p.startswith(('adapter/token_mlp', 'adapter/query_mlp'))}
   assert mlps and rows['tsaa_sd'] == base - mlps
@@ -201,8 +225,7 @@ def test_lv_and_hs_rows_train_without_the_drm_losses(name):
   images = jnp.asarray(RNG.uniform(size=(4, 64, 32, 3)), jnp.float32)
   labels, partner = jnp.array([0, 1, 0, 1]), jnp.array([2, 3, 0, 1])
   variables = model.init(jax.random.key(0), images, images, partner, partner)
-  outputs, _ = model.apply(variables, images, images, partner, partner,
-                           mutable=['batch_stats'])
+  outputs, _ = model.apply(variables, images, images, partner, partner, mutable=['batch_stats'])
   assert 'part_logits_vis' not in outputs
   assert outputs['sim_vv'].shape[1] == config.model.num_parts
   total, terms, _ = cal_objective(outputs, labels, labels, partner, partner, config.loss)
@@ -212,8 +235,9 @@ def test_lv_and_hs_rows_train_without_the_drm_losses(name):
 
 @pytest.mark.parametrize('name', ['drm_lv', 'drm_hs_2', 'tsaa_sd', 'tsaa_sd_no_ca'])
 def test_table4_network_variants_are_not_exported_to_pytorch(name):
-  from cal_jax import convert
+  from cal_jax.interop import export
+
   config = ablations.apply(tiny.get_config(), ablations.ROWS[name])
   with pytest.raises(ValueError, match="Table 4's ablations"):
-    convert.model_hyperparameters(config)
-  assert convert.model_hyperparameters(tiny.get_config())['num_parts'] == 4
+    export.model_hyperparameters(config)
+  assert export.model_hyperparameters(tiny.get_config())['num_parts'] == 4

@@ -9,17 +9,15 @@ of layer4, 2 in torchvision). `features` returns the last stage's map
 [B, C, h, w], which `cal_jax.models.resnet.ResNet` returns as [B, h, w, C].
 """
 
-from typing import Optional, Type, Union
-
 import torch
 from torch import nn
 
 # arch -> (block kind, blocks per stage), as torchvision's resnet18 .. resnet101.
 ARCHITECTURES = {
-    'resnet18': ('basic', (2, 2, 2, 2)),
-    'resnet34': ('basic', (3, 4, 6, 3)),
-    'resnet50': ('bottleneck', (3, 4, 6, 3)),
-    'resnet101': ('bottleneck', (3, 4, 23, 3)),
+  'resnet18': ('basic', (2, 2, 2, 2)),
+  'resnet34': ('basic', (3, 4, 6, 3)),
+  'resnet50': ('bottleneck', (3, 4, 6, 3)),
+  'resnet101': ('bottleneck', (3, 4, 23, 3)),
 }
 
 
@@ -33,10 +31,12 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions and an identity (or projected) shortcut."""
+
   expansion = 1
 
-  def __init__(self, inplanes: int, planes: int, stride: int = 1,
-               downsample: Optional[nn.Module] = None):
+  def __init__(
+    self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+  ):
     super().__init__()
     self.conv1 = conv3x3(inplanes, planes, stride)
     self.bn1 = nn.BatchNorm2d(planes)
@@ -54,10 +54,12 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 (strided, v1.5) -> 1x1 x4, and a shortcut."""
+
   expansion = 4
 
-  def __init__(self, inplanes: int, planes: int, stride: int = 1,
-               downsample: Optional[nn.Module] = None):
+  def __init__(
+    self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+  ):
     super().__init__()
     self.conv1 = conv1x1(inplanes, planes)
     self.bn1 = nn.BatchNorm2d(planes)
@@ -79,11 +81,12 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
   """torchvision's ResNet; `features` stops before the average pool."""
 
-  def __init__(self, arch: str = 'resnet50', width: int = 64, last_stride: int = 2,
-               num_classes: int = 1000):
+  def __init__(
+    self, arch: str = 'resnet50', width: int = 64, last_stride: int = 2, num_classes: int = 1000
+  ):
     super().__init__()
     kind, layers = ARCHITECTURES[arch]
-    block: Type[Union[BasicBlock, Bottleneck]] = Bottleneck if kind == 'bottleneck' else BasicBlock
+    block: type[BasicBlock | Bottleneck] = Bottleneck if kind == 'bottleneck' else BasicBlock
     self.inplanes = width
     self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
     self.bn1 = nn.BatchNorm2d(width)
@@ -96,12 +99,15 @@ class ResNet(nn.Module):
     self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
     self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
 
-  def _make_layer(self, block: Type[Union[BasicBlock, Bottleneck]], planes: int,
-                  blocks: int, stride: int = 1) -> nn.Sequential:
+  def _make_layer(
+    self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1
+  ) -> nn.Sequential:
     downsample = None
     if stride != 1 or self.inplanes != planes * block.expansion:
-      downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
-                                 nn.BatchNorm2d(planes * block.expansion))
+      downsample = nn.Sequential(
+        conv1x1(self.inplanes, planes * block.expansion, stride),
+        nn.BatchNorm2d(planes * block.expansion),
+      )
     layers = [block(self.inplanes, planes, stride, downsample)]
     self.inplanes = planes * block.expansion
     layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
@@ -116,8 +122,9 @@ class ResNet(nn.Module):
     return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-def randomize_(model: nn.Module, seed: int = 0, image_size: tuple[int, int] = (64, 32)
-               ) -> nn.Module:
+def randomize_(
+  model: nn.Module, seed: int = 0, image_size: tuple[int, int] = (64, 32)
+) -> nn.Module:
   """Gives every weight and every BatchNorm running statistic a random value.
 
   Convolution weights are scaled by fan-in. Running statistics are first
@@ -132,7 +139,7 @@ def randomize_(model: nn.Module, seed: int = 0, image_size: tuple[int, int] = (6
   with torch.no_grad():
     for module in model.modules():
       if isinstance(module, (nn.Conv2d, nn.Linear)):
-        module.weight.copy_(randn(*module.weight.shape) * (2.0 / module.weight[0].numel())**0.5)
+        module.weight.copy_(randn(*module.weight.shape) * (2.0 / module.weight[0].numel()) ** 0.5)
         if module.bias is not None:
           module.bias.copy_(0.1 * randn(*module.bias.shape))
     for bn in batch_norms:

@@ -60,8 +60,7 @@ def match_queries(weights: jax.Array) -> jax.Array:
   """
   weights = jax.lax.stop_gradient(weights)
   result = jax.ShapeDtypeStruct(weights.shape[:2], jnp.int32)
-  return jax.pure_callback(solve_assignments_on_host, result, weights,
-                           vmap_method='expand_dims')
+  return jax.pure_callback(solve_assignments_on_host, result, weights, vmap_method='expand_dims')
 
 
 def matched_weights(weights: jax.Array, perm: jax.Array) -> jax.Array:
@@ -74,8 +73,12 @@ def feature_distill_loss(weights: jax.Array, perm: jax.Array) -> jax.Array:
   return -jnp.mean(jnp.sum(matched_weights(weights, perm), axis=-1))
 
 
-def logit_distill_loss(cross_logits: jax.Array, partner_self_logits: jax.Array,
-                       perm: jax.Array, stop_teacher: bool = True) -> jax.Array:
+def logit_distill_loss(
+  cross_logits: jax.Array,
+  partner_self_logits: jax.Array,
+  perm: jax.Array,
+  stop_teacher: bool = True,
+) -> jax.Array:
   """Eq. (19), averaged over the batch.
 
   Args:
@@ -90,7 +93,8 @@ def logit_distill_loss(cross_logits: jax.Array, partner_self_logits: jax.Array,
     cross_logits = jax.lax.stop_gradient(cross_logits)
   teacher = jax.nn.log_softmax(cross_logits, axis=-1)
   student = jax.nn.log_softmax(
-      jnp.take_along_axis(partner_self_logits, perm[..., None], axis=1), axis=-1)
+    jnp.take_along_axis(partner_self_logits, perm[..., None], axis=1), axis=-1
+  )
   kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
   return jnp.mean(jnp.sum(kl, axis=-1))
 
@@ -126,8 +130,9 @@ def map_distance(teacher: jax.Array, student: jax.Array, form: str) -> jax.Array
   raise ValueError(f'config.loss.kd1_form must be one of {", ".join(KD1_FORMS)}, got {form!r}')
 
 
-def map_distill_loss(teacher: jax.Array, student: jax.Array, perm: jax.Array,
-                     form: str = 'dot') -> jax.Array:
+def map_distill_loss(
+  teacher: jax.Array, student: jax.Array, perm: jax.Array, form: str = 'dot'
+) -> jax.Array:
   """L_kd1 over the matched pairs, averaged over the batch.
 
   Args:
@@ -150,8 +155,8 @@ def permutation_rank(perm: jax.Array) -> jax.Array:
   """Lexicographic rank (Lehmer code) of each permutation: [B, N] -> [B] in [0, N!)."""
   n = perm.shape[-1]
   later_smaller = jnp.sum(
-      jnp.triu(jnp.ones((n, n), bool), k=1)[None] & (perm[:, None, :] < perm[:, :, None]),
-      axis=-1)
+    jnp.triu(jnp.ones((n, n), bool), k=1)[None] & (perm[:, None, :] < perm[:, :, None]), axis=-1
+  )
   weights = jnp.array([math.factorial(n - 1 - k) for k in range(n)], jnp.int32)
   return jnp.sum(later_smaller * weights, axis=-1)
 

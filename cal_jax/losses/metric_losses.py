@@ -15,21 +15,22 @@ unit vectors carry over; `loss.pcl_form` picks the loss.
            rate is not used).
 """
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
 from cal_jax.losses.part_center_loss import part_distance
-from cal_jax.models.cal import l2_normalize
+from cal_jax.models.normalize import l2_normalize
 
 PCL_FORMS = ('pcl', 'triplet', 'center')  # Eq. (14) | Table 4's alternatives
 TRIPLET_MARGIN = 0.3  # AGW / Hermans et al.
 
 
-def batch_hard_triplet_loss(features: jax.Array, labels: jax.Array,
-                            margin: float = TRIPLET_MARGIN,
-                            axis_name: Optional[str] = None) -> jax.Array:
+def batch_hard_triplet_loss(
+  features: jax.Array,
+  labels: jax.Array,
+  margin: float = TRIPLET_MARGIN,
+  axis_name: str | None = None,
+) -> jax.Array:
   """Mean over anchors of [margin + hardest positive - hardest negative]_+.
 
   Args:

@@ -16,12 +16,10 @@ run over all pairs of samples of different classes in the *global* batch: with
 across devices gives the loss of the whole batch.
 """
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
-from cal_jax.models.cal import l2_normalize
+from cal_jax.models.normalize import l2_normalize
 
 
 def class_centroids(features: jax.Array, labels: jax.Array) -> jax.Array:
@@ -35,17 +33,29 @@ def part_distance(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(a - b), axis=-1) + 1e-12), axis=-1)
 
 
-def separation(centroids_a: jax.Array, labels_a: jax.Array, centroids_b: jax.Array,
-               labels_b: jax.Array, margin: float) -> jax.Array:
+def separation(
+  centroids_a: jax.Array,
+  labels_a: jax.Array,
+  centroids_b: jax.Array,
+  labels_b: jax.Array,
+  margin: float,
+) -> jax.Array:
   """Mean over pairs of different labels of [margin - ||c_a - c_b||]_+ (Eq. 15)."""
   dist = part_distance(centroids_a[:, None], centroids_b[None, :])
   different = (labels_a[:, None] != labels_b[None, :]).astype(dist.dtype)
   return jnp.sum(jax.nn.relu(margin - dist) * different) / jnp.maximum(jnp.sum(different), 1.0)
 
 
-def part_center_loss(f_vv: jax.Array, f_ii: jax.Array, f_vi: jax.Array, f_iv: jax.Array,
-                     labels_visible: jax.Array, labels_infrared: jax.Array, margin: float,
-                     axis_name: Optional[str] = None) -> jax.Array:
+def part_center_loss(
+  f_vv: jax.Array,
+  f_ii: jax.Array,
+  f_vi: jax.Array,
+  f_iv: jax.Array,
+  labels_visible: jax.Array,
+  labels_infrared: jax.Array,
+  margin: float,
+  axis_name: str | None = None,
+) -> jax.Array:
   """L_pcl of Eq. (14).
 
   Args:
@@ -67,7 +77,9 @@ def part_center_loss(f_vv: jax.Array, f_ii: jax.Array, f_vi: jax.Array, f_iv: ja
     gather_all = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
     c_v, c_i = gather_all(c_v), gather_all(c_i)
     labels_visible, labels_infrared = gather_all(labels_visible), gather_all(labels_infrared)
-  separate = (separation(c_i, labels_infrared, c_v, labels_visible, margin)
-              + separation(c_i, labels_infrared, c_i, labels_infrared, margin)
-              + separation(c_v, labels_visible, c_v, labels_visible, margin))
+  separate = (
+    separation(c_i, labels_infrared, c_v, labels_visible, margin)
+    + separation(c_i, labels_infrared, c_i, labels_infrared, margin)
+    + separation(c_v, labels_visible, c_v, labels_visible, margin)
+  )
   return gather + separate

@@ -14,7 +14,8 @@ import optax
 def discriminability_loss(part_logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Eq. (4): part_logits [B, N_p, K], labels [B] -> mean over B of the sum over parts."""
   per_part = optax.softmax_cross_entropy_with_integer_labels(
-      part_logits, jnp.broadcast_to(labels[:, None], part_logits.shape[:2]))
+    part_logits, jnp.broadcast_to(labels[:, None], part_logits.shape[:2])
+  )
   return jnp.mean(jnp.sum(per_part, axis=1))
 
 
@@ -37,10 +38,11 @@ def attention_diversity_loss(similarity: jax.Array, form: str = 'cosine') -> jax
   Mean over the batch.
   """
   if form == 'cosine':
-    norms = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(similarity), axis=-1, keepdims=True),
-                                 1e-24))
+    norms = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(similarity), axis=-1, keepdims=True), 1e-24))
     similarity = similarity / norms
   elif form != 'dot':
-    raise ValueError(f'config.loss.attention_div_form must be one of '
-                     f'{", ".join(ATTENTION_DIV_FORMS)}, got {form!r}')
+    raise ValueError(
+      f'config.loss.attention_div_form must be one of '
+      f'{", ".join(ATTENTION_DIV_FORMS)}, got {form!r}'
+    )
   return diversity_loss(jnp.swapaxes(similarity, 1, 2))

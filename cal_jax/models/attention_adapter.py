@@ -50,6 +50,7 @@ def spatial_similarity(queries_hat: jax.Array, tokens_hat: jax.Array) -> jax.Arr
 
 class MLP(nn.Module):
   """Dense -> ReLU -> Dense, applied to the last axis."""
+
   hidden: int
   out: int
 
@@ -69,6 +70,7 @@ class AttentionAdapter(nn.Module):
     similarity: 'tsaa' (Eqs. 7, 9, 10) or 'scaled_dot' (Eq. 6; Table 4 "SD").
     channel_attention: False drops M(P; theta_3) (Table 4 "w/o CA").
   """
+
   channels: int
   hidden: int = 512
   dim: int = 256
@@ -78,12 +80,14 @@ class AttentionAdapter(nn.Module):
 
   def setup(self):
     if self.similarity not in SIMILARITIES:
-      raise ValueError(f'config.model.attention_similarity must be one of {SIMILARITIES}, '
-                       f'got {self.similarity!r}')
+      raise ValueError(
+        f'config.model.attention_similarity must be one of {SIMILARITIES}, got {self.similarity!r}'
+      )
     self.token_mlp = MLP(self.hidden, self.dim)  # theta_1
     self.query_mlp = MLP(self.hidden, self.dim)  # theta_2
-    self.channel_mlp = MLP(max(1, self.channels // self.channel_reduction),
-                           self.channels)  # theta_3
+    self.channel_mlp = MLP(
+      max(1, self.channels // self.channel_reduction), self.channels
+    )  # theta_3
 
   def channel_gates(self, parts: jax.Array) -> jax.Array:
     """M(P; theta_3) of Eq. (8): [B, N_p, C] -> gates in (0, 1), [B, N_p, C] (1 w/o CA)."""
@@ -103,8 +107,9 @@ class AttentionAdapter(nn.Module):
       return parts
     return self.query_mlp(instance_normalize(parts, source_tokens))
 
-  def __call__(self, tokens: jax.Array, parts: jax.Array,
-               source_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, tokens: jax.Array, parts: jax.Array, source_tokens: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
     """A(T; P) of Eq. (8) in one call.
 
     Args:
@@ -114,12 +119,17 @@ class AttentionAdapter(nn.Module):
     Returns:
       (refined features [B, N_p, C], similarity S [B, N_p, H*W]).
     """
-    return refine(tokens, self.encode_tokens(tokens),
-                  self.encode_queries(parts, source_tokens), self.channel_gates(parts))
+    return refine(
+      tokens,
+      self.encode_tokens(tokens),
+      self.encode_queries(parts, source_tokens),
+      self.channel_gates(parts),
+    )
 
 
-def refine(tokens: jax.Array, tokens_hat: jax.Array, queries_hat: jax.Array,
-           channel_gates: jax.Array) -> tuple[jax.Array, jax.Array]:
+def refine(
+  tokens: jax.Array, tokens_hat: jax.Array, queries_hat: jax.Array, channel_gates: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Eq. (8) from precomputed pieces: (S(T, P) T) (x) M(P; theta_3).
 
   Args:
@@ -150,6 +160,8 @@ def attention_statistics(similarity: jax.Array) -> dict[str, jax.Array]:
   peak = jnp.argmax(similarity, axis=-1)  # [B, N_p]
   earlier = jnp.tril(jnp.ones((peak.shape[1],) * 2, bool), k=-1)  # [k, j]: j < k
   repeated = jnp.any((peak[:, :, None] == peak[:, None, :]) & earlier[None], axis=-1)
-  return {'attention_max': jnp.mean(jnp.max(similarity, axis=-1)),
-          'attention_entropy': jnp.mean(entropy),
-          'attention_distinct': jnp.mean(jnp.sum(~repeated, axis=-1).astype(dtype))}
+  return {
+    'attention_max': jnp.mean(jnp.max(similarity, axis=-1)),
+    'attention_entropy': jnp.mean(entropy),
+    'attention_distinct': jnp.mean(jnp.sum(~repeated, axis=-1).astype(dtype)),
+  }

@@ -15,8 +15,6 @@ batch moments are averaged over that mapped axis (synchronised BN), so a batch
 split over devices is normalised exactly as the whole batch would be on one.
 """
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,23 +30,28 @@ class BatchNorm(nn.Module):
     use_bias: learn a shift; BNNeck turns it off, as in the AGW code.
     axis_name: pmap/shard_map axis over which batch moments are averaged.
   """
-  use_running_average: Optional[bool] = None
+
+  use_running_average: bool | None = None
   momentum: float = 0.1
   epsilon: float = 1e-5
   use_bias: bool = True
-  axis_name: Optional[str] = None
+  axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
     use_running_average = nn.merge_param(
-        'use_running_average', self.use_running_average, use_running_average)
+      'use_running_average', self.use_running_average, use_running_average
+    )
     features = x.shape[-1]
     reduce_axes = tuple(range(x.ndim - 1))
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
-    bias = (self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
-            if self.use_bias else jnp.zeros((features,), jnp.float32))
+    bias = (
+      self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+      if self.use_bias
+      else jnp.zeros((features,), jnp.float32)
+    )
 
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value

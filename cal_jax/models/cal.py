@@ -16,28 +16,21 @@ parts of cosine similarities (Sec. 3.4) is one dot product of the flattened
 embeddings.
 """
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cal_jax.models import attention_adapter
+from cal_jax.modality import INFRARED, VISIBLE
+from cal_jax.models import attention_adapter, resnet
 from cal_jax.models import part_queries as part_queries_lib
-from cal_jax.models import resnet
 from cal_jax.models.batch_norm import BatchNorm
+from cal_jax.models.normalize import l2_normalize
 from cal_jax.models.region_mining import RegionMining
 
-VISIBLE = 0
-INFRARED = 1
-
 classifier_init = nn.initializers.normal(stddev=0.001)  # AGW's classifier init
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, epsilon: float = 1e-12) -> jax.Array:
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True),
-                                       epsilon))
 
 
 class CAL(nn.Module):
@@ -46,6 +39,7 @@ class CAL(nn.Module):
   Attributes: see `configs/default.py`, `config.model`; `num_classes` is the
   number of training identities.
   """
+
   num_classes: int
   depth: int = 50
   width: int = 64
@@ -62,54 +56,70 @@ class CAL(nn.Module):
   attention_similarity: str = 'tsaa'  # Table 4: 'scaled_dot' (SD)
   channel_attention: bool = True  # Table 4: False is "w/o CA"
   class_centers: bool = False  # learned centres of Table 4's "PCL -> Center loss"
-  axis_name: Optional[str] = None
+  axis_name: str | None = None
 
   def setup(self):
     self.stem_visible = resnet.Stem(self.width, self.axis_name)
-    self.stem_infrared = (resnet.Stem(self.width, self.axis_name)
-                          if self.modality_specific_stem else self.stem_visible)
+    self.stem_infrared = (
+      resnet.Stem(self.width, self.axis_name) if self.modality_specific_stem else self.stem_visible
+    )
     self.stages = resnet.Stages(self.depth, self.width, self.last_stride, self.axis_name)
     if self.part_queries not in part_queries_lib.PART_QUERIES:
-      raise ValueError(f'config.model.part_queries must be one of '
-                       f'{part_queries_lib.PART_QUERIES}, got {self.part_queries!r}')
+      raise ValueError(
+        f'config.model.part_queries must be one of '
+        f'{part_queries_lib.PART_QUERIES}, got {self.part_queries!r}'
+      )
     # The module that turns a feature map into part queries P: DRM, or one of
     # Table 4's alternatives (named like DRM, so pictures and export find them).
-    drm = {'drm': lambda: RegionMining(self.num_parts, self.select_ratio, self.num_classes,
-                                       tuple(self.pool_sizes)),
-           'learnable': lambda: part_queries_lib.LearnableQueries(self.num_parts),
-           'horizontal': lambda: part_queries_lib.HorizontalStripes(self.num_parts),
-           }[self.part_queries]
+    drm = {
+      'drm': lambda: RegionMining(
+        self.num_parts, self.select_ratio, self.num_classes, tuple(self.pool_sizes)
+      ),
+      'learnable': lambda: part_queries_lib.LearnableQueries(self.num_parts),
+      'horizontal': lambda: part_queries_lib.HorizontalStripes(self.num_parts),
+    }[self.part_queries]
     self.region_mining_visible = drm()
-    self.region_mining_infrared = (self.region_mining_visible if self.shared_region_mining
-                                   else drm())
+    self.region_mining_infrared = self.region_mining_visible if self.shared_region_mining else drm()
     self.adapter = attention_adapter.AttentionAdapter(
-        resnet.output_channels(self.depth, self.width), self.adapter_hidden,
-        self.adapter_dim, self.channel_reduction, self.attention_similarity,
-        self.channel_attention)
+      resnet.output_channels(self.depth, self.width),
+      self.adapter_hidden,
+      self.adapter_dim,
+      self.channel_reduction,
+      self.attention_similarity,
+      self.channel_attention,
+    )
     # BNNeck (AGW): batch norm without shift before a bias-free classifier.
     self.global_neck = BatchNorm(use_bias=False, axis_name=self.axis_name)
-    self.global_classifier = nn.Dense(self.num_classes, use_bias=False,
-                                      kernel_init=classifier_init)
+    self.global_classifier = nn.Dense(self.num_classes, use_bias=False, kernel_init=classifier_init)
     self.part_neck = BatchNorm(use_bias=False, axis_name=self.axis_name)
-    self.part_classifier = nn.Dense(self.num_classes, use_bias=False,
-                                    kernel_init=classifier_init)
+    self.part_classifier = nn.Dense(self.num_classes, use_bias=False, kernel_init=classifier_init)
     if self.class_centers:  # [K, N_p, C], for `metric_losses.center_loss`
       channels = resnet.output_channels(self.depth, self.width)
       self.centers = self.param(
-          'class_centers', nn.initializers.normal(stddev=channels ** -0.5),
-          (self.num_classes, self.num_parts, channels), jnp.float32)
+        'class_centers',
+        nn.initializers.normal(stddev=channels**-0.5),
+        (self.num_classes, self.num_parts, channels),
+        jnp.float32,
+      )
 
-  def feature_maps(self, images_visible: jax.Array, images_infrared: jax.Array,
-                   train: bool) -> tuple[jax.Array, jax.Array]:
+  def feature_maps(
+    self, images_visible: jax.Array, images_infrared: jax.Array, train: bool
+  ) -> tuple[jax.Array, jax.Array]:
     """Both halves through their stems and the shared stages: 2 x [B, h, w, C]."""
-    x = jnp.concatenate([self.stem_visible(images_visible, train),
-                         self.stem_infrared(images_infrared, train)], axis=0)
+    x = jnp.concatenate(
+      [self.stem_visible(images_visible, train), self.stem_infrared(images_infrared, train)], axis=0
+    )
     maps = self.stages(x, train)
-    return maps[:images_visible.shape[0]], maps[images_visible.shape[0]:]
+    return maps[: images_visible.shape[0]], maps[images_visible.shape[0] :]
 
-  def __call__(self, images_visible: jax.Array, images_infrared: jax.Array,
-               partner_of_infrared: jax.Array, partner_of_visible: jax.Array,
-               train: bool = True) -> dict[str, jax.Array]:
+  def __call__(
+    self,
+    images_visible: jax.Array,
+    images_infrared: jax.Array,
+    partner_of_infrared: jax.Array,
+    partner_of_visible: jax.Array,
+    train: bool = True,
+  ) -> dict[str, jax.Array]:
     """Training forward pass.
 
     Args:
@@ -142,27 +152,37 @@ class CAL(nn.Module):
     refine = attention_adapter.refine
     f_vv, sim_vv = refine(tokens_v, tokens_hat_v, queries_hat_v, gates_v)
     f_ii, sim_ii = refine(tokens_i, tokens_hat_i, queries_hat_i, gates_i)
-    f_vi, sim_vi = refine(tokens_v[partner_of_infrared], tokens_hat_v[partner_of_infrared],
-                          queries_hat_i, gates_i)
-    f_iv, sim_iv = refine(tokens_i[partner_of_visible], tokens_hat_i[partner_of_visible],
-                          queries_hat_v, gates_v)
+    f_vi, sim_vi = refine(
+      tokens_v[partner_of_infrared], tokens_hat_v[partner_of_infrared], queries_hat_i, gates_i
+    )
+    f_iv, sim_iv = refine(
+      tokens_i[partner_of_visible], tokens_hat_i[partner_of_visible], queries_hat_v, gates_v
+    )
 
     refined = jnp.concatenate([f_vv, f_ii, f_vi, f_iv], axis=0)  # [4B, N_p, C]
     logits = self.part_classifier(self.part_neck(refined, not train))
     logits_vv, logits_ii, logits_vi, logits_iv = jnp.split(logits, 4, axis=0)
     outputs = {
-        'global_logits': global_logits,
-        'selected_vis': drm_v['selected'], 'selected_ir': drm_i['selected'],
-        'f_vv': f_vv, 'f_ii': f_ii, 'f_vi': f_vi, 'f_iv': f_iv,
-        'sim_vv': sim_vv, 'sim_ii': sim_ii, 'sim_vi': sim_vi, 'sim_iv': sim_iv,
-        'logits_vv': logits_vv, 'logits_ii': logits_ii,
-        'logits_vi': logits_vi, 'logits_iv': logits_iv,
+      'global_logits': global_logits,
+      'selected_vis': drm_v['selected'],
+      'selected_ir': drm_i['selected'],
+      'f_vv': f_vv,
+      'f_ii': f_ii,
+      'f_vi': f_vi,
+      'f_iv': f_iv,
+      'sim_vv': sim_vv,
+      'sim_ii': sim_ii,
+      'sim_vi': sim_vi,
+      'sim_iv': sim_iv,
+      'logits_vv': logits_vv,
+      'logits_ii': logits_ii,
+      'logits_vi': logits_vi,
+      'logits_iv': logits_iv,
     }
     if self.class_centers:
       outputs['class_centers'] = self.centers
     if 'part_logits' in drm_v:  # DRM only: LV and HS have no regions for Eqs. (4)-(5)
-      outputs |= {'part_logits_vis': drm_v['part_logits'],
-                  'part_logits_ir': drm_i['part_logits']}
+      outputs |= {'part_logits_vis': drm_v['part_logits'], 'part_logits_ir': drm_i['part_logits']}
     return outputs
 
   def embed(self, images: jax.Array, modality: int) -> jax.Array:
@@ -203,26 +223,38 @@ class CAL(nn.Module):
     """
     out, (batch, height, width) = self._self_refinement(images, modality)
     as_maps = lambda x: x.reshape(batch, -1, height, width)
-    return {'selected': as_maps(jnp.swapaxes(out['selected'], 1, 2)),
-            'attention': as_maps(out['similarity'])}
+    return {
+      'selected': as_maps(jnp.swapaxes(out['selected'], 1, 2)),
+      'attention': as_maps(out['similarity']),
+    }
 
-  def _self_refinement(self, images: jax.Array, modality: int
-                       ) -> tuple[dict[str, jax.Array], tuple[int, int, int]]:
+  def _self_refinement(
+    self, images: jax.Array, modality: int
+  ) -> tuple[dict[str, jax.Array], tuple[int, int, int]]:
     """`refined_parts` and the feature map's (B, h, w)."""
     if modality not in (VISIBLE, INFRARED):
-      raise ValueError(f'modality must be {VISIBLE} (visible) or {INFRARED} (infrared), '
-                       f'got {modality!r}')
+      raise ValueError(
+        f'modality must be {VISIBLE} (visible) or {INFRARED} (infrared), got {modality!r}'
+      )
     stem = self.stem_visible if modality == VISIBLE else self.stem_infrared
     drm = self.region_mining_visible if modality == VISIBLE else self.region_mining_infrared
     feature_map = self.stages(stem(images, False), False)
     mined = drm(feature_map)
     features, similarity = self.adapter(mined['tokens'], mined['parts'], mined['tokens'])
-    return ({'features': features, 'similarity': similarity, 'scores': mined['scores'],
-             'selected': mined['selected']}, feature_map.shape[:3])
+    return (
+      {
+        'features': features,
+        'similarity': similarity,
+        'scores': mined['scores'],
+        'selected': mined['selected'],
+      },
+      feature_map.shape[:3],
+    )
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int,
-                 axis_name: Optional[str] = None) -> CAL:
+def create_model(
+  config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = None
+) -> CAL:
   """Builds the CAL network from `config.model`."""
   m = config.model
   resnet.check_depth(m.depth)
@@ -230,14 +262,22 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
     raise ValueError(f'config.model.num_parts must be >= 1, got {m.num_parts}')
   if not 0.0 < m.select_ratio <= 1.0:
     raise ValueError(f'config.model.select_ratio (alpha) must be in (0, 1], got {m.select_ratio}')
-  return CAL(num_classes=num_classes, depth=m.depth, width=m.width,
-             last_stride=m.last_stride, modality_specific_stem=m.modality_specific_stem,
-             num_parts=m.num_parts, select_ratio=m.select_ratio,
-             pool_sizes=tuple(m.pool_sizes), shared_region_mining=m.shared_region_mining,
-             adapter_hidden=m.adapter_hidden, adapter_dim=m.adapter_dim,
-             channel_reduction=m.channel_reduction,
-             part_queries=m.get('part_queries', 'drm'),
-             attention_similarity=m.get('attention_similarity', 'tsaa'),
-             channel_attention=m.get('channel_attention', True),
-             class_centers=config.get('loss', {}).get('pcl_form', 'pcl') == 'center',
-             axis_name=axis_name)
+  return CAL(
+    num_classes=num_classes,
+    depth=m.depth,
+    width=m.width,
+    last_stride=m.last_stride,
+    modality_specific_stem=m.modality_specific_stem,
+    num_parts=m.num_parts,
+    select_ratio=m.select_ratio,
+    pool_sizes=tuple(m.pool_sizes),
+    shared_region_mining=m.shared_region_mining,
+    adapter_hidden=m.adapter_hidden,
+    adapter_dim=m.adapter_dim,
+    channel_reduction=m.channel_reduction,
+    part_queries=m.get('part_queries', 'drm'),
+    attention_similarity=m.get('attention_similarity', 'tsaa'),
+    channel_attention=m.get('channel_attention', True),
+    class_centers=config.get('loss', {}).get('pcl_form', 'pcl') == 'center',
+    axis_name=axis_name,
+  )

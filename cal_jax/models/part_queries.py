@@ -36,6 +36,7 @@ def stripe_weights(height: int, width: int, num_stripes: int) -> jax.Array:
 
 class HorizontalStripes(nn.Module):
   """Table 4 "HS": part k is the mean of the k-th horizontal stripe of the map."""
+
   num_parts: int = 4
 
   @nn.compact
@@ -50,15 +51,18 @@ class HorizontalStripes(nn.Module):
 
 class LearnableQueries(nn.Module):
   """Table 4 "LV": N_p learned query vectors, shared by every image."""
+
   num_parts: int = 4
 
   @nn.compact
   def __call__(self, feature_map: jax.Array) -> dict[str, jax.Array]:
     batch, height, width, channels = feature_map.shape
     tokens = feature_map.reshape(batch, height * width, channels)
-    vectors = self.param('vectors', nn.initializers.normal(stddev=1.0),
-                         (self.num_parts, channels), jnp.float32)
+    vectors = self.param(
+      'vectors', nn.initializers.normal(stddev=1.0), (self.num_parts, channels), jnp.float32
+    )
     parts = jnp.broadcast_to(vectors.astype(tokens.dtype), (batch,) + vectors.shape)
-    uniform = jnp.full((batch, height * width, self.num_parts), 1.0 / (height * width),
-                       tokens.dtype)
+    uniform = jnp.full(
+      (batch, height * width, self.num_parts), 1.0 / (height * width), tokens.dtype
+    )
     return {'scores': uniform, 'selected': uniform, 'parts': parts, 'tokens': tokens}

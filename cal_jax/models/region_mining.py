@@ -17,7 +17,7 @@ discriminability constraint (Eq. 4).
 """
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -38,8 +38,7 @@ def multi_scale_max_pool(x: jax.Array, pool_sizes: Sequence[int]) -> jax.Array:
       pooled.append(x)
     else:
       pad = size // 2
-      pooled.append(nn.max_pool(x, (size, size), strides=(1, 1),
-                                padding=((pad, pad), (pad, pad))))
+      pooled.append(nn.max_pool(x, (size, size), strides=(1, 1), padding=((pad, pad), (pad, pad))))
   return jnp.concatenate(pooled, axis=-1)
 
 
@@ -80,6 +79,7 @@ class RegionMining(nn.Module):
     num_classes: training identities, for the part classifiers Phi_k (Eq. 4).
     pool_sizes: max-pooling scales of the scorer.
   """
+
   num_parts: int = 4
   select_ratio: float = 0.6
   num_classes: int = 1
@@ -97,14 +97,18 @@ class RegionMining(nn.Module):
     pooled = multi_scale_max_pool(feature_map, self.pool_sizes)
     # The point-wise convolution whose N_p output channels are the part
     # prototypes that test-time matching reorders (Sec. 3.4).
-    logits = nn.Dense(self.num_parts, name='prototypes')(
-        pooled.reshape(batch, height * width, -1))
+    logits = nn.Dense(self.num_parts, name='prototypes')(pooled.reshape(batch, height * width, -1))
     scores = jax.nn.softmax(logits, axis=1)
     n_k = num_selected_tokens(height * width, self.num_parts, self.select_ratio)
     selected = select_top_tokens(scores, n_k)
     parts = aggregate_parts(selected, tokens)
     part_logits = nn.vmap(
-        nn.Dense, in_axes=1, out_axes=1, variable_axes={'params': 0},
-        split_rngs={'params': True})(self.num_classes, name='part_classifiers')(parts)
-    return {'scores': scores, 'selected': selected, 'parts': parts,
-            'part_logits': part_logits, 'tokens': tokens}
+      nn.Dense, in_axes=1, out_axes=1, variable_axes={'params': 0}, split_rngs={'params': True}
+    )(self.num_classes, name='part_classifiers')(parts)
+    return {
+      'scores': scores,
+      'selected': selected,
+      'parts': parts,
+      'part_logits': part_logits,
+      'tokens': tokens,
+    }

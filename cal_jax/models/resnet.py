@@ -13,7 +13,7 @@ AGW baseline does, and share the stages.
 """
 
 import functools
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -22,10 +22,10 @@ from cal_jax.models.batch_norm import BatchNorm
 
 # depth -> (block kind, blocks per stage)
 ARCHITECTURES = {
-    18: ('basic', (2, 2, 2, 2)),
-    34: ('basic', (3, 4, 6, 3)),
-    50: ('bottleneck', (3, 4, 6, 3)),
-    101: ('bottleneck', (3, 4, 23, 3)),
+  18: ('basic', (2, 2, 2, 2)),
+  34: ('basic', (3, 4, 6, 3)),
+  50: ('bottleneck', (3, 4, 6, 3)),
+  101: ('bottleneck', (3, 4, 23, 3)),
 }
 
 # torchvision initialises convolutions with kaiming_normal_(mode='fan_out').
@@ -34,8 +34,10 @@ conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 def check_depth(depth: int) -> None:
   if depth not in ARCHITECTURES:
-    raise ValueError(f'config.model.depth={depth} is not a supported ResNet depth; '
-                     f'choose one of {sorted(ARCHITECTURES)}.')
+    raise ValueError(
+      f'config.model.depth={depth} is not a supported ResNet depth; '
+      f'choose one of {sorted(ARCHITECTURES)}.'
+    )
 
 
 def block_expansion(depth: int) -> int:
@@ -48,24 +50,30 @@ def output_channels(depth: int, width: int = 64) -> int:
   return width * 8 * block_expansion(depth)
 
 
-def conv(features: int, kernel: int, stride: int = 1, name: Optional[str] = None) -> nn.Conv:
+def conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
   pad = (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=conv_init, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    kernel_init=conv_init,
+    name=name,
+  )
 
 
 class BasicBlock(nn.Module):
   """torchvision `BasicBlock`: two 3x3 convolutions."""
+
   features: int
   stride: int = 1
   downsample: bool = False
-  axis_name: Optional[str] = None
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    norm = functools.partial(BatchNorm, use_running_average=not train,
-                             axis_name=self.axis_name)
+    norm = functools.partial(BatchNorm, use_running_average=not train, axis_name=self.axis_name)
     y = nn.relu(norm(name='bn1')(conv(self.features, 3, self.stride, 'conv1')(x)))
     y = norm(name='bn2')(conv(self.features, 3, 1, 'conv2')(y))
     if self.downsample:
@@ -75,15 +83,15 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
   """torchvision `Bottleneck` (v1.5: the stride sits on the 3x3 convolution)."""
+
   features: int
   stride: int = 1
   downsample: bool = False
-  axis_name: Optional[str] = None
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    norm = functools.partial(BatchNorm, use_running_average=not train,
-                             axis_name=self.axis_name)
+    norm = functools.partial(BatchNorm, use_running_average=not train, axis_name=self.axis_name)
     y = nn.relu(norm(name='bn1')(conv(self.features, 1, 1, 'conv1')(x)))
     y = nn.relu(norm(name='bn2')(conv(self.features, 3, self.stride, 'conv2')(y)))
     y = norm(name='bn3')(conv(self.features * 4, 1, 1, 'conv3')(y))
@@ -94,8 +102,9 @@ class Bottleneck(nn.Module):
 
 class Stem(nn.Module):
   """conv1 (7x7, stride 2) -> bn1 -> relu -> maxpool (3x3, stride 2, pad 1)."""
+
   width: int = 64
-  axis_name: Optional[str] = None
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -108,10 +117,11 @@ class Stem(nn.Module):
 
 class Stages(nn.Module):
   """layer1 .. layer4 of a ResNet."""
+
   depth: int = 50
   width: int = 64
   last_stride: int = 1
-  axis_name: Optional[str] = None
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -127,8 +137,9 @@ class Stages(nn.Module):
       for index in range(num_blocks):
         stride = stage_stride if index == 0 else 1
         needs_projection = index == 0 and (stride != 1 or in_channels != features * expansion)
-        x = block_cls(features, stride, needs_projection, self.axis_name,
-                      name=f'layer{stage + 1}_{index}')(x, train)
+        x = block_cls(
+          features, stride, needs_projection, self.axis_name, name=f'layer{stage + 1}_{index}'
+        )(x, train)
         in_channels = features * expansion
     return x
 
@@ -141,17 +152,17 @@ class ResNet(nn.Module):
     width: stem channels (64 in torchvision; smaller for fast tests).
     last_stride: stride of layer4 (2 in torchvision, 1 in ReID models).
   """
+
   depth: int = 50
   width: int = 64
   last_stride: int = 2
-  axis_name: Optional[str] = None
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, H, W, 3] -> the last stage's feature map [B, h, w, C]."""
     x = Stem(self.width, self.axis_name, name='stem')(x, train)
-    return Stages(self.depth, self.width, self.last_stride, self.axis_name,
-                  name='stages')(x, train)
+    return Stages(self.depth, self.width, self.last_stride, self.axis_name, name='stages')(x, train)
 
 
 def stage_names(depth: int) -> Sequence[str]:

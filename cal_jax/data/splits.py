@@ -1,0 +1,204 @@
+"""From `config.data` to in-memory training and test splits: `load_splits`.
+
+Real data sets are read by their tfds builders from the folder the user names
+(`config.data.manual_dir`) and prepared once into the tfds `data_dir`.
+With `config.data.synthetic` set ('sysu' | 'regdb' | 'llcm'), a synthetic data
+set in that layout is generated first (once, into `manual_dir` or
+`WORKDIR/synthetic_data`) and prepared into `WORKDIR/tfds`, never into the
+default tfds folder where it could shadow the real data set of the same name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+import cal_jax.data.datasets  # noqa: F401  (registers the builders)
+from cal_jax.data.datasets import records, specs, synthetic
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitArrays:
+  """One split in memory, example i in row i of every column.
+
+  Attributes:
+    image: [N] object array of encoded image bytes (JPEG, PNG, BMP, ...).
+    id: [N] int32 data-set identity numbers, not re-mapped.
+    camera: [N] int32 cameras (-1 when the source has none).
+    modality: [N] int32, 0 visible, 1 infrared.
+    path: [N] object array of relative paths ('' when the source has none).
+  """
+
+  image: np.ndarray
+  id: np.ndarray
+  camera: np.ndarray
+  modality: np.ndarray
+  path: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  name: str  # builder name: sysu_mm01 | regdb | llcm
+  train: SplitArrays
+  test: SplitArrays
+
+
+def resolve_paths(data: ml_collections.ConfigDict, workdir: str) -> tuple[str, str, str]:
+  """(builder name, manual_dir, data_dir) for `config.data` and a workdir."""
+  if data.synthetic:
+    if data.synthetic not in specs.BY_SHORT:
+      raise ValueError(
+        f'config.data.synthetic={data.synthetic!r}: choose one of '
+        f'{sorted(specs.BY_SHORT)} or "" for real data'
+      )
+    name = specs.BY_SHORT[data.synthetic].builder
+    manual_dir = data.manual_dir or os.path.join(workdir, 'synthetic_data')
+    data_dir = data.data_dir or os.path.join(workdir, 'tfds')
+    return name, manual_dir, data_dir
+  if not data.manual_dir:
+    raise ValueError(
+      f'config.data.manual_dir is empty: set it to the folder of {data.name} '
+      'as its owners distribute it (--config.data.manual_dir=/path/to/it), or '
+      'use configs/synthetic.py for the built-in synthetic data'
+    )
+  if not os.path.isdir(data.manual_dir):
+    # tfds would reuse a data set prepared earlier in data_dir without looking at it.
+    raise FileNotFoundError(
+      f'config.data.manual_dir={data.manual_dir!r} does not exist: point '
+      f'it at the folder of {data.name}; data prepared from it earlier is '
+      'not used without it'
+    )
+  return data.name, data.manual_dir, data.data_dir
+
+
+def data_source_root(name: str, manual_dir: str) -> str:
+  """The data set folder the builder `name` reads under (or at) `manual_dir`."""
+  return records.find_root(specs.SPECS[name].short, manual_dir)
+
+
+def ensure_synthetic(
+  layout: str, root: str, num_ids: int, seed: int, height: int, infrared_gap: float = 1.0
+) -> None:
+  """Generates the synthetic set into `root` unless it is there; atomic (temp dir + rename)."""
+  if os.path.isdir(root) and os.listdir(root):
+    return
+  parent = os.path.dirname(os.path.abspath(root))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix='.synthetic-', dir=parent)
+  try:
+    summary = synthetic.generate(
+      layout, os.path.join(staging, 'tree'), num_ids, seed, height=height, infrared_gap=infrared_gap
+    )
+    if os.path.isdir(root):
+      os.rmdir(root)
+    os.replace(os.path.join(staging, 'tree'), root)
+    logging.info(
+      'Generated a synthetic %s data set: %d images in %s', layout, summary.num_images, root
+    )
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
+  """Generates (if synthetic), prepares (once) and reads the train and test splits."""
+  data = config.data
+  name, manual_dir, data_dir = resolve_paths(data, workdir)
+  if data.synthetic:
+    ensure_synthetic(
+      data.synthetic,
+      manual_dir,
+      data.synthetic_num_ids,
+      config.seed,
+      data.synthetic_height,
+      data.synthetic_infrared_gap,
+    )
+  full_name = f'{name}/{data.builder_config}' if data.builder_config else name
+  builder = tfds.builder(
+    full_name, data_dir=data_dir or None, skip_corrupt_images=data.get('skip_corrupt_images', False)
+  )
+  prepared = builder.is_prepared()
+  if not prepared:
+    logging.info('Preparing %s from %s into %s.', full_name, manual_dir, builder.data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  source = (builder.info.metadata or {}).get('prepared_from', 'a folder not recorded')
+  if prepared:
+    logging.info(
+      'Using %s prepared earlier in %s from %s (config.data.manual_dir=%s).',
+      full_name,
+      builder.data_dir,
+      source,
+      manual_dir,
+    )
+    if os.path.realpath(source) != os.path.realpath(data_source_root(name, manual_dir)):
+      logging.warning(
+        '%s in %s was prepared from %s, not from config.data.manual_dir=%s: the '
+        'prepared copy is used. Delete %s to prepare it again from %s.',
+        full_name,
+        builder.data_dir,
+        source,
+        manual_dir,
+        builder.data_dir,
+        manual_dir,
+      )
+  skipped = (builder.info.metadata or {}).get('skipped_images', [])
+  if skipped:
+    logging.warning(
+      '%d unreadable images were left out when %s was prepared '
+      '(config.data.skip_corrupt_images): %s',
+      len(skipped),
+      full_name,
+      ', '.join(skipped),
+    )
+  return Splits(
+    name=name, train=load_builder_split(builder, 'train'), test=load_builder_split(builder, 'test')
+  )
+
+
+def load_split(dataset: tf.data.Dataset, batch_size: int = 1024) -> SplitArrays:
+  """Reads a split into memory, keeping the images encoded.
+
+  Args:
+    dataset: examples with 'image' (encoded bytes, e.g. a tfds Image feature
+      read with ``tfds.decode.SkipDecoding()``), 'id', 'modality' and
+      optionally 'camera' and 'path', in a deterministic order.
+    batch_size: examples read at a time.
+
+  Returns:
+    The split's columns.
+  """
+  columns: dict[str, list[np.ndarray]] = {}
+  for batch in dataset.batch(batch_size).as_numpy_iterator():
+    for key, value in batch.items():
+      columns.setdefault(key, []).append(value)
+  if not columns:
+    raise ValueError('the split is empty')
+  full = {key: np.concatenate(values) for key, values in columns.items()}
+  n = len(full['id'])
+  paths = full.get('path', np.full(n, b'', object))
+  return SplitArrays(
+    image=full['image'].astype(object),
+    id=full['id'].astype(np.int32),
+    camera=full.get('camera', np.full(n, -1)).astype(np.int32),
+    modality=full['modality'].astype(np.int32),
+    path=np.array([p.decode() if isinstance(p, bytes) else str(p) for p in paths], dtype=object),
+  )
+
+
+def load_builder_split(builder: Any, split: str) -> SplitArrays:
+  """Reads a split of a prepared tfds builder, images left encoded."""
+  dataset = builder.as_dataset(
+    split=split, shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()}
+  )
+  return load_split(dataset)

@@ -1,0 +1,9 @@
+"""Evaluation: from a trained state to the results of the data set's test protocols.
+
+protocols   query and gallery of every protocol and trial
+metrics     CMC, mAP and mINP, as the reference loops compute them
+embedding   prototype reordering by M-hat, the jitted embedding, part maps
+evaluator   `evaluate(embed_fn, test_split, name, settings) -> Evaluation`
+results     per-trial aggregation, the results file and the paper's tables
+run         evaluating a state: the results file, the log, TensorBoard
+"""

@@ -1,0 +1,1 @@
+"""Pictures of a trained CAL: `figures` chooses what to draw, `plots` draws arrays."""

@@ -1,0 +1,9 @@
+"""Training: the loop, the pmapped step, the state, the optimiser, checkpoints, M-hat's counts.
+
+loop            `train_and_evaluate(config, workdir)` and `evaluate_checkpoint`
+step            the train step, pure, on the named axis 'batch'
+state           the train state and its restore template
+optim           SGD with warm-up and cosine decay (Sec. 4.1)
+checkpointing   Orbax checkpoints with the data position and a compatibility fingerprint
+assignments     `AssignmentCounts`: the part matchings counted per epoch, and M-hat
+"""

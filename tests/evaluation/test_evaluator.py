@@ -1,0 +1,380 @@
+"""Tests of the evaluator and the results on a small synthetic SYSU-MM01.
+
+The embedding functions are fakes whose features are known: each looks up
+which test image (and which view, plain or mirrored) it was given by nearest
+neighbour among pixels computed here with numpy, and returns a feature chosen
+for that (image, view). Expected metrics come from `evaluate_ranking` called
+on features built here, with query and gallery sets from `build_split`.
+"""
+
+import collections
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from cal_jax.data import augment, images
+from cal_jax.data.datasets import synthetic
+from cal_jax.data.splits import SplitArrays, load_builder_split
+from cal_jax.evaluation import embedding as inference
+from cal_jax.evaluation import evaluator as evaluate_lib
+from cal_jax.evaluation import metrics, protocols
+from cal_jax.evaluation import results as results_lib
+from configs import default
+
+tfds.disable_progress_bar()
+pytestmark = pytest.mark.filterwarnings('ignore:gallery of .* is smaller than max_rank')
+
+IMAGE_SIZE = (32, 16)
+BATCH = 8
+NUM_PARTS = 2
+PART_DIM = 3
+SYSU_KEYS = ['sysu/all/single', 'sysu/all/multi', 'sysu/indoor/single', 'sysu/indoor/multi']
+
+
+@pytest.fixture(scope='module')
+def split(tmp_path_factory):
+  """The test split of an 18-identity synthetic SYSU-MM01 (6 test ids)."""
+  base = tmp_path_factory.mktemp('sysu_eval')
+  synthetic.generate(
+    'sysu',
+    str(base / 'manual' / 'SYSU-MM01'),
+    num_ids=18,
+    seed=0,
+    images_per_camera=(1, 3),
+    height=48,
+  )
+  builder = tfds.builder('sysu_mm01', data_dir=str(base / 'tfds'))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(base / 'manual'))
+  )
+  return load_builder_split(builder, 'test')
+
+
+@pytest.fixture
+def settings():
+  config = default.get_config()
+  config.data.image_height, config.data.image_width = IMAGE_SIZE
+  config.data.eval_batch_size = BATCH
+  config.data.eval_flip = True
+  config.model.num_parts = NUM_PARTS
+  return evaluate_lib.EvalSettings.from_config(config)
+
+
+def test_settings_of_the_baseline_normalise_the_whole_feature():
+  config = default.get_config()
+  assert evaluate_lib.EvalSettings.from_config(config).num_parts == config.model.num_parts
+  config.model.embedding = 'global'
+  assert evaluate_lib.EvalSettings.from_config(config).num_parts == 1
+
+
+def _as_llcm(split):
+  """The same images with LLCM-like cameras (near-infrared 3 -> 7, 6 -> 8)."""
+  camera = split.camera.copy()
+  camera[(split.modality == 1) & (camera == 3)] = 7
+  camera[(split.modality == 1) & (camera == 6)] = 8
+  return SplitArrays(split.image, split.id, camera, split.modality, split.path)
+
+
+class FakeEmbed:
+  """embed_fn returning ``table[index, view]`` for the image it is given.
+
+  Attributes:
+    table: [N, 2, D] the feature of each test image, plain (0) and mirrored
+      (1).
+    calls: one list of (index, view) per call, in call order.
+  """
+
+  def __init__(self, split, table):
+    pixels = images.resize_images(split.image, IMAGE_SIZE)
+    plain = ((pixels / np.float32(255) - augment.IMAGENET_MEAN) / augment.IMAGENET_STD).astype(
+      np.float32
+    )
+    views = np.stack([plain, plain[:, :, ::-1]], axis=1)  # [N, 2, H, W, 3]
+    self.candidates = views.reshape(-1, plain[0].size)
+    self.modality = split.modality
+    self.table = np.asarray(table, np.float32)
+    self.calls = []
+
+  def __call__(self, images, modality):
+    shape = images.shape
+    flat = np.asarray(images, np.float32).reshape(-1, self.candidates.shape[1])
+    diff = np.abs(flat[:, None] - self.candidates[None]).max(axis=2)
+    best = diff.argmin(axis=1)
+    assert diff[np.arange(len(best)), best].max() < 1e-4
+    index, view = best // 2, best % 2
+    assert (self.modality[index] == modality).all()
+    self.calls.append(list(zip(index.tolist(), view.tolist())))
+    return self.table[index, view].reshape(shape[:-3] + (-1,))
+
+
+def _random_table(n, seed=0):
+  return np.random.default_rng(seed).normal(size=(n, 2, NUM_PARTS * PART_DIM)).astype(np.float32)
+
+
+def _numpy_features(table, flip=True):
+  """Flip average, then each part L2-normalised, in numpy: [N, D]."""
+  f = table.mean(axis=1) if flip else table[:, 0]
+  parts = f.reshape(len(f), NUM_PARTS, -1).astype(np.float64)
+  parts /= np.linalg.norm(parts, axis=-1, keepdims=True)
+  return parts.reshape(len(f), -1)
+
+
+def _direct(features, split, key, trial):
+  """evaluate_ranking on hand-built features: one trial, in percent."""
+  table = protocols.RecordTable.from_records(
+    [
+      collections.namedtuple('R', 'path id camera modality')(*r)
+      for r in zip(split.path, split.id, split.camera, split.modality)
+    ]
+  )
+  s = protocols.build_split(table, key, trial)
+  features = features.astype(np.float32)
+  out = metrics.evaluate_ranking(
+    -(features[s.query] @ features[s.gallery].T),
+    split.id[s.query],
+    split.id[s.gallery],
+    split.camera[s.query],
+    split.camera[s.gallery],
+    protocol=s.metric,
+  )
+  cmc = out['cmc']
+  return {
+    'R1': 100 * cmc[0],
+    'R5': 100 * cmc[min(5, len(cmc)) - 1],
+    'R10': 100 * cmc[min(10, len(cmc)) - 1],
+    'R20': 100 * cmc[min(20, len(cmc)) - 1],
+    'mAP': 100 * out['mAP'],
+    'mINP': 100 * out['mINP'],
+    'cmc': 100 * np.asarray(cmc),
+  }, s
+
+
+def test_protocol_keys():
+  assert evaluate_lib.protocol_keys('sysu_mm01') == SYSU_KEYS
+  assert evaluate_lib.protocol_keys('regdb') == ['regdb/v2t', 'regdb/t2v']
+  assert evaluate_lib.protocol_keys('llcm') == ['llcm/v2n', 'llcm/n2v']
+  with pytest.raises(ValueError, match='no test protocols'):
+    evaluate_lib.protocol_keys('market1501')
+
+
+@pytest.mark.parametrize('flip,local_devices', [(True, None), (False, None), (True, 2)])
+def test_extract_features_flip_and_parts(split, flip, local_devices):
+  fake = FakeEmbed(split, _random_table(len(split)))
+  visible = np.flatnonzero(split.modality == 0)
+  indices = np.random.default_rng(1).permutation(visible)[:11]  # 2 batches
+  got = inference.extract_features(
+    fake,
+    split,
+    indices,
+    modality=0,
+    image_size=IMAGE_SIZE,
+    batch_size=BATCH,
+    flip=flip,
+    num_parts=NUM_PARTS,
+    local_devices=local_devices,
+  )
+  want = _numpy_features(fake.table, flip)[indices]
+  assert got.shape == (11, NUM_PARTS * PART_DIM) and got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert len(fake.calls) == 2 * (2 if flip else 1)
+  views = [v for call in fake.calls for _, v in call]
+  assert views.count(1) == (views.count(0) if flip else 0)
+
+
+def test_extract_features_one_modality(split):
+  fake = FakeEmbed(split, _random_table(len(split)))
+  mixed = [int(np.flatnonzero(split.modality == 0)[0]), int(np.flatnonzero(split.modality == 1)[0])]
+  with pytest.raises(ValueError, match='one modality per call'):
+    inference.extract_features(
+      fake,
+      split,
+      mixed,
+      modality=0,
+      image_size=IMAGE_SIZE,
+      batch_size=BATCH,
+      flip=True,
+      num_parts=NUM_PARTS,
+    )
+  assert not fake.calls
+
+
+def test_identity_embedding_is_perfect(split, settings):
+  ids = np.unique(split.id)
+  one_hot = (split.id[:, None] == ids[None]).astype(np.float32)
+  table = np.tile(one_hot, (1, NUM_PARTS))[:, None].repeat(2, axis=1)
+  out = evaluate_lib.evaluate(
+    FakeEmbed(split, table), split, 'sysu_mm01', settings, log=lambda _: None
+  ).results
+  assert list(out) == SYSU_KEYS
+  for key, r in out.items():
+    for name in results_lib.METRICS:
+      assert r[name] == pytest.approx(100.0), (key, name)
+      assert r[name + '_std'] == pytest.approx(0.0), (key, name)
+    assert r['trials'] == 10
+    assert r['gallery_draw'] == 'random.seed(0) .. random.seed(9)'
+
+
+@pytest.mark.parametrize('dataset', ['sysu_mm01', 'regdb', 'llcm'])
+def test_random_embedding_equals_direct_ranking(split, settings, dataset):
+  data = _as_llcm(split) if dataset == 'llcm' else split
+  settings = dataclasses.replace(
+    settings, builder_config='trial_3' if dataset == 'regdb' else '', num_trials=3
+  )
+  fake = FakeEmbed(data, _random_table(len(data), seed=2))
+  lines = []
+  evaluation = evaluate_lib.evaluate(fake, data, dataset, settings, log=lines.append)
+  out = evaluation.results
+  features = _numpy_features(fake.table)
+  trials = 1 if dataset == 'regdb' else 3
+  assert list(out) == evaluate_lib.protocol_keys(dataset)
+  used = set()
+  for key, r in out.items():
+    assert r['trials'] == len(r['per_trial']) == trials
+    per_trial = []
+    for t in range(trials):
+      want, s = _direct(features, data, key, t)
+      used |= set(s.query.tolist()) | set(s.gallery.tolist())
+      got = evaluation.splits[key][t]  # what the pictures read
+      np.testing.assert_array_equal(got.gallery, s.gallery)
+      np.testing.assert_allclose(
+        evaluation.features_of(got.query), features[s.query], rtol=1e-5, atol=1e-6
+      )
+      per_trial.append(want)
+      for name, value in want.items():
+        assert r['per_trial'][t][name] == pytest.approx(value, abs=1e-9)
+      assert r['per_trial'][t]['cmc'][0] == r['per_trial'][t]['R1']
+      assert r['per_trial'][t]['num_gallery'] == len(s.gallery)
+    for name in results_lib.METRICS:
+      values = [p[name] for p in per_trial]
+      assert r[name] == pytest.approx(np.mean(values), abs=1e-9)
+      want_std = np.std(values, ddof=1) if trials > 1 else 0.0
+      assert r[name + '_std'] == pytest.approx(want_std, abs=1e-9)
+    np.testing.assert_allclose(r['cmc'], np.mean([p['cmc'] for p in per_trial], axis=0), atol=1e-9)
+    assert any(line.startswith(key) for line in lines)
+  if dataset == 'regdb':
+    assert out['regdb/v2t']['gallery_draw'] == 'whole test split of trial_3'
+    assert out['regdb/t2v']['per_trial'][0]['trial'] == 3
+
+  # Each needed image once per view; the only repeats are the padding of a
+  # modality's last batch, which repeats that modality's first image.
+  embedded = collections.Counter(iv for call in fake.calls for iv in call)
+  assert {i for i, _ in embedded} == used
+  for modality in (0, 1):
+    n = sum(1 for i in used if data.modality[i] == modality)
+    calls = [c for c in fake.calls if data.modality[c[0][0]] == modality]
+    assert len(calls) == 2 * -(-n // BATCH)
+    repeated = [
+      iv for iv, count in embedded.items() if count > 1 and data.modality[iv[0]] == modality
+    ]
+    assert len({i for i, _ in repeated}) <= 1
+    for iv in repeated:
+      assert embedded[iv] == 1 + (-n) % BATCH
+
+
+def test_evaluate_checks_keys(split, settings):
+  fake = FakeEmbed(split, _random_table(len(split)))
+  with pytest.raises(ValueError, match='does not belong'):
+    evaluate_lib.evaluate(fake, split, 'sysu_mm01', settings, keys=['regdb/v2t'])
+  with pytest.raises(ValueError, match='only applies to SYSU'):
+    evaluate_lib.evaluate(
+      fake, split, 'regdb', dataclasses.replace(settings, rand_perm_path='rand_perm_cam.mat')
+    )
+  visible = split.modality == 0
+  only_visible = SplitArrays(
+    *(getattr(split, f)[visible] for f in ('image', 'id', 'camera', 'modality', 'path'))
+  )
+  with pytest.raises(ValueError, match='is empty'):
+    evaluate_lib.evaluate(fake, only_visible, 'regdb', settings)
+  assert not fake.calls
+
+
+def _results():
+  draws = [f'random.seed({t})' for t in range(3)]
+  per_trial = [
+    {
+      'trial': t,
+      'R1': 70.0 + t,
+      'R5': 85.0,
+      'R10': 90.5 + t,
+      'R20': 95.0,
+      'mAP': 66.0 - t,
+      'mINP': 40.0 + 2 * t,
+    }
+    for t in range(3)
+  ]
+  single = dict(per_trial[0], R1=94.51, mAP=88.67)
+  return {
+    'sysu/all/single': results_lib.summarize(per_trial, draws),
+    'regdb/v2t': results_lib.summarize([single], ['whole test split']),
+  }
+
+
+def test_write_results_atomic_and_readable(tmp_path, monkeypatch):
+  results = _results()
+  path = str(tmp_path / 'out' / 'results.json')
+  meta = {'checkpoint_step': np.int64(1200), 'dataset': 'sysu_mm01'}
+  results_lib.write_results(path, results, meta)
+  with open(path) as f:
+    raw = json.load(f)
+  assert raw['meta']['checkpoint_step'] == 1200
+  assert raw['meta']['gallery_draw']['sysu/all/single'] == ('random.seed(0) .. random.seed(2)')
+  assert 'date' in raw['meta']
+  got, got_meta = results_lib.read_results(path)
+  assert got == results and got_meta['dataset'] == 'sysu_mm01'
+
+  # A failure before the rename leaves the old file whole and no debris.
+  def fail(src, dst):
+    raise OSError('disk full')
+
+  monkeypatch.setattr(os, 'replace', fail)
+  with pytest.raises(OSError, match='disk full'):
+    results_lib.write_results(path, {}, meta)
+  monkeypatch.undo()
+  assert results_lib.read_results(path)[0] == results
+  assert os.listdir(tmp_path / 'out') == ['results.json']
+  with pytest.raises(ValueError, match='checkpoint_step'):
+    results_lib.write_results(path, results, {'dataset': 'sysu_mm01'})
+
+
+def test_format_table():
+  """The paper's layout: a table per data set, a column group per mode."""
+  results = _results()
+  results['sysu/indoor/multi'] = results_lib.summarize(
+    [dict(t, R1=t['R1'] + 10) for t in results['sysu/all/single']['per_trial']],
+    ['random.seed(0)'] * 3,
+  )
+  expected = """\
+SYSU-MM01 (as the paper's Table 1)
+      all-search single-shot, 3 trials         indoor-search multi-shot, 3 trials
+           R1     R10     R20     mAP    mINP       R1     R10     R20     mAP    mINP
+mean    71.00   91.50   95.00   65.00   42.00    81.00   91.50   95.00   65.00   42.00
+std      1.00    1.00    0.00    1.00    2.00     1.00    1.00    0.00    1.00    2.00
+
+RegDB (as the paper's Table 2)
+      visible to infrared, 1 trial
+           R1     R10     R20     mAP    mINP
+mean    94.51   90.50   95.00   88.67   40.00
+std         -       -       -       -       -"""
+  assert results_lib.format_table(results) == expected
+  # The order of the paper, whatever the order of the results.
+  assert results_lib.format_table(dict(reversed(results.items()))) == expected
+
+
+def test_combine_runs():
+  runs = [
+    {
+      'regdb/v2t': results_lib.summarize(
+        [{'R1': r1, 'R5': 0, 'R10': 0, 'R20': 0, 'mAP': r1 - 5, 'mINP': 0}],
+        [f'whole test split of trial_{t}'],
+      )
+    }
+    for t, r1 in ((1, 90.0), (2, 94.0))
+  ]
+  out = results_lib.combine_runs(runs)['regdb/v2t']
+  assert out['trials'] == 2 and out['R1'] == 92.0 and out['mAP'] == 87.0
+  assert out['R1_std'] == pytest.approx(np.std([90, 94], ddof=1))
+  assert 'trial_1' in out['gallery_draw'] and 'trial_2' in out['gallery_draw']
