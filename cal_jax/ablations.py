@@ -112,6 +112,11 @@ ROWS = {
       loss__attention_div=1.0,
       loss__attention_div_form='cosine',
     ),
+    _row(
+      'tsaa_cosine',
+      'TSAA with cosine similarity (not in the paper)',
+      model__attention_similarity='cosine',
+    ),
     _row('no_stop_gradient', 'teachers not stopped', loss__stop_teacher_gradient=False),
     _row('no_global_id', 'w/o global ID loss', loss__global_id=0.0),
   ]
@@ -147,6 +152,7 @@ TABLES = {
     'kd1_kl_attention_div',
     'attention_div',
     'attention_div_cosine',
+    'tsaa_cosine',
     'tca',
     'pcl_none',
     'no_stop_gradient',

@@ -241,3 +241,33 @@ def test_table4_network_variants_are_not_exported_to_pytorch(name):
   with pytest.raises(ValueError, match="Table 4's ablations"):
     export.model_hyperparameters(config)
   assert export.model_hyperparameters(tiny.get_config())['num_parts'] == 4
+
+
+def test_cosine_similarity_is_a_scaled_softmax_of_cosines():
+  b, n, k, c = 2, 7, 3, 12
+  tokens = RNG.normal(size=(b, n, c)).astype(np.float32)
+  parts = RNG.normal(size=(b, k, c)).astype(np.float32)
+  adapter = attention_adapter.AttentionAdapter(c, 8, 4, 4, similarity='cosine')
+  variables = adapter.init(jax.random.key(0), tokens, parts, tokens)
+  assert float(variables['params']['cosine_scale']) == attention_adapter.COSINE_SCALE
+  _, sim = adapter.apply(variables, tokens, parts, tokens)
+  t_hat = np.asarray(
+    adapter.apply(
+      variables, tokens, method=lambda m, t: m.token_mlp(attention_adapter.instance_normalize(t, t))
+    )
+  )
+  p_hat = np.asarray(
+    adapter.apply(
+      variables,
+      parts,
+      tokens,
+      method=lambda m, p, t: m.query_mlp(attention_adapter.instance_normalize(p, t)),
+    )
+  )
+  # A vector of zeros (every hidden ReLU off) has cosine 0, as l2_normalize's floor gives.
+  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+  cos = np.einsum('bkd,bnd->bkn', unit(p_hat), unit(t_hat))
+  np.testing.assert_allclose(
+    sim, np_softmax(attention_adapter.COSINE_SCALE * cos), rtol=1e-4, atol=1e-6
+  )
+  assert np.all(np.abs(cos) <= 1 + 1e-6)

@@ -18,14 +18,23 @@ Table 4's TSAA ablations are attributes: `similarity='scaled_dot'` replaces
 Eq. (9) by the scaled dot product of Eq. (6), softmax(P T^T / sqrt(C)) on the
 raw queries and tokens (no IN, no MLPs: T_hat = T, P_hat = P), and
 `channel_attention=False` drops M(P; theta_3) from Eq. (8) (gates of 1).
+
+Not in the paper, a remedy under test: `similarity='cosine'` keeps Eqs. (7)
+and (10) but compares the unit vectors of T_hat and P_hat, scaled by a learned
+temperature s (initially `COSINE_SCALE`): S = softmax(s cos(P_hat, T_hat)).
+A token whose T_hat is long then wins no query by its length alone (the
+"sink" border token of docs/decisions.md).
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cal_jax.models.normalize import l2_normalize
+
 INSTANCE_NORM_EPSILON = 1e-5
-SIMILARITIES = ('tsaa', 'scaled_dot')  # Eq. (9) | Eq. (6), Table 4 "TSAA (SD)"
+SIMILARITIES = ('tsaa', 'scaled_dot', 'cosine')  # Eq. (9) | Eq. (6), Table 4 "SD" | cosine
+COSINE_SCALE = 10.0  # initial temperature of the cosine similarity
 
 
 def token_statistics(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -83,6 +92,10 @@ class AttentionAdapter(nn.Module):
       raise ValueError(
         f'config.model.attention_similarity must be one of {SIMILARITIES}, got {self.similarity!r}'
       )
+    if self.similarity == 'cosine':
+      self.cosine_scale = self.param(
+        'cosine_scale', nn.initializers.constant(COSINE_SCALE), (), jnp.float32
+      )
     self.token_mlp = MLP(self.hidden, self.dim)  # theta_1
     self.query_mlp = MLP(self.hidden, self.dim)  # theta_2
     self.channel_mlp = MLP(
@@ -99,13 +112,19 @@ class AttentionAdapter(nn.Module):
     """T_hat = M(IN(T); theta_1): [B, H*W, C] -> [B, H*W, d] (T itself for Eq. 6)."""
     if self.similarity == 'scaled_dot':
       return tokens
-    return self.token_mlp(instance_normalize(tokens, tokens))
+    encoded = self.token_mlp(instance_normalize(tokens, tokens))
+    return l2_normalize(encoded) if self.similarity == 'cosine' else encoded
 
   def encode_queries(self, parts: jax.Array, source_tokens: jax.Array) -> jax.Array:
     """P_hat = M(IN(P); theta_2), IN with the statistics of T_P: -> [B, N_p, d] (P for Eq. 6)."""
     if self.similarity == 'scaled_dot':
       return parts
-    return self.query_mlp(instance_normalize(parts, source_tokens))
+    encoded = self.query_mlp(instance_normalize(parts, source_tokens))
+    if self.similarity != 'cosine':
+      return encoded
+    # Eq. (9) divides by sqrt(d): the scale s is applied as s * sqrt(d) here.
+    scale = self.cosine_scale * jnp.sqrt(float(self.dim))
+    return l2_normalize(encoded) * scale.astype(encoded.dtype)
 
   def __call__(
     self, tokens: jax.Array, parts: jax.Array, source_tokens: jax.Array
