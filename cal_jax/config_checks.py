@@ -239,6 +239,10 @@ RULES: dict[str, Any] = {
   'eval.num_trials': Int(1),
   'eval.rand_perm_path': Text(),
   'eval.pictures': Bool(),
+  'eval.rerank': Bool(),
+  'eval.rerank_k1': Int(1),
+  'eval.rerank_k2': Int(1),
+  'eval.rerank_lambda': Float(0.0, 1.0),
 }
 
 

@@ -109,6 +109,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.enabled = True  # evaluate at the end of training (and every eval_every_steps)
   config.eval.num_trials = 10  # gallery draws (SYSU-MM01, LLCM)
   config.eval.rand_perm_path = ''  # SYSU exp/rand_perm_cam.mat: MATLAB galleries
+  # k-reciprocal re-ranking (Zhong et al. 2017) of every protocol's distances; off as in the
+  # paper ("tested without re-ranking"); k1, k2, lambda are the values torchreid and fast-reid use.
+  config.eval.rerank = False
+  config.eval.rerank_k1 = 20
+  config.eval.rerank_k2 = 6
+  config.eval.rerank_lambda = 0.3
   config.eval.pictures = True  # DRM regions, TSAA attention, ranked lists, CMC to TensorBoard
 
   return config

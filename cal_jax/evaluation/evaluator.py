@@ -36,6 +36,7 @@ import numpy as np
 from cal_jax.data.datasets import specs
 from cal_jax.data.splits import SplitArrays
 from cal_jax.evaluation import metrics, protocols
+from cal_jax.evaluation import rerank as rerank_lib
 from cal_jax.evaluation import results as results_lib
 from cal_jax.evaluation.embedding import EmbedFn, extract_features
 from cal_jax.modality import NAMES as MODALITY_NAMES
@@ -61,6 +62,7 @@ class EvalSettings:
     rand_perm_path: SYSU-MM01's ``exp/rand_perm_cam.mat``, or '' for seeded draws.
     builder_config: RegDB's data split ('trial_t'), named in its results.
     embedding: 'parts' (CAL) or 'global' (the baseline), config.model.embedding.
+    rerank: k-reciprocal re-ranking of each trial's distances, or None (config.eval.rerank).
   """
 
   image_size: tuple[int, int]
@@ -71,6 +73,7 @@ class EvalSettings:
   rand_perm_path: str = ''
   builder_config: str = ''
   embedding: str = 'parts'
+  rerank: rerank_lib.RerankSettings | None = None
 
   @classmethod
   def from_config(cls, config: Any) -> EvalSettings:
@@ -85,6 +88,13 @@ class EvalSettings:
       rand_perm_path=config.eval.rand_perm_path or '',
       builder_config=config.data.builder_config or '',
       embedding=embedding,
+      rerank=(
+        rerank_lib.RerankSettings(
+          int(config.eval.rerank_k1), int(config.eval.rerank_k2), float(config.eval.rerank_lambda)
+        )
+        if config.eval.get('rerank', False)
+        else None
+      ),
     )
 
 
@@ -207,7 +217,9 @@ def evaluate(
   out = {}
   for group in groups.values():
     start = time.perf_counter()
-    distances = _Distances(features, row_of, [s for key in group for s in splits[key]])
+    distances = _Distances(
+      features, row_of, [s for key in group for s in splits[key]], settings.rerank
+    )
     log(
       f'distances of {len(distances.rows)} probes to '
       f'{len(distances.cols)} gallery images in '
@@ -217,6 +229,7 @@ def evaluate(
       start = time.perf_counter()
       per_trial = [_score(distances, table, s) for s in splits[key]]
       out[key] = results_lib.summarize(per_trial, [s.gallery_draw for s in splits[key]])
+      out[key]['rerank'] = settings.rerank.describe() if settings.rerank else 'none'
       r = out[key]
       log(
         f'{key}: R1 {r["R1"]:.2f} R10 {r["R10"]:.2f} mAP {r["mAP"]:.2f} '
@@ -325,18 +338,39 @@ class _Distances:
   against the union of their galleries (SYSU-MM01: every infrared probe
   against every visible image any draw picks), [R, C] float32; a trial takes
   its rows and columns.
+
+  With re-ranking, the Euclidean probe-gallery, probe-probe and
+  gallery-gallery distances of the unions are computed once too, and each
+  trial re-ranks its own probes and gallery from their blocks (the k-reciprocal
+  sets depend on which images a trial holds).
   """
 
-  def __init__(self, features: np.ndarray, row_of: np.ndarray, splits: Sequence[protocols.Split]):
+  def __init__(
+    self,
+    features: np.ndarray,
+    row_of: np.ndarray,
+    splits: Sequence[protocols.Split],
+    rerank: rerank_lib.RerankSettings | None = None,
+  ):
     self.rows = np.unique(np.concatenate([s.query for s in splits]))
     self.cols = np.unique(np.concatenate([s.gallery for s in splits]))
-    self.matrix = -(features[row_of[self.rows]] @ features[row_of[self.cols]].T)
+    probes, gallery = features[row_of[self.rows]], features[row_of[self.cols]]
+    self.matrix = -(probes @ gallery.T)
+    self.rerank = rerank
+    if rerank is not None:
+      self.q_g = rerank_lib.euclidean(probes, gallery)
+      self.q_q = rerank_lib.euclidean(probes, probes)
+      self.g_g = rerank_lib.euclidean(gallery, gallery)
 
   def of(self, split: protocols.Split) -> np.ndarray:
     """[Q, G] distances of one trial's probes and gallery, in their order."""
-    return self.matrix[
-      np.ix_(np.searchsorted(self.rows, split.query), np.searchsorted(self.cols, split.gallery))
-    ]
+    q = np.searchsorted(self.rows, split.query)
+    g = np.searchsorted(self.cols, split.gallery)
+    if self.rerank is None:
+      return self.matrix[np.ix_(q, g)]
+    return rerank_lib.rerank(
+      self.q_g[np.ix_(q, g)], self.q_q[np.ix_(q, q)], self.g_g[np.ix_(g, g)], self.rerank
+    )
 
 
 def _score(

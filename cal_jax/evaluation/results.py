@@ -175,7 +175,11 @@ def _dataset_table(prefix: str, keys: Sequence[str], results: dict[str, dict[str
         for name in TABLE_METRICS
       )
     )
-  lines = [_TITLES.get(prefix, prefix)]
+  title = _TITLES.get(prefix, prefix)
+  reranked = sorted({results[k].get('rerank', 'none') for k in keys} - {'none'})
+  if reranked:
+    title += ', re-ranked: ' + ', '.join(reranked)
+  lines = [title]
   for label, cells in (('', groups), ('', metrics), ('mean', means), ('std', stds)):
     lines.append((label.ljust(4) + '  ' + '  '.join(cells)).rstrip())
   return '\n'.join(lines)

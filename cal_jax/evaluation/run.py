@@ -103,6 +103,7 @@ def evaluate_state(
     **(meta or {}),
     'm_hat': embedder.m_hat.tolist(),
     'embedding': settings.embedding,
+    'rerank': settings.rerank.describe() if settings.rerank else 'none',
     'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
   }
   table = results_lib.format_table(results)

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from reference_rerank import reference_rerank
 
 from cal_jax.data import augment, images
 from cal_jax.data.datasets import synthetic
@@ -22,6 +23,7 @@ from cal_jax.data.splits import SplitArrays, load_builder_split
 from cal_jax.evaluation import embedding as inference
 from cal_jax.evaluation import evaluator as evaluate_lib
 from cal_jax.evaluation import metrics, protocols
+from cal_jax.evaluation import rerank as rerank_lib
 from cal_jax.evaluation import results as results_lib
 from configs import default
 
@@ -378,3 +380,43 @@ def test_combine_runs():
   assert out['trials'] == 2 and out['R1'] == 92.0 and out['mAP'] == 87.0
   assert out['R1_std'] == pytest.approx(np.std([90, 94], ddof=1))
   assert 'trial_1' in out['gallery_draw'] and 'trial_2' in out['gallery_draw']
+
+
+def test_rerank_scores_each_trial_on_its_own_reranked_distances(split, settings):
+  """config.eval.rerank: each trial's distances are the reference loops' re-ranking of
+  that trial's Euclidean distances (tests/evaluation/test_rerank.py), then scored."""
+  rerank = rerank_lib.RerankSettings(k1=4, k2=2, lambda_value=0.3)
+  settings = dataclasses.replace(settings, num_trials=2, rerank=rerank)
+  fake = FakeEmbed(split, _random_table(len(split), seed=3))
+  key = 'sysu/all/single'
+  out = evaluate_lib.evaluate(fake, split, 'sysu_mm01', settings, keys=[key], log=lambda _: 0)
+  features = _numpy_features(fake.table).astype(np.float32)
+  table = protocols.RecordTable.of_columns(split)
+  result = out.results[key]
+  assert result['rerank'] == 'k-reciprocal (k1=4, k2=2, lambda=0.3)'
+  for t in range(2):
+    s = protocols.build_split(table, key, t)
+    q, g = features[s.query], features[s.gallery]
+    dist = lambda a, b: np.sqrt(np.maximum(((a[:, None] - b[None]) ** 2).sum(-1), 0))
+    want = metrics.evaluate_ranking(
+      reference_rerank(dist(q, g), dist(q, q), dist(g, g), 4, 2, 0.3),
+      split.id[s.query],
+      split.id[s.gallery],
+      split.camera[s.query],
+      split.camera[s.gallery],
+      protocol=s.metric,
+    )
+    assert result['per_trial'][t]['mAP'] == pytest.approx(100 * want['mAP'], abs=1e-4)
+    assert result['per_trial'][t]['R1'] == pytest.approx(100 * want['cmc'][0], abs=1e-4)
+  plain, _ = _direct(features, split, key, 0)
+  assert result['per_trial'][0]['mAP'] != pytest.approx(plain['mAP'], abs=1e-6)
+  assert 're-ranked: k-reciprocal (k1=4, k2=2, lambda=0.3)' in results_lib.format_table(out.results)
+
+
+def test_rerank_settings_from_config():
+  config = default.get_config()
+  assert evaluate_lib.EvalSettings.from_config(config).rerank is None
+  config.eval.rerank = True
+  config.eval.rerank_k1 = 10
+  got = evaluate_lib.EvalSettings.from_config(config).rerank
+  assert (got.k1, got.k2, got.lambda_value) == (10, 6, 0.3)
