@@ -3,6 +3,7 @@
   python -m cal_jax.convert --workdir DIR --output cal.safetensors [--checkpoint STEP]
   python -m cal_jax.convert --workdir DIR --output cal.pt --config configs/sysu.py
   python -m cal_jax.convert --workdir DIR --output cal.safetensors --overwrite
+  python -m cal_jax.convert --workdir DIR --output cal.onnx [--modality both|visible|infrared]
 
 An existing output file is replaced only with --overwrite. The config comes
 from the workdir's `config.json`, or from --config (with --config.FIELD=VALUE
@@ -29,6 +30,7 @@ def main(argv):
       step=flag.checkpoint,
       config=config,
       overwrite=flag.overwrite,
+      modality=flag.modality,
     )
   except cli.USER_ERRORS as error:  # a message for the user, no traceback
     cli.exit_with('cal_jax.convert', error)
@@ -46,7 +48,10 @@ def define_flags() -> None:
     'config', None, "Config file (default: the workdir's config.json).", lock_config=True
   )
   flags.DEFINE_string('workdir', None, 'A training workdir.')
-  flags.DEFINE_string('output', None, 'The file to write: *.safetensors or *.pt.')
+  flags.DEFINE_string('output', None, 'The file to write: *.safetensors, *.pt or *.onnx.')
+  flags.DEFINE_string(
+    'modality', 'both', 'For *.onnx: the inputs of the graph (both, visible or infrared).'
+  )
   flags.DEFINE_integer('checkpoint', None, 'The checkpoint step (default: the latest).')
   flags.DEFINE_boolean('overwrite', False, 'Replace --output if it exists.')
   flags.mark_flags_as_required(['workdir', 'output'])

@@ -42,7 +42,8 @@ from cal_jax.training.assignments import AssignmentCounts
 from cal_jax.training.state import abstract_train_state
 
 FORMAT = 'cal_jax.torch_model/1'  # the format `cal_jax.interop.torch_model.load` reads
-SUFFIXES = ('.safetensors', '.pt')
+TORCH_SUFFIXES = ('.safetensors', '.pt')  # what `torch_model.load` reads
+SUFFIXES = (*TORCH_SUFFIXES, '.onnx')
 
 # config.model fields that are the hyper-parameters of `torch_model.CALInference`.
 MODEL_FIELDS = (
@@ -183,7 +184,7 @@ def check_suffix(path: str) -> str:
   suffix = os.path.splitext(os.fspath(path))[1].lower()
   if suffix not in SUFFIXES:
     raise ValueError(
-      f'{path}: unknown output format {suffix!r}; name the file *.safetensors or *.pt'
+      f'{path}: unknown output format {suffix!r}; name the file *.safetensors, *.pt or *.onnx'
     )
   return suffix
 
@@ -228,6 +229,13 @@ def check_output(path: str, overwrite: bool = False) -> None:
     ) from error
 
 
+def check_modality(modality: str) -> None:
+  from cal_jax.interop.onnx_export import MODALITIES
+
+  if modality not in MODALITIES:
+    raise ValueError(f'--modality {modality!r}: choose one of {", ".join(MODALITIES)}')
+
+
 def check_embedding(config: ml_collections.ConfigDict) -> None:
   """Refuses a run evaluated with another embedding than CAL's parts."""
   embedding = config.model.get('embedding', 'parts')  # config.json of older runs lack it
@@ -247,6 +255,7 @@ def export(
   m_hat: np.ndarray | None = None,
   extra_metadata: dict[str, Any] | None = None,
   overwrite: bool = False,
+  modality: str = 'both',
 ) -> dict[str, Any]:
   """Writes the inference weights of trained CAL variables for `torch_model.load`.
 
@@ -261,11 +270,14 @@ def export(
       `cal_jax.evaluation.run.inference_variables`). None: the identity.
     extra_metadata: more JSON values for the metadata (e.g. the step).
     overwrite: replace `path` if it exists (else OutputError).
+    modality: for `*.onnx`, the graph's inputs: 'both', 'visible' or
+      'infrared' (`cal_jax.interop.onnx_export`); the other formats hold both.
   Returns:
     The metadata written: 'format', 'config', 'm_hat', 'num_classes',
     'image_size', and `extra_metadata`.
   """
   suffix = check_suffix(path)
+  check_modality(modality)
   check_output(path, overwrite)
   check_embedding(config)
   hyper = model_hyperparameters(config)
@@ -294,6 +306,8 @@ def export(
       from safetensors.numpy import save_file
 
       save_file(state, temporary, metadata={k: json.dumps(v) for k, v in metadata.items()})
+    elif suffix == '.onnx':
+      _write_onnx(state, metadata, temporary, modality)
     else:
       try:
         import torch
@@ -322,6 +336,27 @@ def export(
   return metadata
 
 
+def _write_onnx(state: dict[str, np.ndarray], metadata: dict[str, Any], path: str, modality: str):
+  """The PyTorch inference module of `state`, traced to ONNX (`onnx_export`)."""
+  try:
+    import onnx  # noqa: F401
+    import torch
+  except ImportError as error:
+    raise ImportError(
+      f"{path}: writing .onnx needs torch and onnx (pip install 'cal_jax[onnx]')"
+    ) from error
+  from cal_jax.interop import onnx_export, torch_model
+
+  net = torch_model.CALInference(metadata['config'])
+  missing, unexpected = net.load_state_dict(
+    {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=False
+  )
+  missing = [k for k in missing if not k.endswith('num_batches_tracked')]
+  if missing or unexpected:  # a mapping error of this module, not the user's
+    raise RuntimeError(f'export tensors do not fill CALInference: {missing} {unexpected}')
+  onnx_export.write(net.eval(), path, tuple(metadata['image_size']), metadata, modality)
+
+
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a training run wrote to DIR/config.json."""
   path = os.path.join(workdir, 'config.json')
@@ -340,6 +375,7 @@ def export_checkpoint(
   step: int | None = None,
   config: ml_collections.ConfigDict | None = None,
   overwrite: bool = False,
+  modality: str = 'both',
 ) -> dict[str, Any]:
   """Exports a checkpoint of a training workdir (the latest, or `step`).
 
@@ -348,6 +384,7 @@ def export_checkpoint(
   Returns the metadata written (with 'checkpoint_step').
   """
   check_suffix(output)
+  check_modality(modality)
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'workdir {workdir} does not exist')
@@ -382,4 +419,5 @@ def export_checkpoint(
     m_hat=m_hat,
     extra_metadata={'checkpoint_step': step},
     overwrite=overwrite,
+    modality=modality,
   )

@@ -206,7 +206,10 @@ class RegionMining(nn.Module):
     n_k = num_selected_tokens(tokens.shape[1], self.num_parts, self.select_ratio)
     # A stable descending sort keeps the lower index first among equal scores,
     # the tie-break of jax.lax.top_k, so both select the same tokens.
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n_k]
+    if torch.onnx.is_in_onnx_export():  # ONNX TopK puts the lower index first among equals
+      order = torch.topk(scores, n_k, dim=1).indices
+    else:
+      order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n_k]
     mask = torch.zeros_like(scores).scatter_(1, order, 1.0)
     selected = scores * mask
     parts = torch.einsum('bnk,bnc->bkc', selected, tokens) / selected.sum(1)[..., None]
@@ -264,6 +267,13 @@ class BNNeck(nn.BatchNorm1d):
   def __init__(self, channels: int):
     super().__init__(channels, eps=BN_EPSILON)
     self.register_parameter('bias', None)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    """x [..., C]. At test time written out per channel: it applies to any leading
+    axes, and the ONNX export needs no channel count it cannot infer."""
+    if self.training:
+      return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+    return (x - self.running_mean) / torch.sqrt(self.running_var + self.eps) * self.weight
 
 
 class CALInference(nn.Module):
@@ -359,10 +369,9 @@ class CALInference(nn.Module):
       [B, N_p * C]: the BNNeck part features, each part L2-normalised.
     """
     parts = self.refined_parts(images, modality)['features']
-    batch, num_parts, channels = parts.shape
-    parts = self.part_neck(parts.reshape(batch * num_parts, channels))
+    parts = self.part_neck(parts)
     parts = parts * torch.rsqrt(torch.clamp(parts.square().sum(-1, keepdim=True), min=L2_EPSILON))
-    return parts.reshape(batch, num_parts * channels)
+    return parts.flatten(1)
 
 
 def similarity(visible: torch.Tensor, infrared: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,7 @@ def exported(tmp_path_factory, tiny_config, trained):
   _, variables, _ = trained
   directory = tmp_path_factory.mktemp('export')
   paths = {}
-  for suffix in convert.SUFFIXES:
+  for suffix in convert.TORCH_SUFFIXES:
     paths[suffix] = str(directory / f'cal{suffix}')
     convert.export(variables, tiny_config, NUM_CLASSES, paths[suffix], m_hat=M_HAT)
   return paths
@@ -178,7 +178,7 @@ def test_file_holds_the_inference_tensors_only(exported, trained, tiny_config):
 
 
 @pytest.mark.parametrize('size', IMAGE_SIZES)
-@pytest.mark.parametrize('suffix', convert.SUFFIXES)
+@pytest.mark.parametrize('suffix', convert.TORCH_SUFFIXES)
 def test_embeddings_and_selected_tokens_match_jax(trained, torch_models, suffix, size):
   model, _, reordered = trained
   net = torch_models[suffix]
@@ -364,7 +364,7 @@ def test_command_line_errors_are_one_line(tmp_path):
       '--workdir',
       str(tmp_path / 'missing'),
       '--output',
-      str(tmp_path / 'cal.onnx'),
+      str(tmp_path / 'cal.tflite'),
     ],
     cwd=REPO,
     capture_output=True,
@@ -373,15 +373,15 @@ def test_command_line_errors_are_one_line(tmp_path):
   )
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-    f"cal_jax.convert: error: {tmp_path / 'cal.onnx'}: unknown output format '.onnx'; "
-    'name the file *.safetensors or *.pt'
+    f"cal_jax.convert: error: {tmp_path / 'cal.tflite'}: unknown output format '.tflite'; "
+    'name the file *.safetensors, *.pt or *.onnx'
   )
 
 
 def test_clear_errors(tmp_path, tiny_config, trained):
   _, variables, _ = trained
-  with pytest.raises(ValueError, match=r"unknown output format '\.onnx'"):
-    convert.export(variables, tiny_config, NUM_CLASSES, str(tmp_path / 'cal.onnx'))
+  with pytest.raises(ValueError, match=r"unknown output format '\.tflite'"):
+    convert.export(variables, tiny_config, NUM_CLASSES, str(tmp_path / 'cal.tflite'))
   baseline = tiny_config.copy_and_resolve_references()
   baseline.model.embedding = 'global'
   with pytest.raises(ValueError, match="embedding='global'"):
