@@ -118,12 +118,15 @@ def write_text_atomically(path: str, text: str) -> None:
   """Writes `text` to `path` through a temporary file in the same folder.
 
   On any failure (a full disk included) the temporary file is removed and the
-  previous `path`, if any, is left as it was.
+  previous `path`, if any, is left as it was. The file gets the mode a plain
+  `open(path, 'w')` would give it (0666 less the umask; `mkstemp`'s 0600 would
+  hide config.json and eval_results.json from the other users of a machine).
   """
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
   try:
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, 'w', encoding='utf-8') as f:
       f.write(text)
       f.flush()
@@ -275,3 +278,10 @@ def check_config_unchanged(workdir: str, config: Any) -> None:
       'another --workdir. Only evaluation, logging and checkpoint cadence, data paths and '
       'model.pretrained may change on a resumed run.'
     )
+
+
+def _umask() -> int:
+  """The process's umask (read by setting it and setting it back)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask

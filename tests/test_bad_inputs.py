@@ -340,6 +340,19 @@ def test_full_disk_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
   assert path.read_text() == 'old' and os.listdir(tmp_path) == ['config.json']
 
 
+def test_files_written_atomically_are_readable_by_others(tmp_path):
+  """The mode of a plain open(): 0666 less the umask (mkstemp alone gives 0600)."""
+  old = os.umask(0o022)
+  try:
+    workdir_lib.write_text_atomically(str(tmp_path / 'a.json'), '{}')
+    os.umask(0o077)
+    workdir_lib.write_text_atomically(str(tmp_path / 'b.json'), '{}')
+  finally:
+    os.umask(old)
+  assert (tmp_path / 'a.json').stat().st_mode & 0o777 == 0o644
+  assert (tmp_path / 'b.json').stat().st_mode & 0o777 == 0o600
+
+
 # ------------------------------------------------- config values and files ---
 
 
