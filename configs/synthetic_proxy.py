@@ -16,9 +16,10 @@ Cost, measured: 69 steps per epoch, 12 epochs = 828 steps at 0.5-0.65 steps/s on
 a 2-core CPU: 17-31 minutes per run, data generation (5000 images) and evaluation
 included (9 runs of Table 3: 2 h 55 min). That is twice the 10-minute budget.
 What it reaches (Table 3, 3 seeds, all-search single-shot Rank-1): baseline
-16.8 +- 6.3, TCA 16.3 +- 0.7, CAL in docs/decisions.md; gallery draws move one run
-by only 0.8-2.1, but seeds (which redraw the identities) by 6, and 12 epochs leave
-every row under-trained, so the rows are not told apart yet.
+16.8 +- 6.3, TCA 16.3 +- 0.7, CAL 12.5 +- 5.4 (docs/decisions.md). Gallery draws
+move one run by only 0.8-2.1, but seeds (which redraw the identities) by 5-6, and
+12 epochs leave every row under-trained (global ID loss 2.8-4.2 of ln 192 = 5.3),
+so the rows are not told apart yet.
 """
 
 from configs import synthetic
