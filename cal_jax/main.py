@@ -22,6 +22,16 @@ import sys
 # TensorFlow serves the input pipeline only: keep it off the accelerators.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from cal_jax import terminal  # noqa: E402  (absl only: before the libraries print)
+
+# Before the flags are parsed: the libraries' native start-up notices come at import.
+_VERBOSE_ARGS = ('--verbose', '--verbose=true', '--verbose=True', '--verbose=1')
+if not any(
+  a in _VERBOSE_ARGS or a.startswith(('-v=', '--v=', '--verbosity=')) or a in ('-v', '--v')
+  for a in sys.argv[1:]
+):
+  terminal.quiet_start()
+
 import jax  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
@@ -53,6 +63,12 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0..N-1.')
 _LOCAL_DEVICE_IDS = flags.DEFINE_list(
   'local_device_ids', None, "Multi-host: the devices this process drives (default: JAX's choice)."
+)
+flags.DEFINE_boolean(
+  'verbose',
+  False,
+  'Show every library line on the terminal too (by default they go to WORKDIR/log.txt only; '
+  "absl's -v N does the same).",
 )
 flags.mark_flags_as_required(['config', 'workdir'])
 

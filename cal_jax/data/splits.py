@@ -10,7 +10,9 @@ default tfds folder where it could shadow the real data set of the same name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import shutil
 import tempfile
@@ -23,6 +25,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 import cal_jax.data.datasets  # noqa: F401  (registers the builders)
+from cal_jax import terminal
 from cal_jax.data.datasets import records, specs, synthetic
 
 
@@ -131,7 +134,16 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
   prepared = builder.is_prepared()
   if not prepared:
     logging.info('Preparing %s from %s into %s.', full_name, manual_dir, builder.data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  # tfds prints "Downloading and preparing dataset Unknown size" to stdout, though
+  # nothing is downloaded: to the log, not the terminal.
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
+  for line in printed.getvalue().splitlines():
+    if line.strip():
+      logging.info('tfds: %s', line.strip())
   source = (builder.info.metadata or {}).get('prepared_from', 'a folder not recorded')
   if prepared:
     logging.info(
@@ -161,9 +173,21 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
       full_name,
       ', '.join(skipped),
     )
-  return Splits(
+  splits = Splits(
     name=name, train=load_builder_split(builder, 'train'), test=load_builder_split(builder, 'test')
   )
+  terminal.say(
+    'Data: %s from %s (%s in %s): %d training images of %d identities, %d test images of %d.',
+    full_name + (' (synthetic)' if data.synthetic else ''),
+    manual_dir,
+    'prepared earlier' if prepared else 'prepared now',
+    builder.data_dir,
+    len(splits.train.id),
+    len(np.unique(splits.train.id)),
+    len(splits.test.id),
+    len(np.unique(splits.test.id)),
+  )
+  return splits
 
 
 def load_split(dataset: tf.data.Dataset, batch_size: int = 1024) -> SplitArrays:

@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from cal_jax import config_checks, distributed, stopping
+from cal_jax import config_checks, distributed, stopping, terminal
 from cal_jax import workdir as workdir_lib
 from cal_jax.data import splits as splits_lib
 from cal_jax.data import train_stream
@@ -90,6 +90,7 @@ class Evaluator:
   ) -> dict[str, dict]:
     """The results of `state`; with a `writer` (training), also to TensorBoard."""
     settings = self.settings
+    terminal.say('Evaluating step %d on the test protocols of %s.', step, self.splits.name)
     embedder = run.make_embedder(self.model, state, counts.m_hat(), settings.embedding)
     evaluation = run.evaluate_state(
       embedder, self.splits, settings, self.workdir, step=step, meta=self.meta, writer=writer
@@ -127,7 +128,7 @@ def restore_or_initialize(setup: TrainingSetup) -> tuple[state_lib.TrainState, A
   if latest is None:
     return template, AssignmentCounts.zeros(num_parts)
   state, extra = setup.checkpointer.restore(template, set_aside_damaged=True)
-  logging.info('Resumed from step %d.', int(state.step))
+  terminal.say('Resumed from step %d.', int(state.step))
   return state, AssignmentCounts.from_json(extra, num_parts)
 
 
@@ -174,6 +175,7 @@ def train_and_evaluate(
   config_checks.check_config(config, resuming=has_checkpoints(workdir))
   workdir_lib.check_writable(workdir)
   with _chief_lock(workdir):
+    terminal.attach_log_file(workdir, jax.process_index())
     setup = TrainingSetup(config, workdir)
     state, counts = restore_or_initialize(setup)  # refuses an incompatible checkpoint
     workdir_lib.check_free_space(workdir, workdir_lib.run_bytes(state, config.keep_checkpoints))
@@ -189,7 +191,7 @@ def train_and_evaluate(
 def _evaluate_again(setup: TrainingSetup, state: Any, counts: AssignmentCounts) -> dict:
   """A finished run, started again: its last checkpoint is evaluated once more."""
   step = int(state.step)
-  logging.info('Training already finished at step %d; evaluating it again.', step)
+  terminal.say('Training already finished at step %d; evaluating it again.', step)
   try:
     results = setup.evaluator(state, counts, step)
     if not setup.checkpointer.has_metrics(step):  # its first evaluation had failed
@@ -205,7 +207,7 @@ def _train(
   config = setup.config
   is_chief = jax.process_index() == 0
   first_step = int(state.step)
-  logging.info(
+  terminal.say(
     '%d training identities, %d steps per epoch, %d steps; %d parameters.',
     setup.num_classes,
     setup.steps_per_epoch,
@@ -241,7 +243,7 @@ def _train(
   )
   images_per_step = setup.sampler.num_shards * setup.sampler.per_device_batch
   history, device_counts = [], jnp.zeros_like(counts.current)
-  last_log = time.time()
+  last_log = started = time.time()
 
   results = None
   stop = stopping.StopSignals().install()
@@ -275,6 +277,9 @@ def _train(
         summary['learning_rate'] = float(schedule(step - 1))
         summary['images_per_second'] = len(history) * images_per_step / (now - last_log)
         writer.write_scalars(step, summary)
+        terminal.say(
+          progress_line(step, setup.total_steps, summary, now - started, step - first_step)
+        )
         history, last_log = [], now
         counts.add(device_counts)
         device_counts = jnp.zeros_like(device_counts)
@@ -284,6 +289,7 @@ def _train(
         # Saved before it is evaluated: a failing evaluation loses no training.
         host_state = distributed.unreplicate(rstate)
         setup.checkpointer.save(step, host_state, counts.to_json())
+        terminal.say('Checkpoint of step %d: %s', step, setup.checkpointer.directory)
         if evaluate_now:
           with report.timed('eval'):
             results = setup.evaluator(host_state, counts, step, writer=writer)
@@ -296,6 +302,26 @@ def _train(
     setup.checkpointer.close()
   writer.flush()
   return results
+
+
+def progress_line(step: int, total: int, summary: dict, elapsed: float, done: int) -> str:
+  """'step 94/940 (10%)  loss 5.213  412 images/s  ETA 6m05s': the terminal's line per
+  log interval; the ETA from the mean rate of this run's steps so far."""
+  eta = elapsed / max(done, 1) * (total - step)
+  return (
+    f'step {step}/{total} ({100 * step // max(total, 1)}%)  loss {float(summary["loss"]):.3f}  '
+    f'{summary["images_per_second"]:.0f} images/s  ETA {format_duration(eta)}'
+  )
+
+
+def format_duration(seconds: float) -> str:
+  """'45s', '6m05s', '2h03m'."""
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f'{seconds}s'
+  if seconds < 3600:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +368,8 @@ def evaluate_checkpoint(
   config_checks.check_config(config, resuming=True)
   workdir_lib.check_writable(workdir)
   with _chief_lock(workdir):
+    terminal.attach_log_file(workdir, jax.process_index())
     trained = restore_trained(config, workdir, step)
+    terminal.say('Evaluating the checkpoint of step %d.', trained.step)
     evaluator = Evaluator(config, workdir, trained.splits, trained.model)
     return evaluator(trained.state, trained.counts, trained.step)

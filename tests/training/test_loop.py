@@ -85,12 +85,60 @@ def shared_data(tmp_path_factory):
   ]
 
 
+TERMINAL = {}  # what the uninterrupted run printed: 'stdout', 'stderr'
+
+# Library chatter that the default terminal leaves to WORKDIR/log.txt.
+CHATTER = (
+  'oneDNN',
+  'absl::InitializeLog',
+  'Downloading and preparing',
+  'logging_writer.py',
+  'reader.py',
+  'dataset_builder.py',
+  'Unable to initialize backend',
+  'orbax',
+)
+
+
 @pytest.fixture(scope='module')
 def uninterrupted_run(tmp_path_factory, shared_data):
   workdir = str(tmp_path_factory.mktemp('whole'))
   result = run_main(['--config', TINY, '--workdir', workdir] + COMMON + shared_data)
   assert result.returncode == 0, result.stderr[-3000:]
+  TERMINAL.update(stdout=result.stdout, stderr=result.stderr)
   return workdir
+
+
+@pytest.mark.slow
+def test_default_terminal_shows_progress_and_leaves_chatter_to_the_log(uninterrupted_run):
+  """The terminal: the data line, a line per log interval with the ETA, a line per
+  checkpoint; the libraries' lines go to log.txt, with every terminal line too."""
+  shown = TERMINAL['stderr']
+  for word in CHATTER:
+    assert word not in shown, (word, shown[-3000:])
+  lines = shown.strip().splitlines()
+  assert re.fullmatch(r'\d\d:\d\d:\d\d Data: sysu_mm01 \(synthetic\) from .*', lines[0]), lines
+  progress = [line for line in lines if re.search(r' step \d+/8 \(\d+%\)  loss ', line)]
+  assert [int(re.search(r'step (\d+)/', line)[1]) for line in progress] == [2, 4, 6, 8]
+  assert all(re.search(r'\d+ images/s  ETA \d+(s|m\d\ds)$', line) for line in progress)
+  assert sum('Checkpoint of step' in line for line in lines) == 2  # steps 4 and 8
+  assert len(lines) <= 10, lines
+  with open(os.path.join(uninterrupted_run, 'log.txt')) as f:
+    log = f.read()
+  assert 'logging_writer.py' in log and 'Downloading and preparing' in log
+  for line in progress:
+    assert line.split(' ', 1)[1] in log
+
+
+@pytest.mark.slow
+def test_verbose_shows_the_library_lines(tmp_path, shared_data, uninterrupted_run):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(uninterrupted_run, workdir)
+  result = run_main(
+    ['--config', TINY, '--workdir', workdir, '--mode', 'eval', '--verbose'] + shared_data
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'evaluator.py' in result.stderr and 'embedded' in result.stderr
 
 
 @pytest.mark.slow
@@ -153,7 +201,7 @@ def test_sigterm_saves_the_current_step_and_resumes_to_the_uninterrupted_result(
   try:
     for line in process.stderr:
       lines.append(line)
-      if re.search(r'\] \[2\] ', line):  # the summary of step 2
+      if re.search(r' step 2/\d+ ', line):  # the progress line of step 2
         process.send_signal(signal.SIGTERM)
         break
     lines.extend(process.stderr)
@@ -229,6 +277,8 @@ def test_eval_mode_writes_results_for_every_protocol(tmp_path, shared_data, unin
   shutil.copytree(uninterrupted_run, workdir)
   result = run_main(['--config', TINY, '--workdir', workdir, '--mode', 'eval'] + shared_data)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Evaluating the checkpoint of step 8.' in result.stderr
+  assert 'embedded' not in result.stderr  # the evaluator's progress: in log.txt
   with open(os.path.join(workdir, 'eval_results.json')) as f:
     written = json.load(f)
   keys = ['sysu/all/single', 'sysu/all/multi', 'sysu/indoor/single', 'sysu/indoor/multi']
