@@ -68,6 +68,7 @@ def run_one(
     '--workdir',
     directory,
     f'--config.seed={seed}',
+    '--verbose',  # all of it once, into the log.txt below (main would write it a second time)
     *extra,
     *ablations.as_flags(row),
   ]
