@@ -368,6 +368,32 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def checkpoint_step(directory: str, step: int | None) -> int:
+  """`step` if it is a committed checkpoint of `directory`, else the latest (step None)."""
+  steps = checkpointing.committed_steps(directory)
+  if not steps:
+    raise FileNotFoundError(f'no complete checkpoint in {directory}: train first')
+  if step is not None and step not in steps:
+    raise FileNotFoundError(
+      f'no checkpoint for step {step} in {directory}; the committed steps are {steps}'
+    )
+  return steps[-1] if step is None else step
+
+
+def restore_for_inference(
+  directory: str, config: ml_collections.ConfigDict, step: int
+) -> tuple[Any, np.ndarray, int]:
+  """(train state, M-hat, training identities) of a checkpoint, without its data set.
+
+  M-hat is computed as `--mode eval` does: from the last epoch's assignment counts,
+  or the current epoch's when no epoch has ended.
+  """
+  num_classes = int(checkpointing.saved_meta(directory, step)['fingerprint']['num_classes'])
+  with checkpointing.Checkpointer(directory, config, num_classes, async_save=False) as ckpt:
+    state, extra = ckpt.restore(abstract_train_state(config, num_classes), step=step)
+  return state, AssignmentCounts.from_json(extra, config.model.num_parts).m_hat(), num_classes
+
+
 def export_checkpoint(
   workdir: str,
   output: str,
@@ -398,19 +424,9 @@ def export_checkpoint(
   # here, so the data set's folder need not exist.
   config_checks.check_config(config, partial=True)
   check_embedding(config)
-  steps = checkpointing.committed_steps(directory)
-  if not steps:
-    raise FileNotFoundError(f'no complete checkpoint in {directory}: train first')
-  if step is not None and step not in steps:
-    raise FileNotFoundError(
-      f'no checkpoint for step {step} in {directory}; the committed steps are {steps}'
-    )
-  step = steps[-1] if step is None else step
+  step = checkpoint_step(directory, step)
   check_output(output, overwrite)  # before the checkpoint is read
-  num_classes = int(checkpointing.saved_meta(directory, step)['fingerprint']['num_classes'])
-  with checkpointing.Checkpointer(directory, config, num_classes, async_save=False) as ckpt:
-    state, extra = ckpt.restore(abstract_train_state(config, num_classes), step=step)
-  m_hat = AssignmentCounts.from_json(extra, config.model.num_parts).m_hat()
+  state, m_hat, num_classes = restore_for_inference(directory, config, step)
   return export(
     {'params': state.params, 'batch_stats': state.batch_stats},
     config,
