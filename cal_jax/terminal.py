@@ -13,7 +13,9 @@ temporary file before the libraries load, and points Python's stderr and
 absl's handler at a copy of the terminal. `attach_log_file(workdir)`, called
 once the workdir is known to be writable, writes what was held back into
 WORKDIR/log.txt, points descriptor 2 there, and adds a file handler for every
-Python log record. A native crash's message therefore lands in log.txt; the
+Python log record. The loop calls it once the run is accepted (its checkpoint
+restored, config.json written), so a refused run writes nothing into the
+workdir. A native crash's message therefore lands in log.txt; the
 terminal then shows the exit status only.
 """
 

@@ -135,6 +135,7 @@ def runs(tmp_path_factory):
     '-l',
     str(root / 'logs'),
     '--',
+    '--verbose',  # the library lines this test reads, on the terminal (the per-process logs)
     '--config',
     TINY,
     '--workdir',
@@ -146,6 +147,7 @@ def runs(tmp_path_factory):
     sys.executable,
     '-m',
     'cal_jax.main',
+    '--verbose',
     '--config',
     TINY,
     '--workdir',
@@ -255,6 +257,7 @@ def test_two_process_evaluation_equals_one_process(runs):
           sys.executable,
           '-m',
           'cal_jax.main',
+          '--verbose',
           '--mode',
           'eval',
           '--config',

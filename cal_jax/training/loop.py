@@ -175,7 +175,6 @@ def train_and_evaluate(
   config_checks.check_config(config, resuming=has_checkpoints(workdir))
   workdir_lib.check_writable(workdir)
   with _chief_lock(workdir):
-    terminal.attach_log_file(workdir, jax.process_index())
     setup = TrainingSetup(config, workdir)
     state, counts = restore_or_initialize(setup)  # refuses an incompatible checkpoint
     workdir_lib.check_free_space(workdir, workdir_lib.run_bytes(state, config.keep_checkpoints))
@@ -183,6 +182,8 @@ def train_and_evaluate(
       workdir_lib.write_text_atomically(
         os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2)
       )
+    # Only now, as the run is accepted: a refused run leaves the workdir as it was.
+    terminal.attach_log_file(workdir, jax.process_index())
     if int(state.step) >= setup.total_steps and config.eval.enabled:
       return _evaluate_again(setup, state, counts)
     return _train(setup, state, counts, make_step)
@@ -368,8 +369,8 @@ def evaluate_checkpoint(
   config_checks.check_config(config, resuming=True)
   workdir_lib.check_writable(workdir)
   with _chief_lock(workdir):
-    terminal.attach_log_file(workdir, jax.process_index())
     trained = restore_trained(config, workdir, step)
+    terminal.attach_log_file(workdir, jax.process_index())
     terminal.say('Evaluating the checkpoint of step %d.', trained.step)
     evaluator = Evaluator(config, workdir, trained.splits, trained.model)
     return evaluator(trained.state, trained.counts, trained.step)
