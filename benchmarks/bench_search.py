@@ -4,7 +4,7 @@
 
 The gallery and the queries are made from the images below WORKDIR/synthetic_data
 (a run of configs/synthetic*.py): visible cameras to the gallery, infrared ones to
-the queries, each image also saved mirrored so that the files are distinct, one
+the queries, each image also saved mirrored and darkened (distinct files), one
 sub-folder per identity. The command runs twice: the first run embeds everything,
 the second reads the cache and only ranks.
 """
@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 
 def build(source: str, target: str, cams: tuple[str, ...], limit: int) -> int:
@@ -26,7 +26,12 @@ def build(source: str, target: str, cams: tuple[str, ...], limit: int) -> int:
     for pid in sorted(os.listdir(os.path.join(source, cam))):
       for name in sorted(os.listdir(os.path.join(source, cam, pid))):
         image = Image.open(os.path.join(source, cam, pid, name)).convert('RGB')
-        for flip, pixels in (('', image), ('m', ImageOps.mirror(image))):
+        variants = (
+          ('', image),
+          ('m', ImageOps.mirror(image)),
+          ('d', ImageEnhance.Brightness(image).enhance(0.85)),
+        )
+        for flip, pixels in variants:
           if count >= limit:
             return count
           folder = os.path.join(target, pid)
