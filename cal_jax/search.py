@@ -217,7 +217,7 @@ def _ranking_picture(out, query, gallery, indices, scores, size) -> None:
     q_pixels,
     g_pixels,
     correct,
-    [os.path.basename(p) for p in query.paths[:n]],
+    [os.path.relpath(p, query.folder) for p in query.paths[:n]],
     [[f'{scores[q, j]:.2f}' for j in range(k)] for q in range(n)],
     'queries and their best matches (score)',
   )
