@@ -32,6 +32,22 @@ the solver runs once per device and step, so with several devices its time is
 the sum over devices (their calls may overlap).
 The batch is placed on the devices once, outside the timed region. Figures
 only, no assertions; other work on the same machine makes them noisy.
+
+Precision, memory and utilisation (`--dtypes`, `--remat`, `--peak-tflops`):
+the JAX steps are timed once per dtype of --dtypes (float32, bfloat16: the
+`config.model.dtype` of the mixed-precision mode), and the CAL step once more
+with every ResNet stage rematerialised when --remat is given. Each JAX row
+gives the model FLOPs of one step as XLA's cost analysis of the compiled step
+counts them (all devices), beside a hand count of the backbone's convolutions
+(3 x forward: the forward pass, and the backward pass's two products per
+convolution, the input gradient and the weight gradient); the compiled
+step's memory (arguments, outputs and temporaries, `memory_analysis`) and,
+where the device reports it, the peak device memory (`memory_stats`); and
+the MFU: achieved FLOP/s over the device's peak for the row's dtype (known
+accelerators by `device_kind`, or --peak-tflops; none on a CPU). PyTorch's
+peak memory is `torch.cuda.max_memory_allocated` on a GPU, and the growth of
+the process's peak RSS over its step on a CPU (measured first, before JAX
+allocates: the high-water mark only rises).
 """
 
 import copy
@@ -65,7 +81,7 @@ from cal_jax import distributed as parallel  # noqa: E402
 from cal_jax.losses import match_distill  # noqa: E402
 from cal_jax.models import resnet  # noqa: E402
 from cal_jax.models.batch_norm import BatchNorm  # noqa: E402
-from cal_jax.models.cal import classifier_init, create_model  # noqa: E402
+from cal_jax.models.cal import classifier_init, compute_dtype, create_model  # noqa: E402
 from cal_jax.training.state import TrainState, create_train_state  # noqa: E402
 from cal_jax.training.step import make_p_train_step  # noqa: E402
 
@@ -82,6 +98,24 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per variant.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first call.')
 _NUM_CLASSES = flags.DEFINE_integer('num-classes', 395, 'Training identities (SYSU-MM01: 395).')
 _NO_TORCH = flags.DEFINE_boolean('no-torch', False, 'Skip the PyTorch reference step.')
+_DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'config.model.dtype values to time.')
+_REMAT = flags.DEFINE_boolean('remat', True, 'Also time the CAL step with remat on all stages.')
+_PEAK = flags.DEFINE_float(
+  'peak-tflops', 0.0, "The device's peak dense TFLOP/s for MFU (0: by device_kind, if known)."
+)
+
+# Peak dense TFLOP/s per device by `device_kind` substring: (float32, bfloat16). float32 is
+# the non-tensor-core rate on NVIDIA GPUs (XLA's default precision for float32 matrix
+# products is TF32 on Ampere and later: its MFU against this peak can exceed 100%).
+PEAK_TFLOPS = {
+  'H200': (67.0, 989.0),
+  'H100': (67.0, 989.0),
+  'A100': (19.5, 312.0),
+  'TPU v4': (275.0, 275.0),
+  'TPU v5 lite': (197.0, 197.0),
+  'TPU v5p': (459.0, 459.0),
+  'TPU v6 lite': (918.0, 918.0),
+}
 
 
 @dataclasses.dataclass
@@ -93,6 +127,10 @@ class Timing:
   steps: list[float]
   images: int
   callback: float | None = None  # host solver time summed over the timed steps
+  dtype: str = 'float32'
+  flops: float | None = None  # per step, all devices, XLA's cost analysis
+  compiled_bytes: float | None = None  # per device: arguments + outputs + temporaries
+  peak_bytes: float | None = None  # per device, memory_stats()'s peak, where reported
 
   @property
   def median(self) -> float:
@@ -173,6 +211,73 @@ def time_steps(
   return Timing(name, first_call, durations, images)
 
 
+def compiled_costs(p_step: Callable, *args: Any) -> tuple[float | None, float | None]:
+  """(FLOPs of one call over all devices, bytes per device) of a pmapped step, from XLA."""
+  try:
+    compiled = p_step.lower(*args).compile()
+  except Exception as error:  # noqa: BLE001 - a figure missing is not a failure
+    print(f'  (no cost analysis: {error})')
+    return None, None
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0)) * jax.local_device_count() if cost else None
+  memory = compiled.memory_analysis()
+  size = None
+  if memory is not None:
+    size = float(
+      memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+    )
+  return flops, size
+
+
+def device_peak_bytes() -> float | None:
+  """The first local device's peak allocated bytes, where the backend reports it."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return float(stats['peak_bytes_in_use']) if 'peak_bytes_in_use' in stats else None
+
+
+def conv_training_flops(config: ml_collections.ConfigDict) -> float:
+  """Hand count: 3 x the forward FLOPs (2 per multiply-add) of the backbone's convolutions
+  for one step's images. The stem runs at H/2 x W/2, its max-pool halves again; each stage
+  as `resnet.Stages` builds it."""
+  m, d = config.model, config.data
+  kind, blocks_per_stage = resnet.ARCHITECTURES[m.depth]
+  h, w = -(-d.image_height // 2), -(-d.image_width // 2)
+  macs = h * w * 3 * m.width * 49
+  h, w = -(-h // 2), -(-w // 2)
+  channels = m.width
+  expansion = resnet.block_expansion(m.depth)
+  for stage, (num_blocks, stage_stride) in enumerate(
+    zip(blocks_per_stage, (1, 2, 2, m.last_stride))
+  ):
+    features = m.width * 2**stage
+    for index in range(num_blocks):
+      stride = stage_stride if index == 0 else 1
+      ho, wo = -(-h // stride), -(-w // stride)
+      if kind == 'bottleneck':
+        macs += h * w * channels * features  # 1x1
+        macs += ho * wo * features * features * 9  # 3x3, strided
+        macs += ho * wo * features * features * 4  # 1x1 up
+      else:
+        macs += ho * wo * channels * features * 9 + ho * wo * features * features * 9
+      if index == 0 and (stride != 1 or channels != features * expansion):
+        macs += ho * wo * channels * features * expansion
+      h, w, channels = ho, wo, features * expansion
+  images = 2 * d.num_ids_per_batch * d.num_pos
+  return 3 * 2 * macs * images
+
+
+def peak_tflops(dtype: str) -> float | None:
+  """The device's peak for `dtype`: --peak-tflops, else the table by device kind."""
+  if _PEAK.value > 0:
+    return _PEAK.value
+  kind = jax.local_devices()[0].device_kind
+  for name, peaks in PEAK_TFLOPS.items():
+    if name.lower() in kind.lower():
+      return peaks[0] if dtype == 'float32' else peaks[1]
+  return None
+
+
 def pmapped_runner(p_step: Callable, state: Any, *args: Any) -> Callable[[], None]:
   """One call of a pmapped step that donates its state, waited for."""
   holder = [state]
@@ -206,9 +311,12 @@ def time_cal_step(
       steps_per_epoch=config.optim.steps_per_epoch or 1000,
     )
     key = parallel.replicate(jax.random.key_data(jax.random.key(config.seed)))
+    p_step = make_p_train_step(config)
+    replicated = parallel.replicate(state)
+    flops, size = compiled_costs(p_step, replicated, batch, key)
     timing = time_steps(
       name,
-      pmapped_runner(make_p_train_step(config), parallel.replicate(state), batch, key),
+      pmapped_runner(p_step, replicated, batch, key),
       warmup,
       steps,
       batch['label'].size,
@@ -217,6 +325,8 @@ def time_cal_step(
   finally:
     match_distill.solve_assignments_on_host = timer.function
   timing.callback = sum(timer.durations)
+  timing.dtype = config.model.get('dtype', 'float32')
+  timing.flops, timing.compiled_bytes, timing.peak_bytes = flops, size, device_peak_bytes()
   return timing
 
 
@@ -228,14 +338,15 @@ class ResNetIdentity(nn.Module):
   width: int = 64
   last_stride: int = 1
   axis_name: str | None = None
+  dtype: Any = None  # the backbone's, as in `CAL`; the head is float32
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = True) -> jax.Array:
-    maps = resnet.ResNet(self.depth, self.width, self.last_stride, self.axis_name, name='backbone')(
-      images, train
-    )
+    maps = resnet.ResNet(
+      self.depth, self.width, self.last_stride, self.axis_name, self.dtype, name='backbone'
+    )(images, train)
     neck = BatchNorm(use_bias=False, axis_name=self.axis_name, name='neck')(
-      jnp.mean(maps, axis=(1, 2)), not train
+      jnp.mean(maps.astype(jnp.float32), axis=(1, 2)), not train
     )
     return nn.Dense(
       self.num_classes, use_bias=False, kernel_init=classifier_init, name='classifier'
@@ -281,7 +392,9 @@ def time_jax_resnet_step(
 ) -> Timing:
   """`resnet_identity_step` on the config's backbone, with `sgd` at the base rate."""
   m = config.model
-  model = ResNetIdentity(num_classes, m.depth, m.width, m.last_stride, parallel.AXIS)
+  model = ResNetIdentity(
+    num_classes, m.depth, m.width, m.last_stride, parallel.AXIS, compute_dtype(m.dtype)
+  )
   images = jnp.zeros((2, config.data.image_height, config.data.image_width, 3), jnp.float32)
   init = jax.jit(functools.partial(model.clone(axis_name=None).init, train=False))
   variables = init(jax.random.key(config.seed), images)
@@ -292,13 +405,18 @@ def time_jax_resnet_step(
     tx=sgd(config.optim),
   )
   p_step = jax.pmap(resnet_identity_step, axis_name=parallel.AXIS, donate_argnums=(0,))
-  return time_steps(
-    'jax ResNet ID',
-    pmapped_runner(p_step, parallel.replicate(state), batch),
+  replicated = parallel.replicate(state)
+  flops, size = compiled_costs(p_step, replicated, batch)
+  timing = time_steps(
+    f'jax ResNet ID {short(m.dtype)}',
+    pmapped_runner(p_step, replicated, batch),
     warmup,
     steps,
     batch['label'].size,
   )
+  timing.dtype, timing.flops, timing.compiled_bytes = m.dtype, flops, size
+  timing.peak_bytes = device_peak_bytes()
+  return timing
 
 
 def torch_resnet_identity(
@@ -332,11 +450,14 @@ def time_torch_resnet_step(
   warmup: int,
   steps: int,
 ) -> Timing:
-  """`torch_resnet_identity` and `torch.optim.SGD` on the same batch, NCHW."""
+  """`torch_resnet_identity` and `torch.optim.SGD` on the same batch, NCHW, on the GPU
+  where torch has one; with its peak memory (see the module doc)."""
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(config.seed)
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  rss_before = peak_rss_bytes()
   m, optim = config.model, config.optim
-  model = torch_resnet_identity(m.depth, m.width, m.last_stride, num_classes).train()
+  model = torch_resnet_identity(m.depth, m.width, m.last_stride, num_classes).train().to(device)
   optimizer = torch.optim.SGD(
     [p for p in model.parameters() if p.requires_grad],
     lr=optim.base_lr,
@@ -345,16 +466,44 @@ def time_torch_resnet_step(
     nesterov=optim.nesterov,
   )
   images = torch.from_numpy(batch['image'].reshape((-1,) + batch['image'].shape[2:]))
-  images = images.permute(0, 3, 1, 2).contiguous()
-  labels = torch.from_numpy(batch['label'].reshape(-1).astype(np.int64))
+  images = images.permute(0, 3, 1, 2).contiguous().to(device)
+  labels = torch.from_numpy(batch['label'].reshape(-1).astype(np.int64)).to(device)
   loss_fn = torch.nn.CrossEntropyLoss()
 
   def run_step() -> None:
     optimizer.zero_grad(set_to_none=True)
     loss_fn(model(images), labels).backward()
     optimizer.step()
+    if device == 'cuda':
+      torch.cuda.synchronize()
 
-  return time_steps('torch ResNet ID', run_step, warmup, steps, labels.numel())
+  timing = time_steps('torch ResNet ID f32', run_step, warmup, steps, labels.numel())
+  timing.flops = conv_training_flops(config)  # torch counts nothing: the hand count
+  if device == 'cuda':
+    timing.peak_bytes = float(torch.cuda.max_memory_allocated())
+  else:
+    timing.peak_bytes = float(peak_rss_bytes() - rss_before)
+  return timing
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident set size so far (Linux reports KiB)."""
+  import resource
+
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def short(dtype: str) -> str:
+  return {'float32': 'f32', 'bfloat16': 'bf16'}.get(dtype, dtype)
+
+
+def with_model(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+  """A copy of `config` with some `config.model` fields replaced."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for name, value in fields.items():
+      config.model[name] = value
+  return config
 
 
 def global_id_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -399,37 +548,61 @@ def print_report(
   )
   print()
   print(
-    f'{"step":<22}{"first call s":>13}{"median s":>11}{"mean s":>11}{"images/s":>10}'
-    f'{"host solver":>13}'
+    f'{"step":<24}{"first call s":>13}{"median s":>10}{"images/s":>10}{"host solver":>12}'
+    f'{"GFLOP/step":>12}{"TFLOP/s":>9}{"MFU":>7}{"memory GB":>11}{"peak GB":>9}'
   )
   for t in timings:
     share = '' if t.callback is None else f'{100 * t.callback / sum(t.steps):.3g}%'
+    rate = t.flops / t.median / 1e12 if t.flops else None
+    peak = peak_tflops(t.dtype)
+    mfu = f'{100 * rate / peak:.1f}%' if rate and peak else 'n/a'
+    gb = lambda x: f'{x / 2**30:.2f}' if x is not None else 'n/a'
     print(
-      f'{t.name:<22}{t.first_call:>13.2f}{t.median:>11.3f}{t.mean:>11.3f}'
-      f'{t.images / t.median:>10.1f}{share:>13}'
+      f'{t.name:<24}{t.first_call:>13.2f}{t.median:>10.3f}{t.images / t.median:>10.1f}'
+      f'{share:>12}{(t.flops or 0) / 1e9:>12.1f}{(rate or 0):>9.3f}{mfu:>7}'
+      f'{gb(t.compiled_bytes):>11}{gb(t.peak_bytes):>9}'
     )
   by_name = {t.name: t for t in timings}
-  cal = by_name['jax CAL']
+  hand = conv_training_flops(config)
+  images = 2 * d.num_ids_per_batch * d.num_pos
   print()
   print(
-    f'host solver (CAL): {cal.callback:.4f} s in {len(cal.steps)} steps '
-    f'({cal.callback / len(cal.steps) * 1e3:.2f} ms/step) = '
-    f'{100 * cal.callback / sum(cal.steps):.3g}% of the step time'
+    f"hand count: the backbone's convolutions, 3 x forward = {hand / 1e9:.1f} GFLOP per step, "
+    f"{hand / images / 1e9:.2f} GFLOP per image; XLA's count of the f32 ResNet ID step: "
+    + (
+      f'{by_name["jax ResNet ID f32"].flops / 1e9:.1f} GFLOP'
+      if by_name.get('jax ResNet ID f32') and by_name['jax ResNet ID f32'].flops
+      else 'n/a'
+    )
   )
   print(
-    f'jax CAL first call - median step (about the compilation): {cal.first_call - cal.median:.1f} s'
+    "memory GB: the compiled JAX step's arguments + outputs + temporaries per device; peak GB: "
+    "the device's peak where it reports one, torch's on a GPU, torch's RSS growth on a CPU"
   )
-  reference = by_name.get('torch ResNet ID')
-  if reference is not None:
-    for name in ('jax CAL', 'jax CAL global_id', 'jax ResNet ID'):
+  cal = by_name.get('jax CAL f32') or timings[0]
+  if cal.callback is not None:
+    print(
+      f'host solver (CAL): {cal.callback:.4f} s in {len(cal.steps)} steps '
+      f'({cal.callback / len(cal.steps) * 1e3:.2f} ms/step) = '
+      f'{100 * cal.callback / sum(cal.steps):.3g}% of the step time'
+    )
+  reference = by_name.get('torch ResNet ID f32')
+  for t in timings:
+    if reference is not None and t is not reference:
       print(
-        f'median step ratio  {name} / torch ResNet ID = '
-        f'{by_name[name].median / reference.median:.2f}'
+        f'median step ratio  {t.name} / torch ResNet ID f32 = {t.median / reference.median:.2f}'
       )
-  print(
-    f'median step ratio  jax CAL / jax ResNet ID = '
-    f'{cal.median / by_name["jax ResNet ID"].median:.2f}'
-  )
+  for dtype in ('f32', 'bf16'):
+    a, b = by_name.get(f'jax CAL {dtype}'), by_name.get(f'jax ResNet ID {dtype}')
+    if a and b:
+      print(
+        f'median step ratio  jax CAL {dtype} / jax ResNet ID {dtype} = {a.median / b.median:.2f}'
+      )
+  if by_name.get('jax CAL bf16') and by_name.get('jax CAL f32'):
+    print(
+      'median step ratio  jax CAL bf16 / jax CAL f32 = '
+      f'{by_name["jax CAL bf16"].median / by_name["jax CAL f32"].median:.2f}'
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -450,17 +623,30 @@ def main(argv: list[str]) -> None:
     flush=True,
   )
 
-  timings = [time_cal_step('jax CAL', config, batch, num_classes, warmup, steps)]
-  gc.collect()
-  timings.append(
-    time_cal_step('jax CAL global_id', global_id_only(config), batch, num_classes, warmup, steps)
-  )
-  gc.collect()
-  timings.append(time_jax_resnet_step(config, batch, num_classes, warmup, steps))
-  gc.collect()
-  if torch is not None and not _NO_TORCH.value:
-    del batch
+  timings = []
+  if torch is not None and not _NO_TORCH.value:  # first: its RSS growth is measured
     timings.append(time_torch_resnet_step(config, host_batch, num_classes, warmup, steps))
+    gc.collect()
+  for dtype in _DTYPES.value:
+    compute_dtype(dtype)  # a clear error for an unknown dtype
+    variant = with_model(config, dtype=dtype)
+    timings.append(
+      time_cal_step(f'jax CAL {short(dtype)}', variant, batch, num_classes, warmup, steps)
+    )
+    gc.collect()
+    if dtype == 'float32':
+      timings.append(
+        time_cal_step(
+          'jax CAL f32 global_id', global_id_only(variant), batch, num_classes, warmup, steps
+        )
+      )
+      gc.collect()
+    timings.append(time_jax_resnet_step(variant, batch, num_classes, warmup, steps))
+    gc.collect()
+  if _REMAT.value:
+    variant = with_model(config, dtype=_DTYPES.value[0], remat=(1, 2, 3, 4))
+    name = f'jax CAL {short(_DTYPES.value[0])} remat'
+    timings.append(time_cal_step(name, variant, batch, num_classes, warmup, steps))
   print_report(config, config_name, devices, num_classes, timings)
 
 

@@ -170,6 +170,20 @@ class OddSizes:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Stages:
+  """A tuple of distinct ResNet stage numbers, each 1-4 (possibly empty)."""
+
+  def problem(self, value: Any) -> str | None:
+    ok = (
+      isinstance(value, Sequence)
+      and not isinstance(value, str)
+      and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4 for v in value)
+      and len(set(value)) == len(value)
+    )
+    return None if ok else 'must be a tuple of distinct ResNet stages 1-4, e.g. (3, 4), or ()'
+
+
 _WEIGHT = Float(0.0, note='a loss weight; 0 turns the term off')
 
 # One rule per field of configs/default.py (tests/test_config_checks.py keeps them in step).
@@ -218,6 +232,8 @@ RULES: dict[str, Any] = {
   'model.channel_attention': Bool(),
   'model.embedding': Choice(('parts', 'global')),
   'model.pretrained': Text(),
+  'model.dtype': Choice(('float32', 'bfloat16'), note='float16 needs loss scaling: not supported'),
+  'model.remat': Stages(),
   **{f'loss.{name}': _WEIGHT for name in LOSS_WEIGHTS},
   'loss.pcl_margin': Float(0.0, note='sigma of Eq. 15'),
   'loss.pcl_form': Choice(PCL_FORMS),
@@ -239,6 +255,7 @@ RULES: dict[str, Any] = {
   'eval.num_trials': Int(1),
   'eval.rand_perm_path': Text(),
   'eval.pictures': Bool(),
+  'eval.cache_features': Bool(),
   'eval.rerank': Bool(),
   'eval.rerank_k1': Int(1),
   'eval.rerank_k2': Int(1),

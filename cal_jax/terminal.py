@@ -39,15 +39,20 @@ def say(message: str, *args: Any) -> None:
   logging.info(message, *args, extra={TERMINAL: True})
 
 
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # .../cal_jax/
+
+
 class _TerminalFilter(logging_std.Filter):
   """The records of the quiet terminal: marked ones, cal_jax's warnings, all errors."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
     if getattr(record, TERMINAL, False) or record.levelno >= logging_std.ERROR:
       return True
-    own = f'{os.sep}cal_jax{os.sep}' in record.pathname
+    # By the package's own folder: a checkout named cal_jax holding its .venv would
+    # otherwise claim every library's warnings.
+    own = record.pathname.startswith(PACKAGE_DIR)
     if record.name == 'py.warnings':  # warnings.warn: the message names the file
-      own = f'{os.sep}cal_jax{os.sep}' in record.getMessage()
+      own = PACKAGE_DIR in record.getMessage()
     return own and record.levelno >= logging_std.WARNING
 
 

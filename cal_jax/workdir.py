@@ -32,8 +32,8 @@ import json
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 import jax
 
@@ -122,13 +122,18 @@ def write_text_atomically(path: str, text: str) -> None:
   `open(path, 'w')` would give it (0666 less the umask; `mkstemp`'s 0600 would
   hide config.json and eval_results.json from the other users of a machine).
   """
+  write_atomically(path, lambda f: f.write(text.encode('utf-8')))
+
+
+def write_atomically(path: str, write: Callable[[BinaryIO], Any]) -> None:
+  """`write_text_atomically` for any content: `write(f)` fills the binary file f."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
   try:
     os.fchmod(fd, 0o666 & ~_umask())
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
+    with os.fdopen(fd, 'wb') as f:
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -225,6 +230,7 @@ RESUMABLE_CHANGES = (
   'data.manual_dir',
   'data.data_dir',
   'model.pretrained',
+  'model.remat',  # recomputation only: the same step, less memory
 )
 
 
@@ -275,8 +281,8 @@ def check_config_unchanged(workdir: str, config: Any) -> None:
       f'the workdir {workdir!r} was trained with another config ({path}); differing: '
       + '; '.join(differences)
       + '. Resume with the config that trained it, or start '
-      'another --workdir. Only evaluation, logging and checkpoint cadence, data paths and '
-      'model.pretrained may change on a resumed run.'
+      'another --workdir. Only evaluation, logging and checkpoint cadence, data paths, '
+      'model.pretrained and model.remat may change on a resumed run.'
     )
 
 

@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.channel_attention = True
   config.model.embedding = 'parts'  # test-time feature: "parts" (CAL) | "global" (baseline)
   config.model.pretrained = ''  # torchvision ResNet checkpoint (.pth / .safetensors)
+  # Mixed precision: "bfloat16" runs the backbone in bf16 (float32 parameters, optimizer
+  # state, batch-norm statistics, heads, softmaxes and losses); faster on GPUs and TPUs only.
+  config.model.dtype = 'float32'
+  config.model.remat = ()  # ResNet stages (1-4) rematerialised, e.g. (1, 2, 3, 4): less memory
 
   # ---------------------------------------------------------------- loss ---
   config.loss = ml_collections.ConfigDict()
@@ -115,6 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.rerank_k1 = 20
   config.eval.rerank_k2 = 6
   config.eval.rerank_lambda = 0.3
+  # WORKDIR/eval_features.npz: a checkpoint's test features, so that evaluating it again
+  # (other protocols, trials, gallery draws) re-embeds nothing; keyed by step and weights.
+  config.eval.cache_features = True
   config.eval.pictures = True  # DRM regions, TSAA attention, ranked lists, CMC to TensorBoard
 
   return config

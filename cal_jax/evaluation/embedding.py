@@ -71,6 +71,14 @@ def embed(
   return model.apply(variables, images, modality, method=method)
 
 
+@functools.partial(jax.pmap, static_broadcasted_argnums=(0, 3, 4), axis_name='batch')
+def p_embed(
+  model: CAL, variables: Any, images: jax.Array, modality: int, kind: str = 'parts'
+) -> jax.Array:
+  """`embed` on every local device: replicated variables, images [L, B / L, H, W, 3]."""
+  return embed.__wrapped__(model, variables, images, modality, kind)
+
+
 def part_cosine_similarity(visible: jax.Array, infrared: jax.Array) -> jax.Array:
   """sum_p cos(f_v,p, f_i,p) for all pairs: [Nv, N_p*C] x [Ni, N_p*C] -> [Nv, Ni]."""
   return jnp.matmul(visible, infrared.T)
@@ -155,22 +163,34 @@ def extract_features(
     flip=flip,
     local_devices=local_devices,
   )
-  chunks, order = [], []
-  for batch in dataset.as_numpy_iterator():
-    out = _embed(embed_fn, batch['image'], modality, batch_size)
+  chunks, order, pending = [], [], []
+
+  def collect(outputs: tuple[Any, Any], batch: dict[str, np.ndarray]) -> None:
+    out = _as_features(outputs[0], batch['image'], batch_size)
     if flip:
-      out = 0.5 * (out + _embed(embed_fn, batch['image_flipped'], modality, batch_size))
+      out = 0.5 * (out + _as_features(outputs[1], batch['image'], batch_size))
     mask = batch['mask'].reshape(-1)
     chunks.append(out[mask])
     order.append(batch['index'].reshape(-1)[mask])
+
+  # One batch in flight: a JAX embedding returns before its result is ready, so the
+  # next batch is dispatched (and the input pipeline's next one prepared) before the
+  # previous result is read back.
+  for batch in dataset.as_numpy_iterator():
+    flipped = embed_fn(batch['image_flipped'], modality) if flip else None
+    pending.append(((embed_fn(batch['image'], modality), flipped), batch))
+    if len(pending) > 1:
+      collect(*pending.pop(0))
+  while pending:
+    collect(*pending.pop(0))
   if not np.array_equal(np.concatenate(order), indices):
     raise RuntimeError('the evaluation batches did not return the images in the order asked')
   return normalize_parts(np.concatenate(chunks), num_parts)
 
 
-def _embed(embed_fn: EmbedFn, images: np.ndarray, modality: int, batch_size: int) -> np.ndarray:
-  """One call of embed_fn, its output as float32 [batch_size, D]."""
-  out = np.asarray(embed_fn(images, modality), np.float32)
+def _as_features(out: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+  """One output of embed_fn for `images`, as float32 [batch_size, D]."""
+  out = np.asarray(out, np.float32)
   if out.ndim != images.ndim - 2 or out.shape[:-1] != images.shape[:-3]:
     raise ValueError(
       f'embed_fn returned shape {out.shape} for images of '

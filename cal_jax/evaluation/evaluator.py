@@ -20,7 +20,11 @@ single- or multi-shot draws picks), embedded once. Likewise the distances:
 one matrix product per (probe modality, gallery modality) pair, all probes
 against the union of the galleries; each trial takes its rows and columns
 (SYSU-MM01: one 3,803 x ~7,000 float32 matrix, about 100 MB, instead of 40
-products).
+products). Where that matrix would exceed ``union_matrix_bytes`` (a 100k-image
+gallery), each trial's distances are computed one chunk of probes at a time
+instead (`metrics.NegativeProducts`): memory is then bounded by the metrics'
+chunk budget, whatever the gallery's size. The `Evaluation` reports the time
+spent embedding, in distances and in the metrics.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from cal_jax.modality import NAMES as MODALITY_NAMES
 Distribute = Callable[[Callable[[np.ndarray], np.ndarray], np.ndarray], np.ndarray]
 
 CMC_RANKS = (1, 5, 10, 20)
+# Largest probes x union-of-galleries float32 matrix held whole; beyond it, by probe chunks.
+UNION_MATRIX_BYTES = 512 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +69,7 @@ class EvalSettings:
     builder_config: RegDB's data split ('trial_t'), named in its results.
     embedding: 'parts' (CAL) or 'global' (the baseline), config.model.embedding.
     rerank: k-reciprocal re-ranking of each trial's distances, or None (config.eval.rerank).
+    cache_features: keep the test features in the workdir (config.eval.cache_features).
   """
 
   image_size: tuple[int, int]
@@ -74,6 +81,7 @@ class EvalSettings:
   builder_config: str = ''
   embedding: str = 'parts'
   rerank: rerank_lib.RerankSettings | None = None
+  cache_features: bool = False
 
   @classmethod
   def from_config(cls, config: Any) -> EvalSettings:
@@ -95,6 +103,7 @@ class EvalSettings:
         if config.eval.get('rerank', False)
         else None
       ),
+      cache_features=bool(config.eval.get('cache_features', False)),
     )
 
 
@@ -107,12 +116,15 @@ class Evaluation:
     features: float32 [M, D], the features of the M test images any split uses.
     row_of: int64 [N], the row in `features` of each test example (-1: unused).
     splits: {protocol key: [Split] per trial}, the queries and galleries scored.
+    timing: seconds spent 'embedding', in 'distances' and in 'metrics', the
+      'images' embedded and 'images_per_second'.
   """
 
   results: dict[str, dict[str, Any]]
   features: np.ndarray
   row_of: np.ndarray
   splits: dict[str, list[protocols.Split]]
+  timing: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def features_of(self, indices: np.ndarray) -> np.ndarray:
     """[len(indices), D] features of test examples that a split uses."""
@@ -142,6 +154,8 @@ def evaluate(
   local_devices: int | None = None,
   distribute: Distribute | None = None,
   log: Callable[[str], Any] = print,
+  union_matrix_bytes: int = UNION_MATRIX_BYTES,
+  cache: Any | None = None,
 ) -> Evaluation:
   """Scores a model on the test protocols of a data set.
 
@@ -171,6 +185,10 @@ def evaluate(
       None calls ``extract`` directly. Multi-host runs pass
       `cal_jax.distributed.split_and_gather`.
     log: called with one line of progress per step.
+    union_matrix_bytes: the largest probe x gallery-union distance matrix held
+      whole (see the module doc); 0 always computes by probe chunks.
+    cache: a `feature_cache.FeatureCache`: images it holds are not embedded,
+      and those embedded are added to it.
 
   Returns:
     The `Evaluation`; its results are {key: result}, result as
@@ -211,23 +229,32 @@ def evaluate(
     splits = _label_regdb(splits, settings.builder_config)
 
   groups = _by_modalities(splits, table)
+  start = time.perf_counter()
   features, row_of = _embed_all(
-    embed_fn, test_split, splits, settings, local_devices, distribute, log
+    embed_fn, test_split, splits, settings, local_devices, distribute, log, cache
   )
+  timing = {'embedding': time.perf_counter() - start, 'distances': 0.0, 'metrics': 0.0}
   out = {}
   for group in groups.values():
     start = time.perf_counter()
     distances = _Distances(
-      features, row_of, [s for key in group for s in splits[key]], settings.rerank
+      features,
+      row_of,
+      [s for key in group for s in splits[key]],
+      settings.rerank,
+      union_matrix_bytes,
     )
+    timing['distances'] += time.perf_counter() - start
     log(
       f'distances of {len(distances.rows)} probes to '
       f'{len(distances.cols)} gallery images in '
       f'{time.perf_counter() - start:.1f} s'
+      + ('' if distances.whole else ' (by probe chunks, in the metrics)')
     )
     for key in group:
       start = time.perf_counter()
       per_trial = [_score(distances, table, s) for s in splits[key]]
+      timing['metrics'] += time.perf_counter() - start
       out[key] = results_lib.summarize(per_trial, [s.gallery_draw for s in splits[key]])
       out[key]['rerank'] = settings.rerank.describe() if settings.rerank else 'none'
       r = out[key]
@@ -236,8 +263,17 @@ def evaluate(
         f'mINP {r["mINP"]:.2f} over {r["trials"]} trial(s) '
         f'({time.perf_counter() - start:.1f} s)'
       )
+    timing['distances'] += distances.chunk_seconds
+    timing['metrics'] -= distances.chunk_seconds
     del distances
-  return Evaluation({key: out[key] for key in keys}, features, row_of, splits)
+  timing['images'] = float(len(features))
+  timing['images_per_second'] = len(features) / max(timing['embedding'], 1e-9)
+  log(
+    f'evaluation: embedding {timing["embedding"]:.1f} s ({len(features)} images, '
+    f'{timing["images_per_second"]:.0f} images/s), distances {timing["distances"]:.1f} s, '
+    f'metrics {timing["metrics"]:.1f} s'
+  )
+  return Evaluation({key: out[key] for key in keys}, features, row_of, splits, timing)
 
 
 def _label_regdb(
@@ -268,6 +304,7 @@ def _embed_all(
   local_devices: int | None,
   distribute: Distribute | None,
   log: Callable[[str], Any],
+  cache: Any | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Embeds, once each, the images any split uses, one modality at a time.
 
@@ -298,12 +335,23 @@ def _embed_all(
       num_parts=settings.num_parts,
       local_devices=local_devices,
     )
-    blocks.append(distribute(extract, indices) if distribute else extract(indices))
+    block, missing = cache.lookup(indices) if cache is not None else (None, None)
+    if block is None:
+      block = distribute(extract, indices) if distribute else extract(indices)
+      if cache is not None:
+        cache.store(indices, block)
+    elif missing.any():
+      new = indices[missing]
+      block[missing] = distribute(extract, new) if distribute else extract(new)
+      cache.store(new, block[missing])
+    blocks.append(block)
     row_of[indices] = num_rows + np.arange(len(indices))
     num_rows += len(indices)
+    embedded = len(indices) if missing is None else int(missing.sum())
     log(
-      f'embedded {len(indices)} {MODALITY_NAMES.get(int(modality))} images '
+      f'embedded {embedded} {MODALITY_NAMES.get(int(modality))} images '
       f'in {time.perf_counter() - start:.1f} s'
+      + (f' ({len(indices) - embedded} from the feature cache)' if cache is not None else '')
     )
   return np.concatenate(blocks), row_of
 
@@ -351,19 +399,33 @@ class _Distances:
     row_of: np.ndarray,
     splits: Sequence[protocols.Split],
     rerank: rerank_lib.RerankSettings | None = None,
+    union_matrix_bytes: int = UNION_MATRIX_BYTES,
   ):
     self.rows = np.unique(np.concatenate([s.query for s in splits]))
     self.cols = np.unique(np.concatenate([s.gallery for s in splits]))
+    self.features, self.row_of = features, row_of
+    self.rerank = rerank
+    # Re-ranking needs whole matrices; otherwise a union too large is never formed.
+    self.whole = rerank is not None or 4 * len(self.rows) * len(self.cols) <= union_matrix_bytes
+    self.chunks: list[metrics.NegativeProducts] = []
+    if not self.whole:
+      return
     probes, gallery = features[row_of[self.rows]], features[row_of[self.cols]]
     self.matrix = -(probes @ gallery.T)
-    self.rerank = rerank
     if rerank is not None:
       self.q_g = rerank_lib.euclidean(probes, gallery)
       self.q_q = rerank_lib.euclidean(probes, probes)
       self.g_g = rerank_lib.euclidean(gallery, gallery)
 
-  def of(self, split: protocols.Split) -> np.ndarray:
+  @property
+  def chunk_seconds(self) -> float:
+    """Time spent in the products computed by probe chunks."""
+    return sum(c.seconds for c in self.chunks)
+
+  def of(self, split: protocols.Split) -> np.ndarray | metrics.NegativeProducts:
     """[Q, G] distances of one trial's probes and gallery, in their order."""
+    if not self.whole:
+      return self._by_chunks(split)
     q = np.searchsorted(self.rows, split.query)
     g = np.searchsorted(self.cols, split.gallery)
     if self.rerank is None:
@@ -371,6 +433,21 @@ class _Distances:
     return rerank_lib.rerank(
       self.q_g[np.ix_(q, g)], self.q_q[np.ix_(q, q)], self.g_g[np.ix_(g, g)], self.rerank
     )
+
+  def _by_chunks(self, split: protocols.Split) -> metrics.NegativeProducts:
+    products = metrics.NegativeProducts(
+      _contiguous(self.features, self.row_of[split.query]),
+      _contiguous(self.features, self.row_of[split.gallery]),
+    )
+    self.chunks.append(products)
+    return products
+
+
+def _contiguous(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  """features[rows], as a view (no copy) where the rows are consecutive."""
+  if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+    return features[rows[0] : rows[0] + len(rows)]
+  return features[rows]
 
 
 def _score(

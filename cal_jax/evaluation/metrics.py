@@ -17,7 +17,10 @@ loops of the standard code family exactly:
 
 In every protocol a query whose identity has no remaining gallery image is
 skipped (left out of every mean). The work is done in chunks of queries sized
-from a memory budget, so galleries of 100,000+ images fit.
+from a memory budget, so galleries of 100,000+ images fit. The distances may
+be given as `NegativeProducts`, the negative dot products of query and gallery
+features computed one chunk of queries at a time: then the [Q, G] matrix is
+never held whole either.
 
 Ties: the reference code ranks with ``np.argsort`` (quicksort, not stable), so
 the order of equal distances there depends on the numpy build. Here the
@@ -27,6 +30,7 @@ gallery order.
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any
 
@@ -42,6 +46,35 @@ _BYTES_PER_ELEMENT = 32
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
+class NegativeProducts:
+  """Distances -<f_q, f_g> of query and gallery features, computed by blocks of queries.
+
+  `evaluate_ranking` takes it in place of a [Q, G] matrix and asks for one
+  chunk of rows at a time, so only a chunk's distances exist at once.
+  `seconds` accumulates the time spent in the products.
+  """
+
+  def __init__(self, query: np.ndarray, gallery: np.ndarray):
+    self.query = np.asarray(query, np.float32)
+    self.gallery = np.asarray(gallery, np.float32)
+    if (
+      self.query.ndim != 2 or self.gallery.ndim != 2 or self.query.shape[1] != self.gallery.shape[1]
+    ):
+      raise ValueError(
+        f'query and gallery features must be [Q, D] and [G, D], got {self.query.shape} '
+        f'and {self.gallery.shape}'
+      )
+    self.shape = (len(self.query), len(self.gallery))
+    self.ndim = 2
+    self.seconds = 0.0
+
+  def __getitem__(self, rows: slice) -> np.ndarray:
+    start = time.perf_counter()
+    out = -(self.query[rows] @ self.gallery.T)
+    self.seconds += time.perf_counter() - start
+    return out
+
+
 def evaluate_ranking(
   distmat: Any,
   q_pids: Any,
@@ -55,7 +88,8 @@ def evaluate_ranking(
   """Scores a query-by-gallery distance matrix (smaller is closer).
 
   Args:
-    distmat: [Q, G] distances (e.g. negative inner products of features).
+    distmat: [Q, G] distances (e.g. negative inner products of features), or
+      `NegativeProducts`, which computes them chunk by chunk.
     q_pids: [Q] query identities.
     g_pids: [G] gallery identities.
     q_camids: [Q] query cameras; required by "sysu" and "llcm".
@@ -77,7 +111,8 @@ def evaluate_ranking(
   """
   if protocol not in PROTOCOLS:
     raise ValueError(f'protocol must be one of {PROTOCOLS}, got {protocol!r}')
-  distmat = np.asarray(distmat)
+  if not isinstance(distmat, NegativeProducts):
+    distmat = np.asarray(distmat)
   if distmat.ndim != 2:
     raise ValueError(f'distmat must be 2-D, got shape {distmat.shape}')
   num_q, num_g = distmat.shape

@@ -16,7 +16,7 @@ from absl import logging
 
 from cal_jax import distributed
 from cal_jax.data.splits import Splits
-from cal_jax.evaluation import embedding, evaluator
+from cal_jax.evaluation import embedding, evaluator, feature_cache
 from cal_jax.evaluation import results as results_lib
 from cal_jax.models.cal import CAL
 
@@ -47,23 +47,42 @@ class Embedder:
     variables: eval variables, visible prototypes reordered by M-hat.
     m_hat: M-hat, [N_p].
     kind: 'parts' (CAL) or 'global' (the baseline), `embedding.embed`'s kind.
+    replicated: the variables on every local device, for images [L, B / L, ...].
   """
 
   model: CAL
   variables: Any
   m_hat: np.ndarray
   kind: str = 'parts'
+  replicated: Any = None
 
-  def __call__(self, images: np.ndarray, modality: int) -> np.ndarray:
-    """`embedding.EmbedFn`: images [B, H, W, 3] -> embeddings [B, D]."""
-    return np.asarray(embedding.embed(self.model, self.variables, images, modality, self.kind))
+  @property
+  def local_devices(self) -> int | None:
+    """L when images may come as [L, B / L, H, W, 3] (`extract_features`), else None."""
+    return jax.local_device_count() if self.replicated is not None else None
+
+  def __call__(self, images: np.ndarray, modality: int) -> jax.Array:
+    """`embedding.EmbedFn`: images [B, H, W, 3] -> embeddings [B, D] on the first device;
+    images [L, B / L, H, W, 3] -> [L, B / L, D], one slice per local device. Returns
+    before the result is ready (JAX's asynchronous dispatch)."""
+    if np.ndim(images) == 5:
+      if self.replicated is None:
+        raise ValueError('this Embedder was made for one device (make_embedder(devices=False))')
+      return embedding.p_embed(self.model, self.replicated, images, modality, self.kind)
+    return embedding.embed(self.model, self.variables, images, modality, self.kind)
 
 
-def make_embedder(model: CAL, state: Any, m_hat: np.ndarray, kind: str = 'parts') -> Embedder:
-  """The `Embedder` of a (restored or trained) state and its M-hat."""
+def make_embedder(
+  model: CAL, state: Any, m_hat: np.ndarray, kind: str = 'parts', devices: bool = True
+) -> Embedder:
+  """The `Embedder` of a (restored or trained) state and its M-hat; with `devices`
+  and more than one local device, also replicated for data-parallel evaluation."""
   eval_model = model.clone(axis_name=None)
   variables, m_hat = inference_variables(eval_model, state, m_hat)
-  return Embedder(eval_model, jax.device_put(variables), m_hat, kind)
+  replicated = None
+  if devices and jax.local_device_count() > 1:
+    replicated = distributed.replicate(variables)
+  return Embedder(eval_model, jax.device_put(variables), m_hat, kind, replicated)
 
 
 def evaluate_state(
@@ -87,13 +106,38 @@ def evaluate_state(
     meta: more entries for the results' 'meta' (e.g. config.data.synthetic).
     writer: a `clu` metric writer (training): the metrics and the table go there too.
   """
+  local_devices = embedder.local_devices
+  if local_devices and settings.batch_size % local_devices:
+    logging.warning(
+      'config.data.eval_batch_size=%d is not divisible by the %d local devices: '
+      'evaluating on one device',
+      settings.batch_size,
+      local_devices,
+    )
+    local_devices = None
+  cache = None
+  # One process: with several, each would decide alone whether to embed, and the
+  # collective gathering of `split_and_gather` needs them all to.
+  if settings.cache_features and jax.process_count() == 1:
+    key = feature_cache.cache_key(
+      embedder.model,
+      embedder.variables,
+      embedder.m_hat,
+      embedder.kind,
+      settings,
+      step,
+      splits.test,
+    )
+    cache = feature_cache.FeatureCache(workdir, key)
   evaluation = evaluator.evaluate(
     embedder,
     splits.test,
     splits.name,
     settings,
+    local_devices=local_devices,
     distribute=distributed.split_and_gather,
     log=logging.info,
+    cache=cache,
   )
   results = evaluation.results
   meta = {
@@ -104,6 +148,9 @@ def evaluate_state(
     'm_hat': embedder.m_hat.tolist(),
     'embedding': settings.embedding,
     'rerank': settings.rerank.describe() if settings.rerank else 'none',
+    'devices': local_devices or 1,
+    'cached_features': cache.hits if cache is not None else 0,
+    'timing': {k: round(v, 3) for k, v in evaluation.timing.items()},
     'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
   }
   table = results_lib.format_table(results)

@@ -58,7 +58,8 @@ def match_queries(weights: jax.Array) -> jax.Array:
 
   weights [B, N_p, N_p] -> perm [B, N_p] int32, constant w.r.t. the weights.
   """
-  weights = jax.lax.stop_gradient(weights)
+  # float32 to the host whatever the compute dtype (a bfloat16 array has no numpy dtype).
+  weights = jax.lax.stop_gradient(weights).astype(jnp.promote_types(weights.dtype, jnp.float32))
   result = jax.ShapeDtypeStruct(weights.shape[:2], jnp.int32)
   return jax.pure_callback(solve_assignments_on_host, result, weights, vmap_method='expand_dims')
 

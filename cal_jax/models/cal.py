@@ -17,6 +17,7 @@ embeddings.
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -56,14 +57,20 @@ class CAL(nn.Module):
   attention_similarity: str = 'tsaa'  # Table 4: 'scaled_dot' (SD)
   channel_attention: bool = True  # Table 4: False is "w/o CA"
   class_centers: bool = False  # learned centres of Table 4's "PCL -> Center loss"
+  dtype: Any = None  # the backbone's computation dtype; None: its inputs' (module doc)
+  remat: Sequence[int] = ()  # ResNet stages (1-4) whose blocks are rematerialised
   axis_name: str | None = None
 
   def setup(self):
-    self.stem_visible = resnet.Stem(self.width, self.axis_name)
+    self.stem_visible = resnet.Stem(self.width, self.axis_name, self.dtype)
     self.stem_infrared = (
-      resnet.Stem(self.width, self.axis_name) if self.modality_specific_stem else self.stem_visible
+      resnet.Stem(self.width, self.axis_name, self.dtype)
+      if self.modality_specific_stem
+      else self.stem_visible
     )
-    self.stages = resnet.Stages(self.depth, self.width, self.last_stride, self.axis_name)
+    self.stages = resnet.Stages(
+      self.depth, self.width, self.last_stride, self.axis_name, self.dtype, tuple(self.remat)
+    )
     if self.part_queries not in part_queries_lib.PART_QUERIES:
       raise ValueError(
         f'config.model.part_queries must be one of '
@@ -105,12 +112,19 @@ class CAL(nn.Module):
   def feature_maps(
     self, images_visible: jax.Array, images_infrared: jax.Array, train: bool
   ) -> tuple[jax.Array, jax.Array]:
-    """Both halves through their stems and the shared stages: 2 x [B, h, w, C]."""
+    """Both halves through their stems and the shared stages: 2 x [B, h, w, C], float32."""
     x = jnp.concatenate(
       [self.stem_visible(images_visible, train), self.stem_infrared(images_infrared, train)], axis=0
     )
     maps = self.stages(x, train)
+    maps = maps.astype(jnp.promote_types(maps.dtype, jnp.float32))
     return maps[: images_visible.shape[0]], maps[images_visible.shape[0] :]
+
+  def feature_map(self, images: jax.Array, modality: int) -> jax.Array:
+    """One modality through its stem and the stages, eval mode: [B, h, w, C], float32."""
+    stem = self.stem_visible if modality == VISIBLE else self.stem_infrared
+    maps = self.stages(stem(images, False), False)
+    return maps.astype(jnp.promote_types(maps.dtype, jnp.float32))
 
   def __call__(
     self,
@@ -200,8 +214,7 @@ class CAL(nn.Module):
 
   def embed_global(self, images: jax.Array, modality: int) -> jax.Array:
     """The baseline's embedding: pooled map after its BNNeck, L2-normalised. -> [B, C]."""
-    stem = self.stem_visible if modality == VISIBLE else self.stem_infrared
-    pooled = jnp.mean(self.stages(stem(images, False), False), axis=(1, 2))
+    pooled = jnp.mean(self.feature_map(images, modality), axis=(1, 2))
     return l2_normalize(self.global_neck(pooled, True))
 
   def refined_parts(self, images: jax.Array, modality: int) -> dict[str, jax.Array]:
@@ -236,9 +249,8 @@ class CAL(nn.Module):
       raise ValueError(
         f'modality must be {VISIBLE} (visible) or {INFRARED} (infrared), got {modality!r}'
       )
-    stem = self.stem_visible if modality == VISIBLE else self.stem_infrared
     drm = self.region_mining_visible if modality == VISIBLE else self.region_mining_infrared
-    feature_map = self.stages(stem(images, False), False)
+    feature_map = self.feature_map(images, modality)
     mined = drm(feature_map)
     features, similarity = self.adapter(mined['tokens'], mined['parts'], mined['tokens'])
     return (
@@ -252,12 +264,28 @@ class CAL(nn.Module):
     )
 
 
+# config.model.dtype -> the backbone's computation dtype. None computes in the dtype of
+# the inputs and parameters: float32 (float64 in the tests of exactness).
+DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+  """`config.model.dtype` -> the jnp dtype of the backbone's computation."""
+  if name not in DTYPES:
+    raise ValueError(
+      f'config.model.dtype={name!r} must be one of {sorted(DTYPES)}; float16 is not supported '
+      '(no loss scaling): use bfloat16, or float32 on a GPU without bfloat16'
+    )
+  return DTYPES[name]
+
+
 def create_model(
   config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = None
 ) -> CAL:
   """Builds the CAL network from `config.model`."""
   m = config.model
   resnet.check_depth(m.depth)
+  resnet.check_remat(m.get('remat', ()))
   if m.num_parts < 1:
     raise ValueError(f'config.model.num_parts must be >= 1, got {m.num_parts}')
   if not 0.0 < m.select_ratio <= 1.0:
@@ -279,5 +307,7 @@ def create_model(
     attention_similarity=m.get('attention_similarity', 'tsaa'),
     channel_attention=m.get('channel_attention', True),
     class_centers=config.get('loss', {}).get('pcl_form', 'pcl') == 'center',
+    dtype=compute_dtype(m.get('dtype', 'float32')),
+    remat=tuple(m.get('remat', ())),
     axis_name=axis_name,
   )

@@ -10,13 +10,24 @@ last stage is configurable: ReID models keep it at 1 for larger maps.
 The network is split into `Stem` (conv1, bn1, relu, maxpool) and `Stages`
 (layer1..layer4) so that a model can give each modality its own stem, as the
 AGW baseline does, and share the stages.
+
+Mixed precision and rematerialisation (`config.model.dtype`, `.remat`):
+`dtype` is the computation dtype of the convolutions (bfloat16 on an
+accelerator; None: that of the inputs and parameters); parameters and
+batch-norm statistics stay float32 and batch norm computes its moments in
+float32. `Stages.remat` names the stages (1-4)
+whose residual blocks are rematerialised with `nn.remat`: their activations
+are recomputed in the backward pass instead of kept, and the parameter tree
+is the same as without.
 """
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from cal_jax.models.batch_norm import BatchNorm
 
@@ -40,6 +51,14 @@ def check_depth(depth: int) -> None:
     )
 
 
+def check_remat(stages: Sequence[int]) -> None:
+  if any(s not in (1, 2, 3, 4) for s in stages):
+    raise ValueError(
+      f'config.model.remat={tuple(stages)} must name ResNet stages, each 1, 2, 3 or 4 '
+      '(e.g. (3, 4), or () for none)'
+    )
+
+
 def block_expansion(depth: int) -> int:
   check_depth(depth)
   return 4 if ARCHITECTURES[depth][0] == 'bottleneck' else 1
@@ -50,7 +69,9 @@ def output_channels(depth: int, width: int = 64) -> int:
   return width * 8 * block_expansion(depth)
 
 
-def conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
+def conv(
+  features: int, kernel: int, stride: int = 1, name: str | None = None, dtype: Any = None
+) -> nn.Conv:
   pad = (kernel - 1) // 2
   return nn.Conv(
     features,
@@ -59,6 +80,8 @@ def conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -
     padding=((pad, pad), (pad, pad)),
     use_bias=False,
     kernel_init=conv_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
     name=name,
   )
 
@@ -70,14 +93,17 @@ class BasicBlock(nn.Module):
   stride: int = 1
   downsample: bool = False
   axis_name: str | None = None
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     norm = functools.partial(BatchNorm, use_running_average=not train, axis_name=self.axis_name)
-    y = nn.relu(norm(name='bn1')(conv(self.features, 3, self.stride, 'conv1')(x)))
-    y = norm(name='bn2')(conv(self.features, 3, 1, 'conv2')(y))
+    y = nn.relu(norm(name='bn1')(conv(self.features, 3, self.stride, 'conv1', self.dtype)(x)))
+    y = norm(name='bn2')(conv(self.features, 3, 1, 'conv2', self.dtype)(y))
     if self.downsample:
-      x = norm(name='downsample_bn')(conv(self.features, 1, self.stride, 'downsample_conv')(x))
+      x = norm(name='downsample_bn')(
+        conv(self.features, 1, self.stride, 'downsample_conv', self.dtype)(x)
+      )
     return nn.relu(x + y)
 
 
@@ -88,15 +114,18 @@ class Bottleneck(nn.Module):
   stride: int = 1
   downsample: bool = False
   axis_name: str | None = None
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     norm = functools.partial(BatchNorm, use_running_average=not train, axis_name=self.axis_name)
-    y = nn.relu(norm(name='bn1')(conv(self.features, 1, 1, 'conv1')(x)))
-    y = nn.relu(norm(name='bn2')(conv(self.features, 3, self.stride, 'conv2')(y)))
-    y = norm(name='bn3')(conv(self.features * 4, 1, 1, 'conv3')(y))
+    y = nn.relu(norm(name='bn1')(conv(self.features, 1, 1, 'conv1', self.dtype)(x)))
+    y = nn.relu(norm(name='bn2')(conv(self.features, 3, self.stride, 'conv2', self.dtype)(y)))
+    y = norm(name='bn3')(conv(self.features * 4, 1, 1, 'conv3', self.dtype)(y))
     if self.downsample:
-      x = norm(name='downsample_bn')(conv(self.features * 4, 1, self.stride, 'downsample_conv')(x))
+      x = norm(name='downsample_bn')(
+        conv(self.features * 4, 1, self.stride, 'downsample_conv', self.dtype)(x)
+      )
     return nn.relu(x + y)
 
 
@@ -105,11 +134,12 @@ class Stem(nn.Module):
 
   width: int = 64
   axis_name: str | None = None
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, H, W, 3] -> [B, H/4, W/4, width]."""
-    x = conv(self.width, 7, 2, 'conv1')(x)
+    x = conv(self.width, 7, 2, 'conv1', self.dtype)(x)
     x = BatchNorm(use_running_average=not train, axis_name=self.axis_name, name='bn1')(x)
     x = nn.relu(x)
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -122,23 +152,34 @@ class Stages(nn.Module):
   width: int = 64
   last_stride: int = 1
   axis_name: str | None = None
+  dtype: Any = None
+  remat: Sequence[int] = ()  # stages (1-4) whose blocks are rematerialised
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, H/4, W/4, width] -> [B, H/16 (or /32), W/16 (or /32), output_channels]."""
     check_depth(self.depth)
+    check_remat(self.remat)
     kind, blocks_per_stage = ARCHITECTURES[self.depth]
-    block_cls = Bottleneck if kind == 'bottleneck' else BasicBlock
+    plain_block = Bottleneck if kind == 'bottleneck' else BasicBlock
+    # `train` (argument 2, counting the module) selects the batch-norm mode: static.
+    remat_block = nn.remat(plain_block, static_argnums=(2,))
     expansion = block_expansion(self.depth)
     in_channels = x.shape[-1]
     strides = (1, 2, 2, self.last_stride)
     for stage, (num_blocks, stage_stride) in enumerate(zip(blocks_per_stage, strides)):
       features = self.width * 2**stage
+      block_cls = remat_block if stage + 1 in self.remat else plain_block
       for index in range(num_blocks):
         stride = stage_stride if index == 0 else 1
         needs_projection = index == 0 and (stride != 1 or in_channels != features * expansion)
         x = block_cls(
-          features, stride, needs_projection, self.axis_name, name=f'layer{stage + 1}_{index}'
+          features,
+          stride,
+          needs_projection,
+          self.axis_name,
+          self.dtype,
+          name=f'layer{stage + 1}_{index}',
         )(x, train)
         in_channels = features * expansion
     return x
@@ -157,12 +198,22 @@ class ResNet(nn.Module):
   width: int = 64
   last_stride: int = 2
   axis_name: str | None = None
+  dtype: Any = None
+  remat: Sequence[int] = ()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """[B, H, W, 3] -> the last stage's feature map [B, h, w, C]."""
-    x = Stem(self.width, self.axis_name, name='stem')(x, train)
-    return Stages(self.depth, self.width, self.last_stride, self.axis_name, name='stages')(x, train)
+    """[B, H, W, 3] -> the last stage's feature map [B, h, w, C] (in `dtype`)."""
+    x = Stem(self.width, self.axis_name, self.dtype, name='stem')(x, train)
+    return Stages(
+      self.depth,
+      self.width,
+      self.last_stride,
+      self.axis_name,
+      self.dtype,
+      tuple(self.remat),
+      name='stages',
+    )(x, train)
 
 
 def stage_names(depth: int) -> Sequence[str]:

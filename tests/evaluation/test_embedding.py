@@ -112,3 +112,37 @@ def test_part_maps_are_the_drm_selection_and_the_tsaa_attention(eval_setup, tiny
   n_k = region_mining.num_selected_tokens(height * width, num_parts, tiny_config.model.select_ratio)
   assert (np.count_nonzero(np.asarray(maps['selected']), axis=(2, 3)) == n_k).all()
   np.testing.assert_allclose(np.asarray(maps['attention']).sum(axis=(2, 3)), 1.0, rtol=1e-5)
+
+
+def test_evaluation_on_two_devices_equals_one_device(tiny_run):
+  """The evaluator embeds data-parallel over the local devices (two fake CPUs here):
+  the same features and results as on one device."""
+  import jax
+
+  from cal_jax.evaluation import evaluator
+  from cal_jax.evaluation import run as run_lib
+  from cal_jax.training import loop
+
+  config, workdir = tiny_run
+  assert jax.local_device_count() == 2
+  trained = loop.restore_trained(config, workdir)
+  settings = evaluator.EvalSettings.from_config(config)
+  out = {}
+  for devices in (True, False):
+    embedder = run_lib.make_embedder(
+      trained.model, trained.state, trained.counts.m_hat(), devices=devices
+    )
+    assert embedder.local_devices == (2 if devices else None)
+    out[devices] = evaluator.evaluate(
+      embedder,
+      trained.splits.test,
+      trained.splits.name,
+      settings,
+      local_devices=embedder.local_devices,
+      log=lambda _: None,
+    )
+  np.testing.assert_array_equal(out[True].row_of, out[False].row_of)
+  np.testing.assert_allclose(out[True].features, out[False].features, rtol=1e-5, atol=1e-6)
+  for key, result in out[False].results.items():
+    for name in ('R1', 'R10', 'mAP', 'mINP'):
+      assert out[True].results[key][name] == pytest.approx(result[name], abs=1e-9), (key, name)

@@ -220,16 +220,31 @@ def test_identity_embedding_is_perfect(split, settings):
     assert r['gallery_draw'] == 'random.seed(0) .. random.seed(9)'
 
 
+@pytest.mark.parametrize('whole', [True, False], ids=['union_matrix', 'probe_chunks'])
 @pytest.mark.parametrize('dataset', ['sysu_mm01', 'regdb', 'llcm'])
-def test_random_embedding_equals_direct_ranking(split, settings, dataset):
+def test_random_embedding_equals_direct_ranking(split, settings, dataset, whole):
+  """Every protocol against `_direct`, with the union distance matrix and (as for a
+  gallery too large for it) with each trial's distances computed by probe chunks."""
   data = _as_llcm(split) if dataset == 'llcm' else split
   settings = dataclasses.replace(
     settings, builder_config='trial_3' if dataset == 'regdb' else '', num_trials=3
   )
   fake = FakeEmbed(data, _random_table(len(data), seed=2))
   lines = []
-  evaluation = evaluate_lib.evaluate(fake, data, dataset, settings, log=lines.append)
+  evaluation = evaluate_lib.evaluate(
+    fake,
+    data,
+    dataset,
+    settings,
+    log=lines.append,
+    union_matrix_bytes=evaluate_lib.UNION_MATRIX_BYTES if whole else 0,
+  )
   out = evaluation.results
+  assert ('by probe chunks' in ' '.join(lines)) != whole
+  timing = evaluation.timing
+  assert timing['images'] == len(evaluation.features)
+  assert min(timing['embedding'], timing['distances'], timing['metrics']) > 0
+  assert any(line.startswith('evaluation: embedding') for line in lines)
   features = _numpy_features(fake.table)
   trials = 1 if dataset == 'regdb' else 3
   assert list(out) == evaluate_lib.protocol_keys(dataset)
@@ -420,3 +435,105 @@ def test_rerank_settings_from_config():
   config.eval.rerank_k1 = 10
   got = evaluate_lib.EvalSettings.from_config(config).rerank
   assert (got.k1, got.k2, got.lambda_value) == (10, 6, 0.3)
+
+
+def test_feature_cache_reembeds_nothing_for_other_protocols_and_trials(split, settings, tmp_path):
+  """WORKDIR/eval_features.npz: a second evaluation with other keys and trial counts
+  embeds nothing and scores the same; an image the file lacks is embedded alone; another
+  key (e.g. another flip) replaces the file."""
+  from cal_jax.evaluation.feature_cache import FILENAME, FeatureCache
+
+  table = _random_table(len(split), seed=4)
+  first = FakeEmbed(split, table)
+  quiet = dict(log=lambda _: None)
+  one = dataclasses.replace(settings, num_trials=2)
+  cache = FeatureCache(str(tmp_path), 'key-a')
+  reference = evaluate_lib.evaluate(
+    first, split, 'sysu_mm01', one, keys=['sysu/all/single'], cache=cache, **quiet
+  )
+  assert first.calls and os.path.isfile(tmp_path / FILENAME)
+  # Every protocol and three trials: the indoor and multi-shot galleries need images the
+  # single-shot draws of trials 0-1 did not pick, and only those are embedded.
+  second = FakeEmbed(split, table)
+  again = evaluate_lib.evaluate(
+    second,
+    split,
+    'sysu_mm01',
+    dataclasses.replace(settings, num_trials=3),
+    cache=FeatureCache(str(tmp_path), 'key-a'),
+    **quiet,
+  )
+  cached = set(np.flatnonzero(reference.row_of >= 0).tolist())
+  embedded_again = {i for call in second.calls for i, _ in call}
+  assert embedded_again and not embedded_again & cached
+  uncached = evaluate_lib.evaluate(
+    FakeEmbed(split, table),
+    split,
+    'sysu_mm01',
+    dataclasses.replace(settings, num_trials=3),
+    **quiet,
+  )
+  for key, result in uncached.results.items():
+    for name in results_lib.METRICS:
+      assert again.results[key][name] == pytest.approx(result[name], abs=1e-9), (key, name)
+  # Now everything is in the file: a third evaluation embeds nothing at all.
+  third = FakeEmbed(split, table)
+  evaluate_lib.evaluate(
+    third, split, 'sysu_mm01', one, cache=FeatureCache(str(tmp_path), 'key-a'), **quiet
+  )
+  assert not third.calls
+  # Another key: the file's features are not used, and the file is replaced.
+  fourth = FakeEmbed(split, table)
+  evaluate_lib.evaluate(
+    fourth, split, 'sysu_mm01', one, cache=FeatureCache(str(tmp_path), 'key-b'), **quiet
+  )
+  assert fourth.calls
+  with np.load(tmp_path / FILENAME) as saved:
+    assert str(saved['key']) == 'key-b'
+
+
+def test_cache_key_changes_with_step_weights_flip_and_dtype(tiny_config, tiny_state):
+  import jax.numpy as jnp
+  from conftest import NUM_CLASSES
+
+  from cal_jax.evaluation.feature_cache import cache_key
+  from cal_jax.models.cal import create_model
+
+  model = create_model(tiny_config, NUM_CLASSES)
+  variables = {'params': tiny_state.params, 'batch_stats': tiny_state.batch_stats}
+  s = evaluate_lib.EvalSettings.from_config(tiny_config)
+  fake_split = _Columns(np.arange(3), np.ones(3), np.zeros(3))
+  m_hat = np.arange(4)
+  base = cache_key(model, variables, m_hat, 'parts', s, 8, fake_split)
+  assert base == cache_key(model, variables, m_hat, 'parts', s, 8, fake_split)
+  moved = jax_tree_add(variables, 1e-3)
+  changed = [
+    cache_key(model, variables, m_hat, 'parts', s, 9, fake_split),
+    cache_key(model, moved, m_hat, 'parts', s, 8, fake_split),
+    cache_key(
+      model, variables, m_hat, 'parts', dataclasses.replace(s, flip=not s.flip), 8, fake_split
+    ),
+    cache_key(model.clone(dtype=jnp.bfloat16), variables, m_hat, 'parts', s, 8, fake_split),
+    cache_key(model, variables, m_hat[::-1], 'parts', s, 8, fake_split),
+  ]
+  assert len({base, *changed}) == 1 + len(changed)
+  other_split = _Columns(np.arange(3), np.array([1, 1, 2]), np.zeros(3))
+  assert cache_key(model, variables, m_hat, 'parts', s, 8, other_split) != base
+
+
+@dataclasses.dataclass
+class _Columns:
+  """What the cache key reads of a test split."""
+
+  id: np.ndarray
+  camera: np.ndarray
+  modality: np.ndarray
+
+  def __len__(self):
+    return len(self.id)
+
+
+def jax_tree_add(tree, value):
+  import jax
+
+  return jax.tree_util.tree_map(lambda x: np.asarray(x) + value, tree)

@@ -224,3 +224,23 @@ def test_ranking_equals_stable_argsort():
   d[1, :4] = [0.0, -0.0, np.inf, -np.inf]
   d[2, 10:] = np.inf
   np.testing.assert_array_equal(metrics._rank(d), np.argsort(d, axis=1, kind='stable'))
+
+
+def test_negative_products_by_chunks_equal_the_whole_matrix():
+  """`NegativeProducts` gives evaluate_ranking the distances chunk by chunk: the same
+  metrics as the [Q, G] matrix, with chunks of a few queries (a tiny budget)."""
+  rng = np.random.default_rng(5)
+  q, g = rng.normal(size=(37, 6)).astype(np.float32), rng.normal(size=(90, 6)).astype(np.float32)
+  q_ids, g_ids = rng.integers(0, 9, 37), rng.integers(0, 9, 90)
+  q_cams, g_cams = rng.choice([3, 6], 37), rng.choice([1, 2, 4, 5], 90)
+  whole = metrics.evaluate_ranking(-(q @ g.T), q_ids, g_ids, q_cams, g_cams, max_rank=10)
+  products = metrics.NegativeProducts(q, g)
+  chunked = metrics.evaluate_ranking(
+    products, q_ids, g_ids, q_cams, g_cams, max_rank=10, memory_budget=32 * 90 * 4
+  )
+  np.testing.assert_allclose(chunked['cmc'], whole['cmc'], atol=1e-12)
+  for name in ('mAP', 'mINP', 'num_valid_queries'):
+    assert chunked[name] == pytest.approx(whole[name], abs=1e-12)
+  assert products.seconds > 0
+  with pytest.raises(ValueError, match=r'\[Q, D\] and \[G, D\]'):
+    metrics.NegativeProducts(q, g[:, :5])

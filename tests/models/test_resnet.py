@@ -55,3 +55,36 @@ def test_stride_two_convolution_pads_symmetrically():
 def test_unknown_depth_is_refused():
   with pytest.raises(ValueError, match='config.model.depth=42'):
     resnet.output_channels(42)
+
+
+def test_remat_keeps_the_parameters_and_the_gradient():
+  """config.model.remat: the same parameter tree, the same gradient (remat only
+  recomputes), and the blocks of the named stages are checkpointed in the jaxpr."""
+  x = jax.random.normal(jax.random.key(1), (2, 64, 32, 3))
+  plain = resnet.ResNet(50, 8, 1)
+  remat = resnet.ResNet(50, 8, 1, remat=(2, 4))
+  variables = plain.init(jax.random.key(0), x)
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+    remat.init(jax.random.key(0), x)
+  )
+
+  def loss(model):
+    def f(params):
+      y, _ = model.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']},
+        x,
+        True,
+        mutable=['batch_stats'],
+      )
+      return jnp.sum(jnp.square(y))
+
+    return f
+
+  grads = [jax.grad(loss(m))(variables['params']) for m in (plain, remat)]
+  for a, b in zip(*(jax.tree_util.tree_leaves(g) for g in grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss(remat)))(variables['params']))
+  assert jaxpr.count('remat') == 4 + 3  # one checkpoint per block: layer2's 4, layer4's 3
+  assert 'remat' not in str(jax.make_jaxpr(jax.grad(loss(plain)))(variables['params']))
+  with pytest.raises(ValueError, match=r'config.model.remat=\(5,\)'):
+    resnet.ResNet(50, 8, 1, remat=(5,)).init(jax.random.key(0), x)

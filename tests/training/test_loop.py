@@ -291,3 +291,108 @@ def test_eval_mode_writes_results_for_every_protocol(tmp_path, shared_data, unin
     mode = MODE_NAMES[key].split(' ', 1)[1]  # 'all-search single-shot'
     assert f'{mode}, 2 trials' in result.stdout  # the printed table
   assert written['meta']['checkpoint_step'] == 8
+
+
+@pytest.mark.slow
+def test_bfloat16_trains_and_evaluates_and_ranks_like_float32(tmp_path, shared_data):
+  """config.model.dtype=bfloat16 end to end (train, checkpoint, evaluate), then the
+  same checkpoint embedded in float32 and in bfloat16: the test set ranks alike.
+
+  The bound is derived, not guessed. Rank-1 and AP are monotone in the scores: raising
+  a positive's score or lowering a negative's never lowers them. With ds the change
+  of each score from float32 to bfloat16, the bfloat16 result therefore lies between
+  the metrics of the float32 scores with every positive lowered and every negative
+  raised by its own |ds|, and with the opposite. The test computes that interval with
+  the protocol's own metric and asserts the bfloat16 result inside it; the float32
+  result is inside by construction, so the interval's width bounds the difference.
+  """
+  import json
+
+  import jax
+  import jax.numpy as jnp
+
+  from cal_jax.evaluation import evaluator as evaluator_lib
+  from cal_jax.evaluation import metrics
+  from cal_jax.evaluation import run as run_lib
+  from cal_jax.interop.export import load_workdir_config
+  from cal_jax.training import loop
+
+  workdir = str(tmp_path / 'bf16')
+  result = run_main(
+    ['--config', TINY, '--workdir', workdir, '--config.model.dtype=bfloat16']
+    + ['--config.eval.pictures=False']
+    + shared_data
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, 'eval_results.json')) as f:
+    written = json.load(f)
+  assert written['meta']['checkpoint_step'] == 8
+  assert all(np.isfinite(written['sysu/all/single'][m]) for m in ('R1', 'mAP', 'mINP'))
+  losses = [float(v) for v in re.findall(r'loss (\S+)', result.stderr)]
+  assert losses and all(np.isfinite(losses)), result.stderr[-2000:]
+
+  config = load_workdir_config(workdir)
+  assert config.model.dtype == 'bfloat16'
+  trained = loop.restore_trained(config, workdir)
+  # Parameters, batch-norm statistics and the optimizer's state stay float32.
+  saved = jax.tree_util.tree_leaves((trained.state.params, trained.state.batch_stats))
+  saved += [x for x in jax.tree_util.tree_leaves(trained.state.opt_state) if x.ndim]
+  assert {x.dtype for x in saved} == {np.dtype(np.float32)}
+  settings = evaluator_lib.EvalSettings.from_config(config)
+  key = 'sysu/all/single'
+  runs = {}
+  for name, dtype in (('float32', None), ('bfloat16', jnp.bfloat16)):
+    model = trained.model.clone(dtype=dtype)
+    embedder = run_lib.make_embedder(model, trained.state, trained.counts.m_hat())
+    runs[name] = evaluator_lib.evaluate(
+      embedder, trained.splits.test, trained.splits.name, settings, keys=[key], log=lambda _: None
+    )
+  f32, b16 = runs['float32'], runs['bfloat16']
+  assert np.array_equal(f32.row_of, b16.row_of)
+  parts = config.model.num_parts
+  # Each of the N_p parts is a unit vector: the per-part cosine of the two embeddings.
+  cosine = np.sum((f32.features * b16.features).reshape(len(f32.features), parts, -1), axis=-1)
+  # bfloat16 keeps 8 significant bits, so most parts agree to ~1e-3; the top-k of Eq. (3)
+  # is discrete, though, and a near tie can select another token for a part: the
+  # minimum over parts is not bounded, the mean is.
+  assert cosine.mean() > 0.99, cosine.mean()
+  labels = np.asarray(trained.splits.test.id)
+  for t, split in enumerate(f32.splits[key]):
+    scores = {
+      name: r.features[r.row_of[split.query]] @ r.features[r.row_of[split.gallery]].T
+      for name, r in runs.items()
+    }
+    delta = np.abs(scores['float32'] - scores['bfloat16'])
+    positive = labels[split.query][:, None] == labels[split.gallery][None, :]
+    shift = np.where(positive, delta, -delta)
+    table = (labels, np.asarray(trained.splits.test.camera))
+    bound = {}
+    for name, sign in (('low', -1), ('high', 1)):
+      ranked = metrics.evaluate_ranking(
+        -(scores['float32'] + sign * shift),
+        table[0][split.query],
+        table[0][split.gallery],
+        table[1][split.query],
+        table[1][split.gallery],
+        protocol=split.metric,
+      )
+      bound[name] = {'R1': 100.0 * ranked['cmc'][0], 'mAP': 100.0 * ranked['mAP']}
+    got = {name: r.results[key]['per_trial'][t] for name, r in runs.items()}
+    for metric in ('R1', 'mAP'):
+      for name in runs:
+        value = got[name][metric]
+        assert bound['low'][metric] - 1e-6 <= value <= bound['high'][metric] + 1e-6, (
+          t,
+          name,
+          metric,
+          value,
+          bound,
+        )
+    print(
+      f'trial {t}: score difference median {np.median(delta):.4f} max {delta.max():.4f}; '
+      f'R1 in [{bound["low"]["R1"]:.1f}, {bound["high"]["R1"]:.1f}], mAP in '
+      f'[{bound["low"]["mAP"]:.1f}, {bound["high"]["mAP"]:.1f}]; '
+      f'R1 {got["float32"]["R1"]:.1f} vs '
+      f'{got["bfloat16"]["R1"]:.1f}, mAP {got["float32"]["mAP"]:.1f} vs '
+      f'{got["bfloat16"]["mAP"]:.1f}'
+    )

@@ -120,3 +120,31 @@ def test_modality_specific_stems_start_equal_and_then_learn_apart(
   visible = np.asarray(new_state.params['stem_visible']['conv1']['kernel'])
   infrared = np.asarray(new_state.params['stem_infrared']['conv1']['kernel'])
   assert not np.allclose(visible, infrared)  # two stems, not one shared
+
+
+def test_bfloat16_step_is_finite_keeps_float32_state_and_learns(tiny_config, tiny_state):
+  """config.model.dtype=bfloat16: the backbone's convolutions run in bf16, parameters,
+  optimizer state and batch-norm statistics stay float32, every loss is finite and
+  the loss falls on a fixed batch."""
+  from conftest import NUM_CLASSES
+
+  from cal_jax.models.cal import create_model
+
+  config = tiny_config.copy_and_resolve_references()
+  config.model.dtype = 'bfloat16'
+  model = create_model(config, NUM_CLASSES, axis_name=None)
+  images = np.zeros((2, config.data.image_height, config.data.image_width, 3), np.float32)
+  hlo = jax.jit(lambda v, x: model.apply(v, x, 0, method=model.embed)).lower(
+    {'params': tiny_state.params, 'batch_stats': tiny_state.batch_stats}, images
+  )
+  convolutions = [line for line in hlo.as_text().splitlines() if 'convolution' in line]
+  assert convolutions and all('bf16' in line for line in convolutions), convolutions[:2]
+  state = tiny_state.replace(apply_fn=model.clone(axis_name='batch').apply)
+  batch = make_identity_batch(config, devices=2, seed=1)
+  new_state, history = run_steps(make_p_train_step(config), state, [batch] * 8)
+  for term in LOSS_TERMS:
+    assert all(np.isfinite(m[term]) for m in history), term
+  leaves = jax.tree_util.tree_leaves((new_state.params, new_state.batch_stats, new_state.opt_state))
+  assert {x.dtype for x in leaves if x.ndim} == {np.dtype(np.float32)}
+  losses = [float(m['loss']) for m in history]
+  assert np.mean(losses[-2:]) < losses[0] - 0.1, losses
