@@ -55,6 +55,7 @@ class StopSignals:
 
   def __init__(self):
     self.signum: int | None = None
+    self._announced = False
     self._previous: dict[int, Any] = {}
 
   def install(self) -> 'StopSignals':
@@ -67,11 +68,22 @@ class StopSignals:
     del frame
     self.signum = signum
     signal.signal(signum, self._previous[signum])  # a second one acts at once
-    logging.warning(
-      '%s received: saving the checkpoint of the current step, then stopping '
-      '(send it again to stop at once).',
-      signal.Signals(signum).name,
-    )
+    # Nothing is logged here: the handler runs between two bytecodes of the main thread,
+    # possibly inside a log handler's write to stderr, and writing to that stream again
+    # would be a reentrant call ("--- Logging error ---"). `requested` announces it.
+
+  def requested(self) -> bool:
+    """Whether a signal came; the first call after it says so on the terminal."""
+    if self.signum is None:
+      return False
+    if not self._announced:
+      self._announced = True
+      logging.warning(
+        '%s received: saving the checkpoint of the current step, then stopping '
+        '(send it again to stop at once).',
+        signal.Signals(self.signum).name,
+      )
+    return True
 
   def uninstall(self) -> None:
     for signum, handler in self._previous.items():

@@ -258,7 +258,7 @@ def _train(
         hook(step)
       end_of_epoch = step % setup.steps_per_epoch == 0
       last = step == setup.total_steps
-      stop_now = stop.signum is not None  # then the next run evaluates, if due
+      stop_now = stop.requested()  # then the next run evaluates, if due
       evaluate_now = (
         config.eval.enabled
         and not stop_now
