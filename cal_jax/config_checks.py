@@ -237,6 +237,8 @@ RULES: dict[str, Any] = {
   **{f'loss.{name}': _WEIGHT for name in LOSS_WEIGHTS},
   'loss.pcl_margin': Float(0.0, note='sigma of Eq. 15'),
   'loss.pcl_form': Choice(PCL_FORMS),
+  'loss.mcca_rho': Float(0.0, note="ICA&CCA's centre margin"),
+  'loss.mcca_sigma': Float(0.0, note="ICA&CCA's sample margin"),
   'loss.kd1_form': Choice(KD1_FORMS),
   'loss.query_matching': Bool(),
   'loss.attention_div_form': Choice(ATTENTION_DIV_FORMS),

@@ -85,7 +85,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.dis = 0.1  # lambda_3
   config.loss.div = 0.1  # lambda_4
   config.loss.pcl_margin = 0.6  # sigma of Eq. (15)
-  config.loss.pcl_form = 'pcl'  # "pcl": Eq. (14); Table 4: "triplet" | "center" in its place
+  config.loss.pcl_form = 'pcl'  # "pcl": Eq. (14); Table 4: "triplet" | "center" | "ica_cca"
+  # MCLNet's margins for "ica_cca" on unit part features (its 4500 and 8 were for raw
+  # 2,048-d features): centres at least rho apart (2: orthogonal unit vectors), and
+  # sigma keeping MCLNet's ratio sigma / rho = 8 / 4500.
+  config.loss.mcca_rho = 2.0
+  config.loss.mcca_sigma = 0.0036
   # L_kd1's form on the matched maps, when lambda_1 > 0: "dot" is Eq. (18)
   # literally (optimum: one-hot maps, the attention collapses); "cosine" | "kl" |
   # "mse" align the maps. The paper exactly: kd1=1, kd1_form="dot".

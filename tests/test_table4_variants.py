@@ -201,7 +201,15 @@ def test_each_table4_row_changes_the_network_as_it_names():
   base = param_paths(tiny.get_config())
   rows = {
     name: param_paths(ablations.apply(tiny.get_config(), ablations.ROWS[name]))
-    for name in ('drm_lv', 'drm_hs_4', 'tsaa_sd', 'tsaa_sd_no_ca', 'pcl_center', 'pcl_triplet')
+    for name in (
+      'drm_lv',
+      'drm_hs_4',
+      'tsaa_sd',
+      'tsaa_sd_no_ca',
+      'pcl_center',
+      'pcl_triplet',
+      'pcl_ica_cca',
+    )
   }
   drm = {p for p in base if p.startswith('region_mining_')}
   assert drm and not drm & rows['drm_lv'] and not drm & rows['drm_hs_4']
@@ -216,6 +224,7 @@ def test_each_table4_row_changes_the_network_as_it_names():
   assert gates and rows['tsaa_sd_no_ca'] == base - mlps - gates
   assert rows['pcl_center'] == base | {'class_centers'}
   assert rows['pcl_triplet'] == base
+  assert rows['pcl_ica_cca'] == base | {'class_centers', 'camera_centers'}
 
 
 @pytest.mark.parametrize('name', ['drm_lv', 'drm_hs_6'])
@@ -270,3 +279,121 @@ def test_cosine_similarity_is_a_scaled_softmax_of_cosines():
   np.testing.assert_allclose(
     sim, np_softmax(attention_adapter.COSINE_SCALE * cos), rtol=1e-4, atol=1e-6
   )
+
+
+# ---------------------------------------------------------- ICA & CCA ---
+
+
+def mcca_numpy(features, labels, centers, rho, sigma):
+  """MCLNet's MCCA loss written out with loops, per part, then averaged over parts."""
+  batch, parts, _ = features.shape
+  values = []
+  for p in range(parts):
+    x = np.stack([np_unit(features[i, p]) for i in range(batch)])
+    c = centers[:, p]
+    d = np.array([np.sum((x[i] - c[labels[i]]) ** 2) for i in range(batch)])
+    others = [
+      min(np.sum((c[labels[i]] - c[k]) ** 2) for k in range(len(c)) if k != labels[i])
+      for i in range(batch)
+    ]
+    push = max(rho - sum(others) / batch, 0.0)
+    nearest = 0.0
+    for k in set(labels.tolist()):
+      members = [i for i in range(batch) if labels[i] == k]
+      nearest += len(members) * min(d[i] for i in members)
+    pull = max(d.sum() / batch - nearest / batch - sigma, 0.0)
+    values.append(pull + push)
+  return float(np.mean(values))
+
+
+@pytest.mark.parametrize('rho, sigma', [(2.0, 0.0036), (0.5, 0.2), (100.0, 0.0)])
+def test_mcca_loss_against_numpy(rho, sigma):
+  features = RNG.normal(size=(8, 3, 5)).astype(np.float32)
+  labels = np.array([0, 0, 1, 1, 1, 3, 3, 2])
+  centers = RNG.normal(size=(4, 3, 5)).astype(np.float32)
+  expected = mcca_numpy(features, labels, centers, rho, sigma)
+  got = metric_losses.mcca_loss(
+    jnp.asarray(features), jnp.asarray(labels), jnp.asarray(centers), rho, sigma
+  )
+  np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_mcca_loss_over_two_devices_is_the_global_batch():
+  """A class (a camera) spans devices: its nearest sample and the means are global."""
+  features = RNG.normal(size=(8, 2, 5)).astype(np.float32)
+  labels = np.array([0, 1, 2, 0, 1, 2, 2, 0])  # every class on both halves
+  centers = RNG.normal(size=(3, 2, 5)).astype(np.float32)
+
+  def per_device(f, y):
+    # As the train step: each device differentiates its own copy of the loss, and the
+    # gradients are averaged over the devices (the pmean of the parameters' gradients).
+    loss = lambda f: metric_losses.mcca_loss(f, y, jnp.asarray(centers), 2.0, 0.01, 'batch')
+    return loss(f), jax.grad(loss)(f) / 2
+
+  value, grad = jax.pmap(per_device, axis_name='batch')(
+    jnp.asarray(features).reshape(2, 4, 2, 5), jnp.asarray(labels).reshape(2, 4)
+  )
+  whole = lambda f: metric_losses.mcca_loss(f, jnp.asarray(labels), jnp.asarray(centers), 2.0, 0.01)
+  np.testing.assert_allclose(np.asarray(value), float(whole(jnp.asarray(features))), rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(grad).reshape(features.shape),
+    np.asarray(jax.grad(whole)(jnp.asarray(features))),
+    rtol=1e-4,
+    atol=1e-7,
+  )
+
+
+def test_ica_cca_replaces_only_the_pcl_term_and_needs_cameras():
+  outputs = fake_outputs()
+  outputs['class_centers'] = jnp.asarray(RNG.normal(size=(5, 3, 8)), jnp.float32)
+  outputs['camera_centers'] = jnp.asarray(RNG.normal(size=(6, 3, 8)), jnp.float32)
+  labels, partner = jnp.array([0, 1, 0, 1]), jnp.array([2, 3, 0, 1])
+  cameras = (jnp.array([0, 1, 2, 3]), jnp.array([4, 5, 4, 5]))
+  weights = loss_weights(pcl_form='ica_cca', mcca_rho=2.0, mcca_sigma=0.0036)
+  _, terms, _ = cal_objective(outputs, labels, labels, partner, partner, loss_weights())
+  _, terms_row, _ = cal_objective(
+    outputs, labels, labels, partner, partner, weights, cameras=cameras
+  )
+  for name in terms:
+    if name not in ('pcl', 'loss'):
+      assert float(terms_row[name]) == float(terms[name]), name
+  selfs = jnp.concatenate([outputs['f_vv'], outputs['f_ii']])
+  expected = mcca_numpy(
+    np.asarray(selfs),
+    np.concatenate([labels] * 2),
+    np.asarray(outputs['class_centers']),
+    2.0,
+    0.0036,
+  ) + mcca_numpy(
+    np.asarray(selfs),
+    np.concatenate(cameras),
+    np.asarray(outputs['camera_centers']),
+    2.0,
+    0.0036,
+  )
+  np.testing.assert_allclose(float(terms_row['pcl']), expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="'camera'"):
+    cal_objective(outputs, labels, labels, partner, partner, weights)
+
+
+def test_ica_cca_row_trains_its_centres_in_the_pmapped_step(tiny_config):
+  """The row end to end in the train step: camera centres exist (6 for SYSU-MM01), the
+  loss is finite, and both kinds of centre receive a gradient."""
+  from conftest import NUM_CLASSES, make_identity_batch
+
+  from cal_jax import distributed as parallel
+  from cal_jax.training import state as train_state
+  from cal_jax.training.step import make_p_train_step
+
+  config = ablations.apply(tiny_config.copy_and_resolve_references(), ablations.ROWS['pcl_ica_cca'])
+  model = create_model(config, NUM_CLASSES, axis_name='batch')
+  assert model.camera_centers == 6
+  state = train_state.create_train_state(model, config, jax.random.key(0), steps_per_epoch=4)
+  batch = make_identity_batch(config, devices=2, seed=3)
+  batch['camera'] = np.where(batch['modality'] == 0, 1, 4).astype(np.int32)
+  key = parallel.replicate(jax.random.key_data(jax.random.key(1)))
+  new, metrics = make_p_train_step(config)(parallel.replicate(state), batch, key)
+  assert np.isfinite(np.asarray(metrics['pcl'])).all() and float(metrics['pcl'][0]) > 0
+  new = parallel.unreplicate(new)
+  for name in ('class_centers', 'camera_centers'):
+    assert not np.array_equal(np.asarray(new.params[name]), np.asarray(state.params[name])), name

@@ -42,6 +42,7 @@ def create_train_iterator(
   pixels: np.ndarray | None = None,
   prefetch: int = 2,
   device_prefetch: int = 0,
+  camera_class: np.ndarray | None = None,
 ) -> Iterator[dict[str, Any]]:
   """This host's training batches for ``jax.pmap``, from `start_step` on.
 
@@ -58,6 +59,9 @@ def create_train_iterator(
     device_prefetch: when > 0, batches are put on the local devices this many
       steps ahead (``flax.jax_utils.prefetch_to_device``); requires
       sampler.local_devices == jax.local_device_count().
+    camera_class: [N] int32 camera class of each example
+      (`specs.camera_class_index`): when given, batches also hold it as
+      'camera' (Table 4's ICA&CCA needs it).
 
   Returns:
     An iterator of {'image': float32 [L, B, H, W, 3], 'label': int32 [L, B],
@@ -83,18 +87,22 @@ def create_train_iterator(
   # XLA fuses the elementwise work: about 5x faster than TF's kernels here.
   augment_batch = tf.function(functools.partial(augment, transform=transform), jit_compile=True)
 
+  cameras = None if camera_class is None else np.asarray(camera_class, np.int32)
+
   def load(step: np.int64):
     batch = sampler.batch_indices(int(step))
+    index = batch.index.ravel()
     return (
-      pixels[batch.index.ravel()],
+      pixels[index],
       batch.label.ravel(),
       batch.modality.ravel(),
       batch.position.ravel(),
+      cameras[index] if cameras is not None else np.zeros(index.shape, np.int32),
     )
 
   def step_batch(step: tf.Tensor) -> dict[str, tf.Tensor]:
-    images, label, modality, position = tf.numpy_function(
-      load, [step], [tf.uint8, tf.int32, tf.int32, tf.int64]
+    images, label, modality, position, camera = tf.numpy_function(
+      load, [step], [tf.uint8, tf.int32, tf.int32, tf.int64, tf.int32]
     )
     images = tf.ensure_shape(images, [size] + list(pixels.shape[1:]))
     label, modality, position = (tf.ensure_shape(x, [size]) for x in (label, modality, position))
@@ -102,11 +110,14 @@ def create_train_iterator(
     uniforms = tf.random.stateless_uniform([global_size, NUM_UNIFORMS], key, alg=_ALG)
     images = augment_batch(images, modality, tf.gather(uniforms, position))
     shape = [local, per_device]
-    return {
+    out = {
       'image': tf.reshape(images, shape + list(pixels.shape[1:])),
       'label': tf.reshape(label, shape),
       'modality': tf.reshape(modality, shape),
     }
+    if cameras is not None:
+      out['camera'] = tf.reshape(tf.ensure_shape(camera, [size]), shape)
+    return out
 
   stop = 2**62 if num_steps is None else start_step + num_steps
   dataset = (

@@ -103,6 +103,8 @@ TRAINING_ONLY = (
   ('part_classifier',),
   ('region_mining_visible', 'part_classifiers'),
   ('region_mining_infrared', 'part_classifiers'),
+  ('class_centers',),  # Table 4's center loss and ICA
+  ('camera_centers',),  # Table 4's CCA
 )
 
 

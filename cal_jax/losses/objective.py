@@ -37,6 +37,7 @@ def _metric_loss(
   labels_infrared: jax.Array,
   weights: ml_collections.ConfigDict,
   axis_name: str | None,
+  cameras: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
   """L_pcl of Eq. (14), or Table 4's replacement for it (`loss.pcl_form`)."""
   form = weights.get('pcl_form', 'pcl')
@@ -61,6 +62,23 @@ def _metric_loss(
     refined = jnp.concatenate([outputs[k] for k in ('f_vv', 'f_ii', 'f_vi', 'f_iv')])
     labels = jnp.concatenate([labels_visible, labels_infrared, labels_infrared, labels_visible])
     return metric_losses.center_loss(refined, labels, outputs['class_centers'])
+  if form == 'ica_cca':
+    if cameras is None:
+      raise ValueError("config.loss.pcl_form='ica_cca' needs the batch's camera classes ('camera')")
+    # MCLNet's two losses on the self-refined features (the inference path), summed.
+    features = jnp.concatenate([outputs['f_vv'], outputs['f_ii']])
+    margins = (weights.get('mcca_rho', 2.0), weights.get('mcca_sigma', 0.0036))
+    ica = metric_losses.mcca_loss(
+      features,
+      jnp.concatenate([labels_visible, labels_infrared]),
+      outputs['class_centers'],
+      *margins,
+      axis_name,
+    )
+    cca = metric_losses.mcca_loss(
+      features, jnp.concatenate(cameras), outputs['camera_centers'], *margins, axis_name
+    )
+    return ica + cca
   raise ValueError(f'config.loss.pcl_form must be one of {metric_losses.PCL_FORMS}, got {form!r}')
 
 
@@ -72,6 +90,7 @@ def cal_objective(
   partner_of_visible: jax.Array,
   weights: ml_collections.ConfigDict,
   axis_name: str | None = None,
+  cameras: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
   """Eq. (20) from the outputs of `CAL.__call__`.
 
@@ -83,6 +102,8 @@ def cal_objective(
       kd1_form, query_matching, stop_teacher_gradient, attention_div,
       attention_div_form, pcl_form).
     axis_name: mapped axis the batch is split over, or None.
+    cameras: (cameras_v, cameras_i), the camera classes of the two halves, for
+      `loss.pcl_form="ica_cca"` (MCLNet's CCA); None otherwise.
   Returns:
     (total loss, dict of each unweighted term and the total, matchings [2B, N_p]
     as infrared part -> visible part permutations).
@@ -100,7 +121,7 @@ def cal_objective(
     )
   )
 
-  loss_pcl = _metric_loss(outputs, labels_visible, labels_infrared, weights, axis_name)
+  loss_pcl = _metric_loss(outputs, labels_visible, labels_infrared, weights, axis_name, cameras)
 
   if 'part_logits_vis' in outputs:  # DRM's regions (Table 4's LV and HS have none)
     loss_dis = 0.5 * (

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cal_jax.data.datasets import specs
 from cal_jax.modality import INFRARED, VISIBLE
 from cal_jax.models import attention_adapter, resnet
 from cal_jax.models import part_queries as part_queries_lib
@@ -56,7 +57,8 @@ class CAL(nn.Module):
   part_queries: str = 'drm'  # Table 4: 'learnable' (LV) | 'horizontal' (HS)
   attention_similarity: str = 'tsaa'  # Table 4: 'scaled_dot' (SD)
   channel_attention: bool = True  # Table 4: False is "w/o CA"
-  class_centers: bool = False  # learned centres of Table 4's "PCL -> Center loss"
+  class_centers: bool = False  # learned centres of Table 4's "PCL -> Center loss", ICA
+  camera_centers: int = 0  # camera classes of Table 4's ICA&CCA (CCA's centres); 0: none
   dtype: Any = None  # the backbone's computation dtype; None: its inputs' (module doc)
   remat: Sequence[int] = ()  # ResNet stages (1-4) whose blocks are rematerialised
   axis_name: str | None = None
@@ -106,6 +108,14 @@ class CAL(nn.Module):
         'class_centers',
         nn.initializers.normal(stddev=channels**-0.5),
         (self.num_classes, self.num_parts, channels),
+        jnp.float32,
+      )
+    if self.camera_centers:  # [cameras, N_p, C], for `metric_losses.mcca_loss` (CCA)
+      channels = resnet.output_channels(self.depth, self.width)
+      self.camera_centres = self.param(
+        'camera_centers',
+        nn.initializers.normal(stddev=channels**-0.5),
+        (self.camera_centers, self.num_parts, channels),
         jnp.float32,
       )
 
@@ -195,6 +205,8 @@ class CAL(nn.Module):
     }
     if self.class_centers:
       outputs['class_centers'] = self.centers
+    if self.camera_centers:
+      outputs['camera_centers'] = self.camera_centres
     if 'part_logits' in drm_v:  # DRM only: LV and HS have no regions for Eqs. (4)-(5)
       outputs |= {'part_logits_vis': drm_v['part_logits'], 'part_logits_ir': drm_i['part_logits']}
     return outputs
@@ -284,6 +296,7 @@ def create_model(
 ) -> CAL:
   """Builds the CAL network from `config.model`."""
   m = config.model
+  pcl_form = config.get('loss', {}).get('pcl_form', 'pcl')
   resnet.check_depth(m.depth)
   resnet.check_remat(m.get('remat', ()))
   if m.num_parts < 1:
@@ -306,7 +319,8 @@ def create_model(
     part_queries=m.get('part_queries', 'drm'),
     attention_similarity=m.get('attention_similarity', 'tsaa'),
     channel_attention=m.get('channel_attention', True),
-    class_centers=config.get('loss', {}).get('pcl_form', 'pcl') == 'center',
+    class_centers=pcl_form in ('center', 'ica_cca'),
+    camera_centers=(len(specs.camera_classes(config.data.name)) if pcl_form == 'ica_cca' else 0),
     dtype=compute_dtype(m.get('dtype', 'float32')),
     remat=tuple(m.get('remat', ())),
     axis_name=axis_name,

@@ -27,6 +27,7 @@ from cal_jax import workdir as workdir_lib
 from cal_jax.data import splits as splits_lib
 from cal_jax.data import train_stream
 from cal_jax.data.augment import TrainTransform
+from cal_jax.data.datasets import specs
 from cal_jax.data.sampler import CrossModalIdentitySampler
 from cal_jax.evaluation import run
 from cal_jax.evaluation.evaluator import EvalSettings
@@ -241,6 +242,13 @@ def _train(
     start_step=first_step,
     num_steps=setup.total_steps - first_step,
     prefetch=config.data.prefetch,
+    camera_class=(
+      specs.camera_class_index(
+        setup.splits.name, setup.splits.train.modality, setup.splits.train.camera
+      )
+      if config.loss.pcl_form == 'ica_cca'
+      else None
+    ),
   )
   images_per_step = setup.sampler.num_shards * setup.sampler.per_device_batch
   history, device_counts = [], jnp.zeros_like(counts.current)

@@ -61,14 +61,23 @@ def split_modalities(batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
 
   The sampler puts K visible and K infrared images of each identity on a
   device, so each half holds exactly half of the batch.
-  Returns (images_v, labels_v, images_i, labels_i, halves_ok).
+  Returns (images_v, labels_v, images_i, labels_i, halves_ok, cameras): cameras
+  is (cameras_v, cameras_i) where the batch holds 'camera' (Table 4's ICA&CCA), else None.
   """
   modality = batch['modality']
   order = jnp.argsort(modality, stable=True)
   half = modality.shape[0] // 2
   vis, ir = order[:half], order[half:]
   halves_ok = jnp.all(modality[vis] == 0) & jnp.all(modality[ir] == 1)
-  return batch['image'][vis], batch['label'][vis], batch['image'][ir], batch['label'][ir], halves_ok
+  cameras = (batch['camera'][vis], batch['camera'][ir]) if 'camera' in batch else None
+  return (
+    batch['image'][vis],
+    batch['label'][vis],
+    batch['image'][ir],
+    batch['label'][ir],
+    halves_ok,
+    cameras,
+  )
 
 
 def train_step(
@@ -97,7 +106,7 @@ def train_step(
     permutation was the optimum of Eq. 17 in this step, summed over devices),
     and 'bad_pairs' (samples without a same-identity partner; must be 0).
   """
-  images_v, labels_v, images_i, labels_i, halves_ok = split_modalities(batch)
+  images_v, labels_v, images_i, labels_i, halves_ok, cameras = split_modalities(batch)
   half = labels_v.shape[0]
   device = jax.lax.axis_index(axis_name) if axis_name is not None else 0
   step_rng = jax.random.fold_in(rng, state.step)
@@ -116,7 +125,14 @@ def train_step(
       mutable=['batch_stats'],
     )
     total, terms, ir_to_vis = cal_objective(
-      outputs, labels_v, labels_i, partner_of_infrared, partner_of_visible, loss_weights, axis_name
+      outputs,
+      labels_v,
+      labels_i,
+      partner_of_infrared,
+      partner_of_visible,
+      loss_weights,
+      axis_name,
+      cameras=cameras,
     )
     # The self-refined maps, the inference path: a collapse shows here first.
     attention = attention_statistics(jnp.concatenate([outputs['sim_vv'], outputs['sim_ii']]))

@@ -257,3 +257,21 @@ def test_device_prefetch(split):
   s = _sampler(split, local_devices=jax.local_device_count())
   batch = next(train_stream.create_train_iterator(split, s, OFF, num_steps=1, device_prefetch=1))
   assert batch['image'].shape[:2] == (jax.local_device_count(), s.per_device_batch)
+
+
+def test_camera_classes_ride_along_when_asked(split):
+  """Table 4's ICA&CCA: with `camera_class`, each batch also holds the camera class of
+  each of its images, in the sampler's order (here the class is the example index, so
+  the batch shows which examples it holds)."""
+  from cal_jax.data.datasets import specs
+
+  s = _sampler(split)
+  marker = np.arange(len(split), dtype=np.int32) * 7
+  batch = next(train_stream.create_train_iterator(split, s, OFF, num_steps=1, camera_class=marker))
+  assert set(batch) == {'image', 'label', 'modality', 'camera'}
+  np.testing.assert_array_equal(batch['camera'], marker[s.batch_indices(0).index])
+  # SYSU-MM01's six cameras, visible first; an unlisted camera falls back by modality.
+  assert specs.camera_classes('sysu_mm01') == [(0, 1), (0, 2), (0, 4), (0, 5), (1, 3), (1, 6)]
+  got = specs.camera_class_index('sysu_mm01', [0, 0, 1, 1, 0, 1], [1, 5, 3, 6, -1, -1])
+  np.testing.assert_array_equal(got, [0, 3, 4, 5, 0, 4])
+  assert len(specs.camera_classes('llcm')) == 17

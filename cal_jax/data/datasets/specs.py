@@ -17,6 +17,9 @@ results tables all read it.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+
+import numpy as np
 
 from cal_jax.modality import INFRARED, VISIBLE
 
@@ -72,6 +75,27 @@ SPECS = {
 BY_SHORT = {spec.short: spec for spec in SPECS.values()}
 PROTOCOL_KEYS = tuple(key for spec in SPECS.values() for key in spec.protocols)
 MODE_NAMES = {key: name for spec in SPECS.values() for key, name in spec.protocols.items()}
+
+
+def camera_classes(builder: str) -> list[tuple[int, int]]:
+  """The (modality, camera) pairs of a data set, visible first: the classes of MCLNet's
+  camera centres (Table 4's ICA&CCA). SYSU-MM01: 6, RegDB: 2, LLCM: 17."""
+  spec = spec_of(builder)
+  return [(m, c) for m in (VISIBLE, INFRARED) for c in spec.cameras[m]]
+
+
+def camera_class_index(builder: str, modality: Any, camera: Any) -> np.ndarray:
+  """[N] camera class of each example (`camera_classes`); an example whose camera is not
+  listed (-1: the source has none) gets its modality's first camera."""
+  classes = camera_classes(builder)
+  modality, camera = np.asarray(modality), np.asarray(camera)
+  out = np.full(modality.shape, -1, np.int32)
+  for index, (m, c) in enumerate(classes):
+    out[(modality == m) & (camera == c)] = index
+  for m in (VISIBLE, INFRARED):
+    first = next(i for i, (mm, _) in enumerate(classes) if mm == m)
+    out[(out < 0) & (modality == m)] = first
+  return out
 
 
 def spec_of(builder: str) -> DatasetSpec:
