@@ -117,7 +117,8 @@ class Evaluation:
     row_of: int64 [N], the row in `features` of each test example (-1: unused).
     splits: {protocol key: [Split] per trial}, the queries and galleries scored.
     timing: seconds spent 'embedding', in 'distances' and in 'metrics', the
-      'images' embedded and 'images_per_second'.
+      'images' embedded, the 'cached_images' read from the feature cache, and
+      'images_per_second' of the embedding.
   """
 
   results: dict[str, dict[str, Any]]
@@ -230,7 +231,7 @@ def evaluate(
 
   groups = _by_modalities(splits, table)
   start = time.perf_counter()
-  features, row_of = _embed_all(
+  features, row_of, embedded = _embed_all(
     embed_fn, test_split, splits, settings, local_devices, distribute, log, cache
   )
   timing = {'embedding': time.perf_counter() - start, 'distances': 0.0, 'metrics': 0.0}
@@ -266,12 +267,13 @@ def evaluate(
     timing['distances'] += distances.chunk_seconds
     timing['metrics'] -= distances.chunk_seconds
     del distances
-  timing['images'] = float(len(features))
-  timing['images_per_second'] = len(features) / max(timing['embedding'], 1e-9)
+  timing['images'] = float(embedded)
+  timing['cached_images'] = float(len(features) - embedded)
+  timing['images_per_second'] = embedded / max(timing['embedding'], 1e-9) if embedded else 0.0
   log(
-    f'evaluation: embedding {timing["embedding"]:.1f} s ({len(features)} images, '
-    f'{timing["images_per_second"]:.0f} images/s), distances {timing["distances"]:.1f} s, '
-    f'metrics {timing["metrics"]:.1f} s'
+    f'evaluation: embedding {timing["embedding"]:.1f} s ({embedded} images embedded, '
+    f'{timing["images_per_second"]:.0f} images/s; {len(features) - embedded} from the cache), '
+    f'distances {timing["distances"]:.1f} s, metrics {timing["metrics"]:.1f} s'
   )
   return Evaluation({key: out[key] for key in keys}, features, row_of, splits, timing)
 
@@ -309,8 +311,9 @@ def _embed_all(
   """Embeds, once each, the images any split uses, one modality at a time.
 
   Returns:
-    features [M, D] of the M distinct images used, and [N] rows into it per
-    example of ``split`` (-1 for an example no split uses).
+    features [M, D] of the M distinct images used, [N] rows into it per
+    example of ``split`` (-1 for an example no split uses), and how many of
+    the M were embedded (the others came from ``cache``).
   """
   used = np.unique(
     np.concatenate(
@@ -320,7 +323,7 @@ def _embed_all(
   modalities = np.asarray(split.modality)[used]
   row_of = np.full(len(split), -1, np.int64)
   blocks = []
-  num_rows = 0
+  num_rows = total_embedded = 0
   for modality in np.unique(modalities):
     indices = used[modalities == modality]
     start = time.perf_counter()
@@ -348,12 +351,13 @@ def _embed_all(
     row_of[indices] = num_rows + np.arange(len(indices))
     num_rows += len(indices)
     embedded = len(indices) if missing is None else int(missing.sum())
+    total_embedded += embedded
     log(
       f'embedded {embedded} {MODALITY_NAMES.get(int(modality))} images '
       f'in {time.perf_counter() - start:.1f} s'
       + (f' ({len(indices) - embedded} from the feature cache)' if cache is not None else '')
     )
-  return np.concatenate(blocks), row_of
+  return np.concatenate(blocks), row_of, total_embedded
 
 
 def _by_modalities(

@@ -242,7 +242,7 @@ def test_random_embedding_equals_direct_ranking(split, settings, dataset, whole)
   out = evaluation.results
   assert ('by probe chunks' in ' '.join(lines)) != whole
   timing = evaluation.timing
-  assert timing['images'] == len(evaluation.features)
+  assert timing['images'] == len(evaluation.features) and timing['cached_images'] == 0
   assert min(timing['embedding'], timing['distances'], timing['metrics']) > 0
   assert any(line.startswith('evaluation: embedding') for line in lines)
   features = _numpy_features(fake.table)
