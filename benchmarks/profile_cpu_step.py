@@ -130,8 +130,9 @@ def child_jax(args: argparse.Namespace) -> dict:
 
   # The convolutions alone, in the same order and shapes: conv -> conv -> ... (no BN, ReLU).
   convs = _conv_shapes(args)
+  # He-scaled: activations stay O(1) along the chain (no denormals deep in it).
   kernels = [
-    jax.random.normal(jax.random.fold_in(rng, i), (k, k, cin, cout)) * 0.01
+    jax.random.normal(jax.random.fold_in(rng, i), (k, k, cin, cout)) * (2 / (k * k * cin)) ** 0.5
     for i, (k, _, cin, cout) in enumerate(convs)
   ]
 
@@ -208,7 +209,11 @@ def child_torch(args: argparse.Namespace) -> dict:
     'forward_backward': _median_time(forward_backward, args.steps),
   }
   convs = _conv_shapes(args)
-  weights = [torch.nn.Parameter(torch.randn(cout, cin, k, k) * 0.01) for k, _, cin, cout in convs]
+  # He-scaled, as in the chain of JAX: activations stay O(1) (no denormals deep in the chain).
+  weights = [
+    torch.nn.Parameter(torch.randn(cout, cin, k, k) * (2 / (k * k * cin)) ** 0.5)
+    for k, _, cin, cout in convs
+  ]
 
   def conv_chain():
     h, total = images, 0.0
