@@ -357,6 +357,8 @@ def _embed_all(
       f'in {time.perf_counter() - start:.1f} s'
       + (f' ({len(indices) - embedded} from the feature cache)' if cache is not None else '')
     )
+  if cache is not None:
+    cache.write()  # once, after every modality
   return np.concatenate(blocks), row_of, total_embedded
 
 

@@ -14,8 +14,8 @@ the file (one file per workdir: a SYSU-MM01 test set at ResNet-50 width is about
 300 MB, so one per evaluated step would fill the disk of a long run).
 
 Images are cached one by one: an evaluation that needs images the file lacks embeds
-only those and adds them. The file is written atomically; when it cannot be written
-(a full disk) the evaluation goes on without it, with a warning.
+only those and adds them. The file is written once per evaluation, atomically; when
+it cannot be written (a full disk) the evaluation goes on without it, with a warning.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class FeatureCache:
     self.indices = np.zeros([0], np.int64)
     self.features: np.ndarray | None = None
     self.hits = 0
+    self.changed = False
     if os.path.isfile(self.path):
       try:
         with np.load(self.path) as saved:
@@ -101,7 +102,7 @@ class FeatureCache:
     return out, ~found
 
   def store(self, indices: np.ndarray, features: np.ndarray) -> None:
-    """Adds the features of `indices` and rewrites the file (atomically)."""
+    """Adds the features of `indices`, in memory; `write` saves them."""
     indices = np.asarray(indices, np.int64)
     if self.features is not None and len(self.indices):
       if self.features.shape[1] != features.shape[1]:
@@ -111,6 +112,13 @@ class FeatureCache:
     else:
       self.indices = np.concatenate([self.indices, indices])
       self.features = np.concatenate([self.features, np.asarray(features, np.float32)])
+    self.changed = True
+
+  def write(self) -> None:
+    """Rewrites the file (atomically) if anything was stored since it was read."""
+    if not self.changed:
+      return
+    self.changed = False
     try:
       workdir_lib.write_atomically(
         self.path,

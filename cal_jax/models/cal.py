@@ -102,22 +102,20 @@ class CAL(nn.Module):
     self.global_classifier = nn.Dense(self.num_classes, use_bias=False, kernel_init=classifier_init)
     self.part_neck = BatchNorm(use_bias=False, axis_name=self.axis_name)
     self.part_classifier = nn.Dense(self.num_classes, use_bias=False, kernel_init=classifier_init)
-    if self.class_centers:  # [K, N_p, C], for `metric_losses.center_loss`
-      channels = resnet.output_channels(self.depth, self.width)
-      self.centers = self.param(
-        'class_centers',
-        nn.initializers.normal(stddev=channels**-0.5),
-        (self.num_classes, self.num_parts, channels),
-        jnp.float32,
-      )
+    if self.class_centers:  # [K, N_p, C], for `metric_losses.center_loss` and ICA
+      self.centers = self._centres('class_centers', self.num_classes)
     if self.camera_centers:  # [cameras, N_p, C], for `metric_losses.mcca_loss` (CCA)
-      channels = resnet.output_channels(self.depth, self.width)
-      self.camera_centres = self.param(
-        'camera_centers',
-        nn.initializers.normal(stddev=channels**-0.5),
-        (self.camera_centers, self.num_parts, channels),
-        jnp.float32,
-      )
+      self.camera_centres = self._centres('camera_centers', self.camera_centers)
+
+  def _centres(self, name: str, count: int) -> jax.Array:
+    """`count` learned centres per part, [count, N_p, C], of norm about 1."""
+    channels = resnet.output_channels(self.depth, self.width)
+    return self.param(
+      name,
+      nn.initializers.normal(stddev=channels**-0.5),
+      (count, self.num_parts, channels),
+      jnp.float32,
+    )
 
   def feature_maps(
     self, images_visible: jax.Array, images_infrared: jax.Array, train: bool
