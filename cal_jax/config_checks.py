@@ -201,6 +201,8 @@ RULES: dict[str, Any] = {
   'data.synthetic_num_ids': Int(6),
   'data.synthetic_height': Int(16),
   'data.synthetic_infrared_gap': Float(0.0, 1.0),
+  'data.synthetic_test_ids': Int(0, note='0: a third of synthetic_num_ids'),
+  'data.synthetic_seed': Int(-1, 2**31 - 1, note='-1: config.seed'),
   'data.data_dir': Text(),
   'data.skip_corrupt_images': Bool(),
   'data.image_height': Int(1, note='pixels'),
@@ -322,6 +324,18 @@ def _cross_checks(
     problems.append(
       f'config.data.synthetic_infrared_gap={gap}: only the synthetic "sysu" '
       'layout has an infrared gap; leave it at 1.0'
+    )
+  test_ids = get('data.synthetic_test_ids', 0)
+  num_ids = get('data.synthetic_num_ids', 96)
+  if synthetic and test_ids and synthetic != 'sysu':
+    problems.append(
+      f'config.data.synthetic_test_ids={test_ids}: only the synthetic "sysu" layout sets '
+      'its test identities; leave it at 0'
+    )
+  elif synthetic and test_ids and not 2 <= test_ids <= num_ids - 4:
+    problems.append(
+      f'config.data.synthetic_test_ids={test_ids}: must be in [2, synthetic_num_ids - 4] = '
+      f'[2, {num_ids - 4}] so that some identities train'
     )
   manual_dir = get('data.manual_dir', '')
   if not partial and not synthetic:

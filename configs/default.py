@@ -30,6 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic_num_ids = 96
   config.data.synthetic_height = 128
   config.data.synthetic_infrared_gap = 1.0  # 1: hard cross-modal gap; 0: luminance
+  config.data.synthetic_test_ids = 0  # sysu: test identities; 0: a third of them
+  config.data.synthetic_seed = -1  # draws the synthetic identities; -1: config.seed
   config.data.data_dir = ''  # tfds data_dir for prepared data ("" = tfds default)
   config.data.skip_corrupt_images = False  # True: leave unreadable images out, logged by name
   config.data.image_height = 288

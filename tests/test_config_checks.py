@@ -53,6 +53,8 @@ def test_shipped_configs_pass(module, tmp_path):
     ('data.synthetic_num_ids', 5, 'must be an integer >= 6'),
     ('data.synthetic_height', 8, 'must be an integer >= 16'),
     ('data.synthetic_infrared_gap', 1.5, 'must be a number in [0, 1]'),
+    ('data.synthetic_test_ids', -1, 'must be an integer >= 0 (0: a third of synthetic_num_ids)'),
+    ('data.synthetic_seed', -2, 'must be an integer in [-1, 2147483647] (-1: config.seed)'),
     ('data.image_height', -5, 'must be an integer >= 1 (pixels)'),
     ('data.image_width', 0, 'must be an integer >= 1 (pixels)'),
     ('data.num_ids_per_batch', 0, 'must be an integer >= 1'),
@@ -183,6 +185,14 @@ def test_checks_across_fields(tmp_path):
   config.data.synthetic, config.data.builder_config = 'regdb', 'trial_2'
   config.data.synthetic_infrared_gap = 0.5
   refused(config, 'only the synthetic "sysu" layout has an infrared gap')
+  config.data.synthetic_infrared_gap = 1.0
+  config.data.synthetic_test_ids = 3
+  refused(config, 'config.data.synthetic_test_ids=3: only the synthetic "sysu" layout sets')
+  config = tiny.get_config()
+  config.data.synthetic_test_ids = config.data.synthetic_num_ids - 3
+  refused(
+    config, f'must be in [2, synthetic_num_ids - 4] = [2, {config.data.synthetic_num_ids - 4}]'
+  )
 
   config = real(tmp_path)
   config.data.manual_dir = ''

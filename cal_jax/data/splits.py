@@ -92,7 +92,13 @@ def data_source_root(name: str, manual_dir: str) -> str:
 
 
 def ensure_synthetic(
-  layout: str, root: str, num_ids: int, seed: int, height: int, infrared_gap: float = 1.0
+  layout: str,
+  root: str,
+  num_ids: int,
+  seed: int,
+  height: int,
+  infrared_gap: float = 1.0,
+  num_test_ids: int = 0,
 ) -> None:
   """Generates the synthetic set into `root` unless it is there; atomic (temp dir + rename)."""
   if os.path.isdir(root) and os.listdir(root):
@@ -102,7 +108,13 @@ def ensure_synthetic(
   staging = tempfile.mkdtemp(prefix='.synthetic-', dir=parent)
   try:
     summary = synthetic.generate(
-      layout, os.path.join(staging, 'tree'), num_ids, seed, height=height, infrared_gap=infrared_gap
+      layout,
+      os.path.join(staging, 'tree'),
+      num_ids,
+      seed,
+      height=height,
+      infrared_gap=infrared_gap,
+      num_test_ids=num_test_ids,
     )
     if os.path.isdir(root):
       os.rmdir(root)
@@ -114,6 +126,16 @@ def ensure_synthetic(
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def synthetic_seed(config: ml_collections.ConfigDict) -> int:
+  """The seed that draws the synthetic identities: data.synthetic_seed, or config.seed if -1.
+
+  A fixed data seed makes a grid over config.seed vary what a real benchmark varies
+  (initialisation, batches, augmentation) over one fixed data set.
+  """
+  fixed = int(config.data.get('synthetic_seed', -1))
+  return int(config.seed) if fixed < 0 else fixed
+
+
 def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
   """Generates (if synthetic), prepares (once) and reads the train and test splits."""
   data = config.data
@@ -123,9 +145,10 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
       data.synthetic,
       manual_dir,
       data.synthetic_num_ids,
-      config.seed,
+      synthetic_seed(config),
       data.synthetic_height,
       data.synthetic_infrared_gap,
+      data.get('synthetic_test_ids', 0),
     )
   full_name = f'{name}/{data.builder_config}' if data.builder_config else name
   builder = tfds.builder(

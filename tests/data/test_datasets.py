@@ -9,11 +9,13 @@ import os
 import re
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from cal_jax.data import splits
 from cal_jax.data.datasets import records, synthetic
 
 tfds.disable_progress_bar()
@@ -305,6 +307,42 @@ def test_infrared_gap_changes_only_the_infrared_images(tmp_path):
     synthetic.generate('sysu', str(tmp_path / 'bad'), num_ids=9, infrared_gap=1.5)
   with pytest.raises(ValueError, match='sysu layout only'):
     synthetic.generate('regdb', str(tmp_path / 'bad2'), num_ids=9, infrared_gap=0.5)
+
+
+def _id_list(root, name):
+  text = open(os.path.join(root, 'exp', f'{name}_id.txt')).read().strip()
+  return [int(i) for i in text.split(',')]
+
+
+def test_num_test_ids_sets_the_sysu_split(tmp_path):
+  """num_test_ids=12 of 18 writes 12 test identities, and every other identity in
+  the training or validation list (none in two); 0 keeps a third; other layouts
+  and out-of-range counts are refused."""
+  root = tmp_path / 'set'
+  summary = synthetic.generate('sysu', str(root), num_ids=18, seed=1, height=48, num_test_ids=12)
+  test, train, val = (_id_list(root, n) for n in ('test', 'train', 'val'))
+  assert len(test) == 12 and len(train) + len(val) == 6
+  assert not set(test) & set(train + val) and len(set(test + train + val)) == 18
+  assert sorted(summary.test_ids) == sorted(test)
+  synthetic.generate('sysu', str(tmp_path / 'third'), num_ids=18, seed=1, height=48)
+  assert len(_id_list(tmp_path / 'third', 'test')) == 6
+  with pytest.raises(
+    ValueError, match=re.escape('num_test_ids must be in [2, num_ids - 4] = [2, 14]')
+  ):
+    synthetic.generate('sysu', str(tmp_path / 'bad'), num_ids=18, num_test_ids=15)
+  with pytest.raises(ValueError, match='num_test_ids is implemented for the sysu layout only'):
+    synthetic.generate('regdb', str(tmp_path / 'bad2'), num_ids=8, num_test_ids=4)
+
+
+def test_synthetic_seed_fixes_the_data_set_across_run_seeds():
+  """data.synthetic_seed=-1 draws the identities with config.seed; any other value
+  draws the same set whatever config.seed is."""
+  config = ml_collections.ConfigDict({'seed': 7, 'data': {'synthetic_seed': -1}})
+  assert splits.synthetic_seed(config) == 7
+  config.data.synthetic_seed = 0
+  assert splits.synthetic_seed(config) == 0
+  config.seed = 3
+  assert splits.synthetic_seed(config) == 0
 
 
 # ------------------------------------------------- id files and identity folders ---

@@ -87,7 +87,13 @@ def _write_text(root: str, rel: str, lines: Sequence[str]) -> None:
 
 
 def _write_sysu(
-  root: str, num_ids: int, seed: int, per_camera: tuple, height: int, infrared_gap: float = 1.0
+  root: str,
+  num_ids: int,
+  seed: int,
+  per_camera: tuple,
+  height: int,
+  infrared_gap: float = 1.0,
+  num_test_ids: int = 0,
 ) -> Summary:
   """SYSU-MM01: cam<c>/<id:04d>/<n:04d>.jpg, exp/{train,val,test}_id.txt."""
   key = _LAYOUT_KEY['sysu']
@@ -97,7 +103,7 @@ def _write_sysu(
     int(i) for i in rng.choice(np.arange(1, math.ceil(num_ids * 1.1) + 1), num_ids, replace=False)
   )
   perm = [int(i) for i in rng.permutation(ids)]
-  n_test = num_ids // 3
+  n_test = num_test_ids or num_ids // 3
   n_val = (num_ids - n_test) // 4
   test, val = sorted(perm[:n_test]), sorted(perm[n_test : n_test + n_val])
   train = sorted(perm[n_test + n_val :])
@@ -261,6 +267,7 @@ def generate(
   images_per_camera: tuple = DEFAULT_IMAGES_PER_CAMERA,
   height: int = DEFAULT_HEIGHT,
   infrared_gap: float = 1.0,
+  num_test_ids: int = 0,
 ) -> Summary:
   """Writes a synthetic `layout` ('sysu' | 'regdb' | 'llcm') data set.
 
@@ -275,6 +282,10 @@ def generate(
     infrared_gap: SYSU-MM01 layout only: 1 (default) renders each material's
       own near-infrared reflectance; 0 renders the colour's luminance, an easy
       cross-modal gap for quick demonstrations; values in between mix the two.
+    num_test_ids: SYSU-MM01 layout only: how many of the `num_ids` are test
+      identities (0, the default: a third, as the real set's 96 of 491). The
+      rest train (a quarter of them listed as validation, merged into training
+      as the standard protocol does).
 
   Returns:
     A `Summary` of what was written.
@@ -287,11 +298,20 @@ def generate(
     raise ValueError(f'infrared_gap must be in [0, 1], got {infrared_gap}')
   if infrared_gap != 1.0 and layout != 'sysu':
     raise ValueError('infrared_gap is implemented for the sysu layout only')
+  if num_test_ids and layout != 'sysu':
+    raise ValueError('num_test_ids is implemented for the sysu layout only')
+  if num_test_ids and not 2 <= num_test_ids <= num_ids - 4:
+    raise ValueError(
+      f'num_test_ids must be in [2, num_ids - 4] = [2, {num_ids - 4}] (the rest train), '
+      f'got {num_test_ids}'
+    )
   if os.path.isdir(output) and os.listdir(output):
     raise FileExistsError(f'{output!r} is not empty; give a new folder')
   os.makedirs(output, exist_ok=True)
   if layout == 'sysu':
-    return _write_sysu(output, num_ids, seed, tuple(images_per_camera), height, infrared_gap)
+    return _write_sysu(
+      output, num_ids, seed, tuple(images_per_camera), height, infrared_gap, num_test_ids
+    )
   if layout == 'regdb':
     return _write_regdb(output, num_ids, seed, height)
   return _write_llcm(output, num_ids, seed, tuple(images_per_camera), height)
