@@ -148,8 +148,9 @@ def test_bad_inputs_raise(bad):
     evaluate_ranking(**args)
 
 
-def _random_case(seed, protocol, shots):
-  """A small test set of realistic shape, with quantised (tied) distances."""
+def _random_case(seed, protocol, shots, decimals=0):
+  """A small test set of realistic shape, with quantised (tied) distances
+  (decimals=None: unrounded, distinct)."""
   rng = np.random.default_rng(seed)
   num_ids, dim = 40, 16
   centres = rng.normal(size=(num_ids + 5, dim))
@@ -172,7 +173,9 @@ def _random_case(seed, protocol, shots):
   q_feat = centres[q_pids] + 0.9 * rng.normal(size=(len(q_pids), dim))
   g_feat = centres[g_pids] + 0.9 * rng.normal(size=(len(g_pids), dim))
   # Negative inner products as the reference uses, rounded to force ties.
-  d = np.round(-q_feat @ g_feat.T, 0)
+  d = -q_feat @ g_feat.T
+  if decimals is not None:
+    d = np.round(d, decimals)
   return d, q_pids, g_pids, q_cams, g_cams
 
 
@@ -192,6 +195,43 @@ def test_agrees_with_loop_reference(protocol, shots, seed):
   np.testing.assert_allclose(r['mAP'], ref_map, rtol=RTOL)
   np.testing.assert_allclose(r['mINP'], ref_minp, rtol=RTOL)
   assert 0 < r['num_valid_queries'] < len(q_pids)
+
+
+@pytest.mark.parametrize(
+  'protocol,shots', [('sysu', 1), ('sysu', 10), ('llcm', 3), ('regdb', 1), ('regdb', 10)]
+)
+def test_sorted_distances_path_agrees_with_loop_reference(protocol, shots, monkeypatch):
+  """Distinct distances are scored from the sorted rows (no argsort); the rows where a
+  correct match ties another distance, or sits at +inf, go to the full stable ranking.
+  Both against the loop reference, and the full ranking sees exactly those rows."""
+  d, q_pids, g_pids, q_cams, g_cams = _random_case(7, protocol, shots, decimals=None)
+  # Row 0: a correct match ties an impostor; row 1: -0.0 against 0.0 (equal); row 2: a
+  # correct match at +inf; row 3: an impostor at -inf (no tie).
+  for row in range(4):
+    q_pids[row] = g_pids[row]
+  match0 = np.flatnonzero(g_pids == q_pids[0])[0]
+  other0 = np.flatnonzero(g_pids != q_pids[0])[0]
+  d[0, other0] = d[0, match0]
+  match1 = np.flatnonzero(g_pids == q_pids[1])[0]
+  other1 = np.flatnonzero(g_pids != q_pids[1])[0]
+  d[1, match1], d[1, other1] = 0.0, -0.0
+  d[2, np.flatnonzero(g_pids == q_pids[2])[-1]] = np.inf
+  d[3, np.flatnonzero(g_pids != q_pids[3])[0]] = -np.inf
+  seen = []
+  exact = metrics._score_chunk_ranked
+
+  def spy(chunk, *args):
+    seen.append(len(chunk))
+    return exact(chunk, *args)
+
+  monkeypatch.setattr(metrics, '_score_chunk_ranked', spy)
+  ref_cmc, ref_map, ref_minp = loop_eval(d, q_pids, g_pids, q_cams, g_cams, protocol=protocol)
+  r = evaluate_ranking(d, q_pids, g_pids, q_cams, g_cams, protocol=protocol)
+  np.testing.assert_array_equal(r['cmc'].astype(np.float32), ref_cmc)
+  np.testing.assert_allclose(r['mAP'], ref_map, rtol=RTOL)
+  np.testing.assert_allclose(r['mINP'], ref_minp, rtol=RTOL)
+  # Rows 0-2 and nothing else (in llcm one of them loses its tie to the removal).
+  assert sum(seen) in (2, 3)
 
 
 @pytest.mark.parametrize('protocol', ['sysu', 'llcm', 'regdb'])
