@@ -119,6 +119,11 @@ ROWS = {
       model__attention_similarity='cosine',
     ),
     _row('no_stop_gradient', 'teachers not stopped', loss__stop_teacher_gradient=False),
+    _row(
+      'kd2_detached',
+      '+ MatchDistill, L_kd2 not through the TSAA maps',
+      loss__kd2_attention_gradient=False,
+    ),
     _row('no_global_id', 'w/o global ID loss', loss__global_id=0.0),
   ]
 }
@@ -158,6 +163,7 @@ TABLES = {
     'tca',
     'pcl_none',
     'no_stop_gradient',
+    'kd2_detached',
     'no_global_id',
     'baseline',
   ),

@@ -245,6 +245,7 @@ RULES: dict[str, Any] = {
   'loss.query_matching': Bool(),
   'loss.attention_div_form': Choice(ATTENTION_DIV_FORMS),
   'loss.stop_teacher_gradient': Bool(),
+  'loss.kd2_attention_gradient': Bool(),
   'optim.base_lr': Float(0.0, low_open=True),
   'optim.warmup_start_lr': Float(0.0),
   'optim.final_lr': Float(0.0),

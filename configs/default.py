@@ -101,6 +101,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.attention_div = 0.0  # diversity of the TSAA maps (not in the paper; hurt here)
   config.loss.attention_div_form = 'dot'  # "dot": Eq. (5)'s form; "cosine": of the maps
   config.loss.stop_teacher_gradient = True  # cross-refined teachers of L_kd1/L_kd2 stopped
+  # False: L_kd2 reaches the self-refined features but not their TSAA maps (not the paper)
+  config.loss.kd2_attention_gradient = True
 
   # ------------------------------------------------------------ optimiser ---
   config.optim = ml_collections.ConfigDict()

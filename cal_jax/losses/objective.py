@@ -162,8 +162,12 @@ def cal_objective(
   loss_kd1 = match_distill.map_distill_loss(teacher, student, perm, weights.kd1_form)
   batch = labels_visible.shape[0]
   cross_logits = jnp.concatenate([outputs['logits_vi'], outputs['logits_iv']])
+  # The students: the self-refined logits, or their copies whose attention maps
+  # L_kd2 cannot move (config.loss.kd2_attention_gradient=False).
+  student_vv = outputs.get('logits_vv_kd2', outputs['logits_vv'])
+  student_ii = outputs.get('logits_ii_kd2', outputs['logits_ii'])
   partner_self_logits = jnp.concatenate(
-    [outputs['logits_vv'][partner_of_infrared], outputs['logits_ii'][partner_of_visible]]
+    [student_vv[partner_of_infrared], student_ii[partner_of_visible]]
   )
   loss_kd2 = match_distill.logit_distill_loss(
     cross_logits, partner_self_logits, perm, stop_teacher=weights.stop_teacher_gradient

@@ -38,7 +38,16 @@ class BatchNorm(nn.Module):
   axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    use_running_average: bool | None = None,
+    statistics_rows: int | None = None,
+  ) -> jax.Array:
+    """Normalises x; in training, with the moments of its first `statistics_rows`
+    rows (axis 0; None: all). Rows appended after them are normalised with those
+    moments held constant: they change neither the moments nor the running
+    statistics, and no gradient reaches the counted rows through them."""
     use_running_average = nn.merge_param(
       'use_running_average', self.use_running_average, use_running_average
     )
@@ -56,14 +65,15 @@ class BatchNorm(nn.Module):
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
-      x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+      counted = x if statistics_rows is None else x[:statistics_rows]
+      x32 = counted.astype(jnp.promote_types(x.dtype, jnp.float32))
       # Two passes (mean, then centred second moment) as PyTorch does, so that
       # large activations do not lose the variance to cancellation.
       mean = self._mean_over_batch(x32, reduce_axes)
       var = self._mean_over_batch(jnp.square(x32 - mean), reduce_axes)
       count = 1
       for axis in reduce_axes:
-        count *= x.shape[axis]
+        count *= counted.shape[axis]
       if self.axis_name is not None:
         count = count * jax.lax.psum(1, self.axis_name)
       if not self.is_initializing():
@@ -71,6 +81,13 @@ class BatchNorm(nn.Module):
         ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
         ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
 
+    if statistics_rows is not None and not use_running_average:
+      # The appended rows: the counted rows' moments, held constant for them.
+      inv = jax.lax.rsqrt(var + self.epsilon)
+      counted_out = (x[:statistics_rows] - mean) * (inv * scale) + bias
+      stop = jax.lax.stop_gradient
+      rest = (x[statistics_rows:] - stop(mean)) * (stop(inv) * scale) + bias
+      return jnp.concatenate([counted_out, rest]).astype(x.dtype)
     inv = jax.lax.rsqrt(var + self.epsilon) * scale
     return ((x - mean) * inv + bias).astype(x.dtype)
 

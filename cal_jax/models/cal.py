@@ -59,6 +59,9 @@ class CAL(nn.Module):
   channel_attention: bool = True  # Table 4: False is "w/o CA"
   class_centers: bool = False  # learned centres of Table 4's "PCL -> Center loss", ICA
   camera_centers: int = 0  # camera classes of Table 4's ICA&CCA (CCA's centres); 0: none
+  # False: L_kd2's students are also computed with their TSAA maps' gradient stopped
+  # ('logits_vv_kd2', 'logits_ii_kd2'), so that L_kd2 cannot move the attention.
+  kd2_attention_gradient: bool = True
   dtype: Any = None  # the backbone's computation dtype; None: its inputs' (module doc)
   remat: Sequence[int] = ()  # ResNet stages (1-4) whose blocks are rematerialised
   axis_name: str | None = None
@@ -181,9 +184,19 @@ class CAL(nn.Module):
       tokens_i[partner_of_visible], tokens_hat_i[partner_of_visible], queries_hat_v, gates_v
     )
 
-    refined = jnp.concatenate([f_vv, f_ii, f_vi, f_iv], axis=0)  # [4B, N_p, C]
-    logits = self.part_classifier(self.part_neck(refined, not train))
-    logits_vv, logits_ii, logits_vi, logits_iv = jnp.split(logits, 4, axis=0)
+    refined = [f_vv, f_ii, f_vi, f_iv]
+    if not self.kd2_attention_gradient:
+      # L_kd2's students: the same features, with no gradient into S (Eq. 9).
+      stop = jax.lax.stop_gradient
+      refined += [
+        jnp.einsum('bkn,bnc->bkc', stop(sim_vv), tokens_v) * gates_v,
+        jnp.einsum('bkn,bnc->bkc', stop(sim_ii), tokens_i) * gates_i,
+      ]
+    # The BNNeck's moments are those of the four refinements [4B, N_p, C] only.
+    counted = 4 * f_vv.shape[0] if len(refined) > 4 else None
+    necked = self.part_neck(jnp.concatenate(refined, axis=0), not train, statistics_rows=counted)
+    logits = jnp.split(self.part_classifier(necked), len(refined), axis=0)
+    logits_vv, logits_ii, logits_vi, logits_iv = logits[:4]
     outputs = {
       'global_logits': global_logits,
       'selected_vis': drm_v['selected'],
@@ -201,6 +214,8 @@ class CAL(nn.Module):
       'logits_vi': logits_vi,
       'logits_iv': logits_iv,
     }
+    if not self.kd2_attention_gradient:
+      outputs |= {'logits_vv_kd2': logits[4], 'logits_ii_kd2': logits[5]}
     if self.class_centers:
       outputs['class_centers'] = self.centers
     if self.camera_centers:
@@ -321,5 +336,6 @@ def create_model(
     camera_centers=(len(specs.camera_classes(config.data.name)) if pcl_form == 'ica_cca' else 0),
     dtype=compute_dtype(m.get('dtype', 'float32')),
     remat=tuple(m.get('remat', ())),
+    kd2_attention_gradient=config.get('loss', {}).get('kd2_attention_gradient', True),
     axis_name=axis_name,
   )

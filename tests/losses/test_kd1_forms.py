@@ -291,3 +291,64 @@ def test_query_matching_off_uses_the_identity_assignment():
     outputs, labels, labels, partner, partner, loss_weights(kd1_form='dot')
   )
   assert float(terms_matched['kd1']) <= float(terms['kd1']) + 1e-7  # the optimum is no worse
+
+
+def test_kd2_without_attention_gradient_leaves_the_tsaa_maps_to_the_other_losses():
+  """config.loss.kd2_attention_gradient=False: the same forward pass (the students'
+  copies equal the self-refined logits, the BNNeck's moments and the other outputs
+  are unchanged), and L_kd2's gradient no longer reaches theta_1 and theta_2 (the
+  MLPs of Eq. 10, which make S), while it still reaches the classifier as before."""
+  from cal_jax.models.cal import create_model
+  from configs import tiny
+
+  rng = np.random.default_rng(4)
+  images_v = jnp.asarray(rng.normal(size=(4, 64, 32, 3)), jnp.float32)
+  images_i = jnp.asarray(rng.normal(size=(4, 64, 32, 3)), jnp.float32)
+  partner = jnp.array([1, 0, 3, 2])
+  labels = jnp.array([0, 0, 1, 1])
+  models = {}
+  for flag in (True, False):
+    config = tiny.get_config()
+    config.loss.kd2_attention_gradient = flag
+    models[flag] = create_model(config, 5)
+  variables = models[True].init(jax.random.key(0), images_v, images_i, partner, partner)
+  weights = loss_weights()
+
+  def run(flag, params):
+    outputs, _ = models[flag].apply(
+      {'params': params, 'batch_stats': variables['batch_stats']},
+      images_v,
+      images_i,
+      partner,
+      partner,
+      mutable=['batch_stats'],
+    )
+    return outputs
+
+  with_grad, detached = run(True, variables['params']), run(False, variables['params'])
+  for name in ('logits_vv', 'logits_ii', 'logits_vi', 'sim_vv', 'global_logits'):
+    np.testing.assert_allclose(detached[name], with_grad[name], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    detached['logits_vv_kd2'], with_grad['logits_vv'], rtol=1e-5, atol=1e-6
+  )
+  assert 'logits_vv_kd2' not in with_grad
+
+  def kd2_grads(flag):
+    def kd2(params):
+      outputs = run(flag, params)
+      return cal_objective(outputs, labels, labels, partner, partner, weights)[1]['kd2']
+
+    return jax.grad(kd2)(variables['params'])
+
+  grads = {flag: kd2_grads(flag) for flag in (True, False)}
+  for mlp in ('token_mlp', 'query_mlp'):
+    moved = jax.tree_util.tree_leaves(grads[True]['adapter'][mlp])
+    assert sum(float(jnp.abs(g).sum()) for g in moved) > 0
+    for g in jax.tree_util.tree_leaves(grads[False]['adapter'][mlp]):
+      np.testing.assert_array_equal(g, 0.0)
+  np.testing.assert_allclose(
+    grads[False]['part_classifier']['kernel'],
+    grads[True]['part_classifier']['kernel'],
+    rtol=1e-4,
+    atol=1e-7,
+  )

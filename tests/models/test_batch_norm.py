@@ -60,3 +60,44 @@ def test_synchronised_batch_norm_equals_whole_batch():
     np.testing.assert_allclose(
       split_stats['batch_stats'][name][0], whole_stats['batch_stats'][name], rtol=1e-5
     )
+
+
+def test_statistics_rows_normalise_appended_rows_without_counting_them():
+  """statistics_rows=4 of 6: every row normalised with the numpy moments of the first
+  four, and the running statistics updated from those four only (unbiased variance)."""
+  rng = np.random.default_rng(2)
+  x = rng.normal(loc=1.0, scale=3.0, size=(6, 3, 5)).astype(np.float32)
+  module = BatchNorm(use_bias=False)
+  variables = module.init(jax.random.key(0), x, use_running_average=False)
+  out, mutated = module.apply(
+    variables, x, use_running_average=False, statistics_rows=4, mutable=['batch_stats']
+  )
+  counted = x[:4].reshape(-1, 5).astype(np.float64)
+  mean, var = counted.mean(0), counted.var(0)
+  np.testing.assert_allclose(out, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=1e-5)
+  n = len(counted)
+  np.testing.assert_allclose(mutated['batch_stats']['mean'], 0.1 * mean, rtol=1e-5)
+  np.testing.assert_allclose(
+    mutated['batch_stats']['var'], 0.9 + 0.1 * var * n / (n - 1), rtol=1e-5
+  )
+  whole, _ = module.apply(variables, x[:4], use_running_average=False, mutable=['batch_stats'])
+  np.testing.assert_allclose(out[:4], whole, rtol=1e-6, atol=1e-6)
+
+
+def test_appended_rows_send_no_gradient_through_the_moments():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(6, 5)).astype(np.float32)
+  module = BatchNorm(use_bias=False)
+  variables = module.init(jax.random.key(0), x, use_running_average=False)
+
+  def appended_sum(x):
+    out, _ = module.apply(
+      variables, x, use_running_average=False, statistics_rows=4, mutable=['batch_stats']
+    )
+    return (out[4:] * np.arange(10, dtype=np.float32).reshape(2, 5)).sum()
+
+  grad = np.asarray(jax.grad(appended_sum)(x))
+  np.testing.assert_array_equal(grad[:4], 0.0)
+  # Rows 4-5 are divided by the counted rows' standard deviation, nothing more.
+  std = np.sqrt(x[:4].astype(np.float64).var(0) + 1e-5)
+  np.testing.assert_allclose(grad[4:], np.arange(10).reshape(2, 5) / std, rtol=1e-5)
