@@ -260,24 +260,18 @@ def _score_chunk(
   tied = ((after == value) & (closer + 1 < num_g)) | np.isposinf(value)
   del ordered
 
-  num_rel = np.bincount(rows, minlength=num_c)
   tied_row = np.zeros(num_c, bool)
   tied_row[rows[tied]] = True
   # Within a row, the matches in rank order; without ties their ranks are distinct.
   kept_rank = closer + 1
   by_rank = np.lexsort((kept_rank, rows))
   rows, kept_rank, value = rows[by_rank], kept_rank[by_rank], value[by_rank]
-  ends = np.cumsum(num_rel)
-  starts = ends - num_rel
-  hit_no = np.arange(len(rows)) - starts[rows] + 1
-  precision = hit_no / kept_rank
-  valid = num_rel > 0
+  starts, valid, ap_valid, inp_valid = _average_precision(rows, kept_rank, num_c)
   ap = np.zeros(num_c)
   inp = np.zeros(num_c)
   first_rank = np.zeros(num_c, np.int64)
   if valid.any():
-    ap[valid] = np.add.reduceat(precision, starts[valid]) / num_rel[valid]
-    inp[valid] = num_rel[valid] / kept_rank[ends[valid] - 1]
+    ap[valid], inp[valid] = ap_valid, inp_valid
     if protocol == 'regdb':
       first_rank[valid] = kept_rank[starts[valid]]
     else:
@@ -376,13 +370,38 @@ def _score_chunk_ranked(
     match &= ~removed
   rows, cols = np.nonzero(match)  # row-major: ascending rank within a row
   del match
-  num_rel = np.bincount(rows, minlength=num_c)
   if removed is not None:
     dropped_before = np.cumsum(removed, axis=1, dtype=np.int32)[rows, cols]
     kept_rank = cols + 1 - dropped_before
   else:
     kept_rank = cols + 1
+  starts, valid, ap, inp = _average_precision(rows, kept_rank, num_c)
 
+  if protocol == 'regdb':
+    first_rank = kept_rank[starts[valid]]
+  else:
+    first_col = np.full(num_c, num_g)
+    first_col[valid] = cols[starts[valid]]
+    first_rank = _unique_identity_rank(ranked_ids, removed, first_col, num_ids)[valid]
+  return first_rank, ap, inp
+
+
+def _average_precision(
+  rows: np.ndarray, kept_rank: np.ndarray, num_c: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """AP and INP from every correct match's rank after the removal.
+
+  Args:
+    rows: the query row of each correct match, ascending, and within a row the
+      matches in rank order.
+    kept_rank: each match's 1-based rank among the kept gallery images.
+    num_c: the number of query rows.
+
+  Returns:
+    starts ([C], where each row's matches begin), valid ([C], rows with a
+    correct match), and AP and INP of the valid rows, in order.
+  """
+  num_rel = np.bincount(rows, minlength=num_c)
   valid = num_rel > 0
   ends = np.cumsum(num_rel)
   starts = ends - num_rel
@@ -394,14 +413,7 @@ def _score_chunk_ranked(
   else:
     ap = np.zeros(0)
   inp = num_rel[valid] / kept_rank[ends[valid] - 1]
-
-  if protocol == 'regdb':
-    first_rank = kept_rank[starts[valid]]
-  else:
-    first_col = np.full(num_c, num_g)
-    first_col[valid] = cols[starts[valid]]
-    first_rank = _unique_identity_rank(ranked_ids, removed, first_col, num_ids)[valid]
-  return first_rank, ap, inp
+  return starts, valid, ap, inp
 
 
 def _unique_identity_rank(
