@@ -17,12 +17,14 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from cal_jax import ablations, cli
+from cal_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'The config every row starts from.', lock_config=True
@@ -51,11 +53,32 @@ def config_overrides(argv: list[str]) -> list[str]:
 
 
 def run_one(
-  config_file: str, directory: str, row: ablations.Row, seed: int, extra: list[str]
+  config_file: str,
+  directory: str,
+  row: ablations.Row,
+  seed: int,
+  extra: list[str],
+  config: Any = None,
 ) -> dict:
-  """Trains and evaluates one row and seed (resuming), returns its eval_results.json."""
+  """Trains and evaluates one row and seed (resuming), returns its eval_results.json.
+
+  A finished run is read back only if it was trained with the config this row
+  and seed now build from `config` (the grid's, with its --config flags): a run
+  of an older default is refused, naming the fields, rather than reported as
+  the new one. `python -m cal_jax.main` makes the same check on a half-trained run.
+  """
   results_file = os.path.join(directory, 'eval_results.json')
   if os.path.exists(results_file):
+    if config is not None:
+      expected = ablations.apply(config, row)
+      expected.seed = seed
+      try:
+        workdir_lib.check_config_unchanged(directory, expected)
+      except workdir_lib.ConfigChangedError as error:
+        raise workdir_lib.ConfigChangedError(
+          f'row {row.name}, seed {seed}: {error} (a finished run of this grid; '
+          'give the grid another --workdir to measure the row as it is now)'
+        ) from None
     with open(results_file) as f:
       return json.load(f)
   os.makedirs(directory, exist_ok=True)
@@ -164,8 +187,13 @@ def run_grid(
   seeds: list[int],
   extra: list[str],
   out=print,
+  config: Any = None,
 ) -> dict:
-  """Every row x seed (finished ones read back), then the table files. Returns the table."""
+  """Every row x seed (finished ones read back), then the table files. Returns the table.
+
+  `config` (the grid's config, flags applied) lets a finished run be checked
+  against what its row and seed build now; see `run_one`.
+  """
   # Seed-major: a grid stopped early has every row at the first seeds.
   grid = [(row, seed) for seed in seeds for row in rows]
   results: dict[str, list[dict]] = {row.name: [] for row in rows}  # in seed order
@@ -184,7 +212,7 @@ def run_grid(
     fresh = (row, seed) in todo
     if fresh:
       out(f'[{i}/{len(grid)}] {row.name} seed {seed}: training ({directory}/log.txt)')
-    result = run_one(config_file, directory, row, seed, extra)
+    result = run_one(config_file, directory, row, seed, extra, config)
     results[row.name].append(result)
     protocol, metrics = primary(result)
     eta = ''
@@ -234,6 +262,7 @@ def main(argv):
       seeds,
       config_overrides(sys.argv[1:]),
       out=lambda s: print(s, flush=True),
+      config=_CONFIG.value,
     )
   except (ValueError, OSError, RuntimeError) as error:
     cli.exit_with('cal_jax.ablate', error)

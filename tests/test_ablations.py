@@ -160,6 +160,17 @@ def test_ablate_runs_two_rows_end_to_end_and_resumes(tmp_path):
   again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   assert '2 already done' in again.stdout and 'training' not in again.stdout
+  # A finished run is not read back as a row it no longer is (an older default, or
+  # other --config flags): refused in one line naming the row and the field.
+  before = (workdir / 'ablation.json').read_text()
+  changed = subprocess.run(
+    [*command, '--config.loss.pcl=0.5'], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
+  assert changed.returncode != 0
+  error = changed.stderr.strip().splitlines()[-1]
+  assert error.startswith('cal_jax.ablate: error: row full, seed 0:'), error
+  assert 'loss.pcl: run=1.0, now=0.5' in error and 'another --workdir' in error
+  assert (workdir / 'ablation.json').read_text() == before
 
 
 @pytest.mark.slow
