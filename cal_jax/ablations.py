@@ -48,6 +48,7 @@ ROWS = {
       loss__kd1=1.0,
       loss__kd1_form='dot',
       loss__attention_div=0.0,
+      loss__kd2_attention_gradient=True,
     ),
     # Table 4: DRM, TSAA and PCL variants that the model has switches for.
     _row('drm_no_div', 'DRM w/o L_div', loss__div=0.0),
@@ -124,6 +125,11 @@ ROWS = {
       '+ MatchDistill, L_kd2 not through the TSAA maps',
       loss__kd2_attention_gradient=False,
     ),
+    _row(
+      'kd2_through_attention',
+      "+ MatchDistill, L_kd2 through the TSAA maps (the paper's)",
+      loss__kd2_attention_gradient=True,
+    ),
     _row('no_global_id', 'w/o global ID loss', loss__global_id=0.0),
   ]
 }
@@ -164,6 +170,7 @@ TABLES = {
     'pcl_none',
     'no_stop_gradient',
     'kd2_detached',
+    'kd2_through_attention',
     'no_global_id',
     'baseline',
   ),
