@@ -18,8 +18,14 @@ restores it, and M-hat is applied. `cmc` needs only eval_results.json.
 import dataclasses
 import json
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from cal_jax import terminal  # noqa: E402
+
+if '--verbose' not in sys.argv[1:]:
+  terminal.quiet_start()  # the libraries' lines to WORKDIR/log.txt, as cal_jax.main
 
 import ml_collections  # noqa: E402
 from absl import (  # noqa: E402
@@ -56,6 +62,7 @@ _CHECKPOINT = flags.DEFINE_integer('checkpoint', None, 'Checkpoint step (default
 _PROTOCOL = flags.DEFINE_string(
   'protocol', None, "ranking: protocol key, e.g. sysu/all/single (default: the data set's first)."
 )
+flags.DEFINE_boolean('verbose', False, "Show the libraries' lines too (else WORKDIR/log.txt).")
 _TRIAL = flags.DEFINE_integer('trial', 0, 'ranking: the gallery draw.', lower_bound=0)
 _NUM_IDS = flags.DEFINE_integer(
   'num_ids', 4, 'regions, attention: identities to draw.', lower_bound=1
@@ -155,6 +162,8 @@ def main(argv):
   workdir = cli.absolute_path(_WORKDIR.value)
   try:
     config = _CONFIG.value if _CONFIG.value is not None else read_run_config(workdir)
+    if os.access(workdir, os.W_OK):  # a run folder: its log.txt (appended to)
+      terminal.attach_log_file(workdir)
     config = cli.resolve_config_paths(config)
     # The run's own config.json may lack fields newer versions write; `cmc` reads no data.
     what = list(dict.fromkeys(_WHAT.value))

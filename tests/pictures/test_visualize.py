@@ -4,6 +4,7 @@
 import glob
 import io
 import os
+import shutil
 import subprocess
 import sys
 
@@ -196,6 +197,18 @@ def test_visualize_command(tiny_run, tmp_path):
   assert result.stdout.split() == [str(tmp_path / 'out' / 'cmc.png')]
   with open(tmp_path / 'out' / 'cmc.png', 'rb') as f:
     _assert_not_blank(_decoded(f.read()))
+  # The libraries' lines (Orbax restoring the checkpoint) go to WORKDIR/log.txt, not
+  # the terminal, which shows only the written paths.
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  log = copy / 'log.txt'
+  before = log.read_text() if log.exists() else ''
+  result = run('--workdir', str(copy), '--what', 'regions', '--num_ids', '1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == [str(copy / 'pictures' / 'regions.png')]
+  assert 'checkpoint' not in result.stderr.lower(), result.stderr[-3000:]
+  after = log.read_text()
+  assert after.startswith(before) and 'checkpoint' in after[len(before) :].lower()
   result = run('--workdir', str(tmp_path / 'empty'), '--what', 'regions')
   assert result.returncode != 0
   assert f'{tmp_path / "empty" / "config.json"} does not exist' in result.stderr
