@@ -119,6 +119,11 @@ ROWS = {
       'TSAA with cosine similarity (not in the paper)',
       model__attention_similarity='cosine',
     ),
+    _row(
+      'tsaa_no_border',
+      "TSAA without the map's border tokens (not in the paper)",
+      model__attention_border=1,
+    ),
     _row('no_stop_gradient', 'teachers not stopped', loss__stop_teacher_gradient=False),
     _row(
       'kd2_detached',

@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.part_queries = 'drm'
   config.model.attention_similarity = 'tsaa'
   config.model.channel_attention = True
+  # Not in the paper: tokens within this many rows or columns of the feature map's edge are
+  # left out of Eq. (9)'s softmax (their receptive fields reach the zero padding); 0: none.
+  config.model.attention_border = 0
   config.model.embedding = 'parts'  # test-time feature: "parts" (CAL) | "global" (baseline)
   config.model.pretrained = ''  # torchvision ResNet checkpoint (.pth / .safetensors)
   # Mixed precision: "bfloat16" runs the backbone in bf16 (float32 parameters, optimizer

@@ -185,9 +185,9 @@ def test_pcl_form_replaces_only_the_pcl_term(form):
 # ------------------------------------------------- the rows themselves ---
 
 
-def param_paths(config):
+def param_paths(config, image_size=(64, 32)):
   model = create_model(config, 5)
-  images = jnp.zeros((2, 64, 32, 3))
+  images = jnp.zeros((2, *image_size, 3))
   shapes = jax.eval_shape(
     lambda: model.init(jax.random.key(0), images, images, jnp.array([1, 0]), jnp.array([1, 0]))
   )
@@ -242,12 +242,14 @@ def test_lv_and_hs_rows_train_without_the_drm_losses(name):
   assert np.isfinite(float(total))
 
 
-@pytest.mark.parametrize('name', ['drm_lv', 'drm_hs_2', 'tsaa_sd', 'tsaa_sd_no_ca'])
+@pytest.mark.parametrize(
+  'name', ['drm_lv', 'drm_hs_2', 'tsaa_sd', 'tsaa_sd_no_ca', 'tsaa_cosine', 'tsaa_no_border']
+)
 def test_table4_network_variants_are_not_exported_to_pytorch(name):
   from cal_jax.interop import export
 
   config = ablations.apply(tiny.get_config(), ablations.ROWS[name])
-  with pytest.raises(ValueError, match="Table 4's ablations"):
+  with pytest.raises(ValueError, match='is an ablation variant'):
     export.model_hyperparameters(config)
   assert export.model_hyperparameters(tiny.get_config())['num_parts'] == 4
 
@@ -279,6 +281,58 @@ def test_cosine_similarity_is_a_scaled_softmax_of_cosines():
   np.testing.assert_allclose(
     sim, np_softmax(attention_adapter.COSINE_SCALE * cos), rtol=1e-4, atol=1e-6
   )
+
+
+def test_interior_tokens_leave_out_the_map_edge():
+  mask = np.asarray(attention_adapter.interior_tokens(6, 4, 1)).reshape(6, 4)
+  expected = np.zeros((6, 4), bool)
+  expected[1:5, 1:3] = True
+  np.testing.assert_array_equal(mask, expected)
+  assert attention_adapter.interior_tokens(6, 4, 0) is None
+  with pytest.raises(ValueError, match='attention_border=2 leaves no token of the 6x4'):
+    attention_adapter.interior_tokens(6, 4, 2)
+
+
+def test_border_tokens_get_no_attention_and_the_rest_is_eq9_renormalised():
+  b, k, c, height, width = 2, 3, 12, 6, 4
+  tokens = RNG.normal(size=(b, height * width, c)).astype(np.float32)
+  parts = RNG.normal(size=(b, k, c)).astype(np.float32)
+  adapter = attention_adapter.AttentionAdapter(c, 8, 4, 4)
+  variables = adapter.init(jax.random.key(0), tokens, parts, tokens)
+  mask = attention_adapter.interior_tokens(height, width, 1)
+  refined, sim = adapter.apply(variables, tokens, parts, tokens, mask)
+  _, full = adapter.apply(variables, tokens, parts, tokens)
+  # Eq. (9) over the interior only: the full map's values there, renormalised.
+  kept = np.asarray(mask)
+  expected = np.where(kept, np.asarray(full), 0.0)
+  expected /= expected.sum(-1, keepdims=True)
+  np.testing.assert_allclose(sim, expected, rtol=1e-5, atol=1e-7)
+  assert np.all(np.asarray(sim)[..., ~kept] == 0.0)
+  gates = 1 / (1 + np.exp(-adapter.apply(variables, parts, method=lambda m, p: m.channel_mlp(p))))
+  np.testing.assert_allclose(
+    refined, np.einsum('bkn,bnc->bkc', expected, tokens) * gates, rtol=1e-5, atol=1e-6
+  )
+
+
+def test_no_border_row_masks_every_refinement_and_changes_no_parameter():
+  config = ablations.apply(tiny.get_config(), ablations.ROWS['tsaa_no_border'])
+  assert param_paths(config, (128, 64)) == param_paths(tiny.get_config(), (128, 64))
+  model, base = create_model(config, 5), create_model(tiny.get_config(), 5)
+  images = jnp.asarray(RNG.uniform(size=(4, 128, 64, 3)), jnp.float32)
+  partner = jnp.array([2, 3, 0, 1])
+  variables = base.init(jax.random.key(0), images, images, partner, partner)
+  outputs, _ = model.apply(variables, images, images, partner, partner, mutable=['batch_stats'])
+  plain, _ = base.apply(variables, images, images, partner, partner, mutable=['batch_stats'])
+  height, width = 8, 4  # 128x64 at the backbone's stride 16
+  edge = ~np.asarray(attention_adapter.interior_tokens(height, width, 1))
+  for name in ('sim_vv', 'sim_ii', 'sim_vi', 'sim_iv'):
+    assert outputs[name].shape[-1] == height * width
+    assert np.all(np.asarray(outputs[name])[..., edge] == 0.0), name
+    assert np.asarray(plain[name])[..., edge].min() > 0.0, name
+  np.testing.assert_allclose(outputs['global_logits'], plain['global_logits'], rtol=1e-6)
+  maps = model.apply(variables, images, 0, method=model.part_maps)['attention']
+  assert maps.shape[-2:] == (height, width)
+  np.testing.assert_array_equal(np.asarray(maps)[..., edge.reshape(height, width)], 0.0)
 
 
 # ---------------------------------------------------------- ICA & CCA ---

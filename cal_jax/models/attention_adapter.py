@@ -24,6 +24,12 @@ and (10) but compares the unit vectors of T_hat and P_hat, scaled by a learned
 temperature s (initially `COSINE_SCALE`): S = softmax(s cos(P_hat, T_hat)).
 A token whose T_hat is long then wins no query by its length alone (the
 "sink" border token of docs/decisions.md).
+
+Also not in the paper: `border` > 0 leaves the tokens within `border` rows or
+columns of the feature map's edge out of Eq. (9)'s softmax (S = 0 there; a
+`token_mask` from `interior_tokens`). Those tokens' receptive fields reach the
+zero padding of every convolution, which gives them a code of their position
+that is the same in every image. Eq. (7)'s statistics still cover every token.
 """
 
 import flax.linen as nn
@@ -50,11 +56,36 @@ def instance_normalize(x: jax.Array, source_tokens: jax.Array) -> jax.Array:
   return (x - mean) / std
 
 
-def spatial_similarity(queries_hat: jax.Array, tokens_hat: jax.Array) -> jax.Array:
-  """Eq. (9): softmax over tokens of P_hat T_hat^T / sqrt(d). -> [B, N_p, H*W]."""
+def interior_tokens(height: int, width: int, border: int) -> jax.Array | None:
+  """Which of the row-major h*w tokens lie `border` or more tokens inside the map's edge.
+
+  Returns a bool [h*w] mask (None for border 0: every token). Raises ValueError
+  when no token is left.
+  """
+  if border == 0:
+    return None
+  if border < 0 or 2 * border >= min(height, width):
+    raise ValueError(
+      f'config.model.attention_border={border} leaves no token of the {height}x{width} '
+      f'feature map (it needs 2 x border < {min(height, width)}); use a smaller border'
+    )
+  rows = (jnp.arange(height) >= border) & (jnp.arange(height) < height - border)
+  columns = (jnp.arange(width) >= border) & (jnp.arange(width) < width - border)
+  return (rows[:, None] & columns[None, :]).reshape(-1)
+
+
+def spatial_similarity(
+  queries_hat: jax.Array, tokens_hat: jax.Array, token_mask: jax.Array | None = None
+) -> jax.Array:
+  """Eq. (9): softmax over tokens of P_hat T_hat^T / sqrt(d). -> [B, N_p, H*W].
+
+  token_mask: bool [H*W] or None; tokens where it is False get S = 0.
+  """
   dim = queries_hat.shape[-1]
   logits = jnp.einsum('bkd,bnd->bkn', queries_hat, tokens_hat) / jnp.sqrt(float(dim))
-  return jax.nn.softmax(logits, axis=-1)
+  if token_mask is None:
+    return jax.nn.softmax(logits, axis=-1)
+  return jax.nn.softmax(logits, axis=-1, where=token_mask[None, None, :])
 
 
 class MLP(nn.Module):
@@ -127,7 +158,11 @@ class AttentionAdapter(nn.Module):
     return l2_normalize(encoded) * scale.astype(encoded.dtype)
 
   def __call__(
-    self, tokens: jax.Array, parts: jax.Array, source_tokens: jax.Array
+    self,
+    tokens: jax.Array,
+    parts: jax.Array,
+    source_tokens: jax.Array,
+    token_mask: jax.Array | None = None,
   ) -> tuple[jax.Array, jax.Array]:
     """A(T; P) of Eq. (8) in one call.
 
@@ -135,6 +170,7 @@ class AttentionAdapter(nn.Module):
       tokens: T [B, H*W, C], the map being attended.
       parts: P [B, N_p, C], the part queries.
       source_tokens: T_P [B, H*W, C], the map P was aggregated from.
+      token_mask: bool [H*W], the tokens S may attend (`interior_tokens`); None: all.
     Returns:
       (refined features [B, N_p, C], similarity S [B, N_p, H*W]).
     """
@@ -143,11 +179,16 @@ class AttentionAdapter(nn.Module):
       self.encode_tokens(tokens),
       self.encode_queries(parts, source_tokens),
       self.channel_gates(parts),
+      token_mask,
     )
 
 
 def refine(
-  tokens: jax.Array, tokens_hat: jax.Array, queries_hat: jax.Array, channel_gates: jax.Array
+  tokens: jax.Array,
+  tokens_hat: jax.Array,
+  queries_hat: jax.Array,
+  channel_gates: jax.Array,
+  token_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Eq. (8) from precomputed pieces: (S(T, P) T) (x) M(P; theta_3).
 
@@ -156,10 +197,11 @@ def refine(
     tokens_hat: T_hat [B, H*W, d].
     queries_hat: P_hat [B, N_p, d].
     channel_gates: M(P; theta_3) [B, N_p, C].
+    token_mask: bool [H*W], the tokens S may attend; None: all.
   Returns:
     (refined features f [B, N_p, C], similarity S [B, N_p, H*W]).
   """
-  similarity = spatial_similarity(queries_hat, tokens_hat)
+  similarity = spatial_similarity(queries_hat, tokens_hat, token_mask)
   attended = jnp.einsum('bkn,bnc->bkc', similarity, tokens)
   return attended * channel_gates, similarity
 

@@ -57,6 +57,7 @@ class CAL(nn.Module):
   part_queries: str = 'drm'  # Table 4: 'learnable' (LV) | 'horizontal' (HS)
   attention_similarity: str = 'tsaa'  # Table 4: 'scaled_dot' (SD)
   channel_attention: bool = True  # Table 4: False is "w/o CA"
+  attention_border: int = 0  # tokens this near the map's edge are left out of Eq. (9)
   class_centers: bool = False  # learned centres of Table 4's "PCL -> Center loss", ICA
   camera_centers: int = 0  # camera classes of Table 4's ICA&CCA (CCA's centres); 0: none
   # False: L_kd2's students are also computed with their TSAA maps' gradient stopped
@@ -174,14 +175,15 @@ class CAL(nn.Module):
     gates_v = self.adapter.channel_gates(drm_v['parts'])
     gates_i = self.adapter.channel_gates(drm_i['parts'])
 
+    mask = attention_adapter.interior_tokens(*map_v.shape[1:3], self.attention_border)
     refine = attention_adapter.refine
-    f_vv, sim_vv = refine(tokens_v, tokens_hat_v, queries_hat_v, gates_v)
-    f_ii, sim_ii = refine(tokens_i, tokens_hat_i, queries_hat_i, gates_i)
+    f_vv, sim_vv = refine(tokens_v, tokens_hat_v, queries_hat_v, gates_v, mask)
+    f_ii, sim_ii = refine(tokens_i, tokens_hat_i, queries_hat_i, gates_i, mask)
     f_vi, sim_vi = refine(
-      tokens_v[partner_of_infrared], tokens_hat_v[partner_of_infrared], queries_hat_i, gates_i
+      tokens_v[partner_of_infrared], tokens_hat_v[partner_of_infrared], queries_hat_i, gates_i, mask
     )
     f_iv, sim_iv = refine(
-      tokens_i[partner_of_visible], tokens_hat_i[partner_of_visible], queries_hat_v, gates_v
+      tokens_i[partner_of_visible], tokens_hat_i[partner_of_visible], queries_hat_v, gates_v, mask
     )
 
     refined = [f_vv, f_ii, f_vi, f_iv]
@@ -277,7 +279,8 @@ class CAL(nn.Module):
     drm = self.region_mining_visible if modality == VISIBLE else self.region_mining_infrared
     feature_map = self.feature_map(images, modality)
     mined = drm(feature_map)
-    features, similarity = self.adapter(mined['tokens'], mined['parts'], mined['tokens'])
+    mask = attention_adapter.interior_tokens(*feature_map.shape[1:3], self.attention_border)
+    features, similarity = self.adapter(mined['tokens'], mined['parts'], mined['tokens'], mask)
     return (
       {
         'features': features,
@@ -332,6 +335,7 @@ def create_model(
     part_queries=m.get('part_queries', 'drm'),
     attention_similarity=m.get('attention_similarity', 'tsaa'),
     channel_attention=m.get('channel_attention', True),
+    attention_border=m.get('attention_border', 0),
     class_centers=pcl_form in ('center', 'ica_cca'),
     camera_centers=(len(specs.camera_classes(config.data.name)) if pcl_form == 'ica_cca' else 0),
     dtype=compute_dtype(m.get('dtype', 'float32')),
