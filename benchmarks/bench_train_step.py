@@ -36,12 +36,15 @@ only, no assertions; other work on the same machine makes them noisy.
 Precision, memory and utilisation (`--dtypes`, `--remat`, `--peak-tflops`):
 the JAX steps are timed once per dtype of --dtypes (float32, bfloat16: the
 `config.model.dtype` of the mixed-precision mode), and the CAL step once more
-with every ResNet stage rematerialised when --remat is given. Each JAX row
+twice with every ResNet stage rematerialised when --remat is given
+(`remat blocks`: each residual block; `remat`: nested, each stage as well,
+the default of `config.model.remat_nested`). Each JAX row
 gives the model FLOPs of one step as XLA's cost analysis of the compiled step
 counts them (all devices), beside a hand count of the backbone's convolutions
 (3 x forward: the forward pass, and the backward pass's two products per
 convolution, the input gradient and the weight gradient); the compiled
-step's memory (arguments, outputs and temporaries, `memory_analysis`) and,
+step's memory (arguments, outputs not aliased to them, and temporaries,
+`memory_analysis`) and,
 where the device reports it, the peak device memory (`memory_stats`); and
 the MFU: achieved FLOP/s over the device's peak for the row's dtype (known
 accelerators by `device_kind`, or --peak-tflops; none on a CPU). PyTorch's
@@ -224,8 +227,12 @@ def compiled_costs(p_step: Callable, *args: Any) -> tuple[float | None, float | 
   memory = compiled.memory_analysis()
   size = None
   if memory is not None:
+    # The donated state's outputs reuse its arguments' buffers (the alias): counted once.
     size = float(
-      memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+      memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      - memory.alias_size_in_bytes
+      + memory.temp_size_in_bytes
     )
   return flops, size
 
@@ -644,9 +651,11 @@ def main(argv: list[str]) -> None:
     timings.append(time_jax_resnet_step(variant, batch, num_classes, warmup, steps))
     gc.collect()
   if _REMAT.value:
-    variant = with_model(config, dtype=_DTYPES.value[0], remat=(1, 2, 3, 4))
-    name = f'jax CAL {short(_DTYPES.value[0])} remat'
-    timings.append(time_cal_step(name, variant, batch, num_classes, warmup, steps))
+    for nested, suffix in ((False, 'remat blocks'), (True, 'remat')):
+      variant = with_model(config, dtype=_DTYPES.value[0], remat=(1, 2, 3, 4), remat_nested=nested)
+      name = f'jax CAL {short(_DTYPES.value[0])} {suffix}'
+      timings.append(time_cal_step(name, variant, batch, num_classes, warmup, steps))
+      gc.collect()
   print_report(config, config_name, devices, num_classes, timings)
 
 

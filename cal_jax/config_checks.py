@@ -237,6 +237,7 @@ RULES: dict[str, Any] = {
   'model.pretrained': Text(),
   'model.dtype': Choice(('float32', 'bfloat16'), note='float16 needs loss scaling: not supported'),
   'model.remat': Stages(),
+  'model.remat_nested': Bool(),
   **{f'loss.{name}': _WEIGHT for name in LOSS_WEIGHTS},
   'loss.pcl_margin': Float(0.0, note='sigma of Eq. 15'),
   'loss.pcl_form': Choice(PCL_FORMS),

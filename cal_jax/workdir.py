@@ -231,6 +231,7 @@ RESUMABLE_CHANGES = (
   'data.data_dir',
   'model.pretrained',
   'model.remat',  # recomputation only: the same step, less memory
+  'model.remat_nested',
 )
 
 
@@ -282,7 +283,7 @@ def check_config_unchanged(workdir: str, config: Any) -> None:
       + '; '.join(differences)
       + '. Resume with the config that trained it, or start '
       'another --workdir. Only evaluation, logging and checkpoint cadence, data paths, '
-      'model.pretrained and model.remat may change on a resumed run.'
+      'model.pretrained and model.remat(_nested) may change on a resumed run.'
     )
 
 

@@ -76,6 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   # state, batch-norm statistics, heads, softmaxes and losses); faster on GPUs and TPUs only.
   config.model.dtype = 'float32'
   config.model.remat = ()  # ResNet stages (1-4) rematerialised, e.g. (1, 2, 3, 4): less memory
+  # With remat: each of those stages also as a whole (one more forward pass, far less memory).
+  config.model.remat_nested = True
 
   # ---------------------------------------------------------------- loss ---
   config.loss = ml_collections.ConfigDict()

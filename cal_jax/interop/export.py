@@ -122,8 +122,9 @@ def model_hyperparameters(config: ml_collections.ConfigDict) -> dict[str, Any]:
   for name, exported in NOT_EXPORTED.items():
     if config.model.get(name, exported) != exported:
       raise ValueError(
-        f"config.model.{name}={config.model[name]!r} is an ablation "
-        f'variant (Table 4, docs/decisions.md); the PyTorch export covers CAL itself ({name}={exported!r})'
+        f'config.model.{name}={config.model[name]!r} is an ablation '
+        f'variant (Table 4, docs/decisions.md); the PyTorch export covers CAL '
+        f'itself ({name}={exported!r})'
       )
   return {name: checkpointing.to_json(config.model[name]) for name in MODEL_FIELDS}
 

@@ -65,6 +65,7 @@ class CAL(nn.Module):
   kd2_attention_gradient: bool = True
   dtype: Any = None  # the backbone's computation dtype; None: its inputs' (module doc)
   remat: Sequence[int] = ()  # ResNet stages (1-4) whose blocks are rematerialised
+  remat_nested: bool = True  # ... and each of those stages as a whole (resnet.Stages)
   axis_name: str | None = None
 
   def setup(self):
@@ -75,7 +76,13 @@ class CAL(nn.Module):
       else self.stem_visible
     )
     self.stages = resnet.Stages(
-      self.depth, self.width, self.last_stride, self.axis_name, self.dtype, tuple(self.remat)
+      self.depth,
+      self.width,
+      self.last_stride,
+      self.axis_name,
+      self.dtype,
+      tuple(self.remat),
+      self.remat_nested,
     )
     if self.part_queries not in part_queries_lib.PART_QUERIES:
       raise ValueError(
@@ -340,6 +347,7 @@ def create_model(
     camera_centers=(len(specs.camera_classes(config.data.name)) if pcl_form == 'ica_cca' else 0),
     dtype=compute_dtype(m.get('dtype', 'float32')),
     remat=tuple(m.get('remat', ())),
+    remat_nested=m.get('remat_nested', True),
     kd2_attention_gradient=config.get('loss', {}).get('kd2_attention_gradient', True),
     axis_name=axis_name,
   )

@@ -18,7 +18,11 @@ batch-norm statistics stay float32 and batch norm computes its moments in
 float32. `Stages.remat` names the stages (1-4)
 whose residual blocks are rematerialised with `nn.remat`: their activations
 are recomputed in the backward pass instead of kept, and the parameter tree
-is the same as without.
+is the same as without. With `remat_nested` (the default) each of those
+stages is also rematerialised as a whole, around its checkpointed blocks: the
+forward pass keeps only the stage's input, and the backward pass recomputes
+the stage once (keeping its blocks' inputs) before each block's own
+recomputation. One more forward pass, for much less memory (docs/decisions.md).
 """
 
 import functools
@@ -154,6 +158,7 @@ class Stages(nn.Module):
   axis_name: str | None = None
   dtype: Any = None
   remat: Sequence[int] = ()  # stages (1-4) whose blocks are rematerialised
+  remat_nested: bool = True  # each of those stages also rematerialised as a whole
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -165,13 +170,16 @@ class Stages(nn.Module):
     # `train` (argument 2, counting the module) selects the batch-norm mode: static.
     remat_block = nn.remat(plain_block, static_argnums=(2,))
     expansion = block_expansion(self.depth)
-    in_channels = x.shape[-1]
     strides = (1, 2, 2, self.last_stride)
-    for stage, (num_blocks, stage_stride) in enumerate(zip(blocks_per_stage, strides)):
+
+    def run_stage(module: nn.Module, x: jax.Array, stage: int) -> jax.Array:
+      """The blocks of one stage, created in `module` (so named as without remat)."""
+      num_blocks, stage_stride = blocks_per_stage[stage], strides[stage]
       features = self.width * 2**stage
       block_cls = remat_block if stage + 1 in self.remat else plain_block
       for index in range(num_blocks):
         stride = stage_stride if index == 0 else 1
+        in_channels = x.shape[-1]
         needs_projection = index == 0 and (stride != 1 or in_channels != features * expansion)
         x = block_cls(
           features,
@@ -180,8 +188,16 @@ class Stages(nn.Module):
           self.axis_name,
           self.dtype,
           name=f'layer{stage + 1}_{index}',
+          parent=module,
         )(x, train)
-        in_channels = features * expansion
+      return x
+
+    # Nested: the stage keeps only its input; its backward pass recomputes the stage
+    # (keeping the blocks' inputs), then each block (one more forward pass in all).
+    nested_stage = nn.remat(run_stage, static_argnums=(2,))
+    for stage in range(len(blocks_per_stage)):
+      nested = self.remat_nested and stage + 1 in self.remat
+      x = (nested_stage if nested else run_stage)(self, x, stage)
     return x
 
 
@@ -200,6 +216,7 @@ class ResNet(nn.Module):
   axis_name: str | None = None
   dtype: Any = None
   remat: Sequence[int] = ()
+  remat_nested: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -212,6 +229,7 @@ class ResNet(nn.Module):
       self.axis_name,
       self.dtype,
       tuple(self.remat),
+      self.remat_nested,
       name='stages',
     )(x, train)
 

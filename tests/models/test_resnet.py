@@ -57,12 +57,14 @@ def test_unknown_depth_is_refused():
     resnet.output_channels(42)
 
 
-def test_remat_keeps_the_parameters_and_the_gradient():
+@pytest.mark.parametrize('nested', [False, True])
+def test_remat_keeps_the_parameters_and_the_gradient(nested):
   """config.model.remat: the same parameter tree, the same gradient (remat only
-  recomputes), and the blocks of the named stages are checkpointed in the jaxpr."""
+  recomputes), and the blocks of the named stages are checkpointed in the jaxpr
+  (nested: each of those stages around its blocks as well)."""
   x = jax.random.normal(jax.random.key(1), (2, 64, 32, 3))
   plain = resnet.ResNet(18, 8, 1)
-  remat = resnet.ResNet(18, 8, 1, remat=(2, 4))
+  remat = resnet.ResNet(18, 8, 1, remat=(2, 4), remat_nested=nested)
   variables = plain.init(jax.random.key(0), x)
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
     remat.init(jax.random.key(0), x)
@@ -83,8 +85,13 @@ def test_remat_keeps_the_parameters_and_the_gradient():
   grads = [jax.grad(loss(m))(variables['params']) for m in (plain, remat)]
   for a, b in zip(*(jax.tree_util.tree_leaves(g) for g in grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  # The forward pass: one checkpoint per block (layer2's 2, layer4's 2), and one
+  # around each nested stage.
+  forward = str(jax.make_jaxpr(loss(remat))(variables['params']))
+  assert forward.count('remat') == 2 + 2 + (2 if nested else 0)
   jaxpr = str(jax.make_jaxpr(jax.grad(loss(remat)))(variables['params']))
-  assert jaxpr.count('remat') == 2 + 2  # one checkpoint per block: layer2's 2, layer4's 2
+  # The gradient: nested, the stages' recomputations hold their blocks' checkpoints again.
+  assert jaxpr.count('remat') == (2 + 2 * 4 if nested else 4)
   assert 'remat' not in str(jax.make_jaxpr(jax.grad(loss(plain)))(variables['params']))
   with pytest.raises(ValueError, match=r'config.model.remat=\(5,\)'):
     resnet.ResNet(18, 8, 1, remat=(5,)).init(jax.random.key(0), x)
