@@ -27,6 +27,9 @@ Variants (``--variants``, comma-separated):
   jax_onednn     --xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true
   jax_fast_minmax  --xla_cpu_enable_fast_min_max=true
   jax_xnnpack    --xla_cpu_use_xnnpack=true
+  jax_nchw       the convolution chain in NCHW / OIHW (the network itself stays NHWC:
+                 Flax's Conv has no other layout), to see whether XLA:CPU's
+                 convolutions and their gradients are faster in PyTorch's layout
   torch          PyTorch's ResNet (NCHW, oneDNN), as in bench_train_step.py
 
 Figures only, no assertions; each line is also printed as JSON for the record.
@@ -52,6 +55,7 @@ VARIANT_FLAGS = {
   'jax_onednn': '--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true',
   'jax_fast_minmax': '--xla_cpu_enable_fast_min_max=true',
   'jax_xnnpack': '--xla_cpu_use_xnnpack=true',
+  'jax_nchw': '',
   'torch': '',
 }
 
@@ -135,15 +139,20 @@ def child_jax(args: argparse.Namespace) -> dict:
     jax.random.normal(jax.random.fold_in(rng, i), (k, k, cin, cout)) * (2 / (k * k * cin)) ** 0.5
     for i, (k, _, cin, cout) in enumerate(convs)
   ]
+  layout = ('NCHW', 'OIHW', 'NCHW') if args.child == 'jax_nchw' else ('NHWC', 'HWIO', 'NHWC')
+  if args.child == 'jax_nchw':  # the same arrays, transposed once outside the timed calls
+    kernels = [jnp.transpose(w, (3, 2, 0, 1)) for w in kernels]
+    images = jnp.transpose(images, (0, 3, 1, 2))
 
   def conv_chain(kernels, x):
     h, total = x, 0.0
     for index, ((k, stride, _, _), w) in enumerate(zip(convs, kernels)):
       pad = (k - 1) // 2
       h = jax.lax.conv_general_dilated(
-        h, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+        h, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=layout
       )
-      h = h[:, ::2, ::2] if index == 0 else h  # where the max-pool halves the map
+      if index == 0:  # where the max-pool halves the map
+        h = h[:, :, ::2, ::2] if layout[0] == 'NCHW' else h[:, ::2, ::2]
       total = total + jnp.mean(h)
     return total
 

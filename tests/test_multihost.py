@@ -87,7 +87,7 @@ def subprocess_env():
     os.environ,
     PYTHON=sys.executable,
     JAX_PLATFORMS='cpu',
-    XLA_FLAGS=' '.join(flags + [FAST_COMPILE]),
+    XLA_FLAGS=' '.join(flags + [FAST_COMPILE] * (FAST_COMPILE not in flags)),
   )
 
 
