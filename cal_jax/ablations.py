@@ -171,6 +171,7 @@ TABLES = {
     'attention_div',
     'attention_div_cosine',
     'tsaa_cosine',
+    'tsaa_no_border',
     'tca',
     'pcl_none',
     'no_stop_gradient',
