@@ -583,7 +583,8 @@ def print_report(
     )
   )
   print(
-    "memory GB: the compiled JAX step's arguments + outputs + temporaries per device; peak GB: "
+    "memory GB: the compiled JAX step's arguments + outputs (those aliased to the donated "
+    'arguments once) + temporaries per device; peak GB: '
     "the device's peak where it reports one, torch's on a GPU, torch's RSS growth on a CPU"
   )
   cal = by_name.get('jax CAL f32') or timings[0]
