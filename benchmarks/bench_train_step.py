@@ -35,8 +35,8 @@ only, no assertions; other work on the same machine makes them noisy.
 
 Precision, memory and utilisation (`--dtypes`, `--remat`, `--peak-tflops`):
 the JAX steps are timed once per dtype of --dtypes (float32, bfloat16: the
-`config.model.dtype` of the mixed-precision mode), and the CAL step once more
-twice with every ResNet stage rematerialised when --remat is given
+`config.model.dtype` of the mixed-precision mode), and the CAL step twice more
+with every ResNet stage rematerialised when --remat is given
 (`remat blocks`: each residual block; `remat`: nested, each stage as well,
 the default of `config.model.remat_nested`). Each JAX row
 gives the model FLOPs of one step as XLA's cost analysis of the compiled step

@@ -108,7 +108,8 @@ TRAINING_ONLY = (
 )
 
 
-# Table 4's ablation variants: trained and evaluated here, not exported.
+# Ablation variants of the network (Table 4's, and those of docs/decisions.md): trained and
+# evaluated here, not exported.
 NOT_EXPORTED = {
   'part_queries': 'drm',
   'attention_similarity': 'tsaa',

@@ -95,3 +95,26 @@ def test_remat_keeps_the_parameters_and_the_gradient(nested):
   assert 'remat' not in str(jax.make_jaxpr(jax.grad(loss(plain)))(variables['params']))
   with pytest.raises(ValueError, match=r'config.model.remat=\(5,\)'):
     resnet.ResNet(18, 8, 1, remat=(5,)).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize('nested', [False, True])
+def test_remat_fields_of_the_config_reach_the_backbone(nested):
+  from cal_jax.models.cal import create_model
+  from configs import tiny
+
+  config = tiny.get_config()
+  config.model.remat = (1, 3)
+  config.model.remat_nested = nested
+  model = create_model(config, 5)
+  assert (tuple(model.remat), model.remat_nested) == ((1, 3), nested)
+  images = jnp.zeros((2, 64, 32, 3))
+  partner = jnp.array([1, 0])
+  variables = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), images, images, partner, partner)
+  )
+  forward = jax.make_jaxpr(
+    lambda v: model.apply(v, images, images, partner, partner, mutable=['batch_stats'])
+  )(variables)
+  per_stage = resnet.ARCHITECTURES[config.model.depth][1]
+  blocks = per_stage[0] + per_stage[2]  # stages 1 and 3
+  assert str(forward).count('remat') == blocks + (2 if nested else 0)
