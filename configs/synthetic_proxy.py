@@ -14,9 +14,9 @@ that config.seed varies what seeds vary on a real benchmark: the
 initialisation, the batches and the augmentation.
 
 About 7 minutes a run alone on a 2-core CPU. What it reaches (all-search
-single-shot, 3 seeds, Rank-1 / mAP): the default CAL 19.0 +- 1.9 / 24.6 +- 2.6,
-TCA 21.7 +- 5.8 / 27.8 +- 6.3, the identity-loss baseline 11.7 +- 1.9 /
-16.2 +- 1.2 (docs/decisions.md, "L_kd2 and the TSAA maps").
+single-shot, 5 seeds, Rank-1 / mAP): the default CAL 19.3 +- 2.2 / 25.4 +- 2.6,
+TCA 21.4 +- 4.3 / 27.1 +- 4.7, the identity-loss baseline 13.6 +- 3.0 /
+18.6 +- 3.6 (README, "The proxy setting").
 
 Measured and not kept (docs/decisions.md, "The proxy setting"): K = 4 as the
 paper, on 96 training identities with P = 4 (1,072 steps, 10 minutes), left
