@@ -124,6 +124,11 @@ ROWS = {
       "TSAA without the map's border tokens (not in the paper)",
       model__attention_border=1,
     ),
+    _row(
+      'tsaa_centred',
+      'TSAA with IN(T) centred per position (not in the paper)',
+      model__attention_centring=True,
+    ),
     _row('no_stop_gradient', 'teachers not stopped', loss__stop_teacher_gradient=False),
     _row(
       'kd2_detached',
@@ -172,6 +177,7 @@ TABLES = {
     'attention_div_cosine',
     'tsaa_cosine',
     'tsaa_no_border',
+    'tsaa_centred',
     'tca',
     'pcl_none',
     'no_stop_gradient',

@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Not in the paper: tokens within this many rows or columns of the feature map's edge are
   # left out of Eq. (9)'s softmax (their receptive fields reach the zero padding); 0: none.
   config.model.attention_border = 0
+  # Not in the paper: IN(T) (Eq. 7) minus its mean over images at each token position before
+  # theta_1 (a running mean in evaluation), so that no key is a code of its position alone.
+  config.model.attention_centring = False
   config.model.embedding = 'parts'  # test-time feature: "parts" (CAL) | "global" (baseline)
   config.model.pretrained = ''  # torchvision ResNet checkpoint (.pth / .safetensors)
   # Mixed precision: "bfloat16" runs the backbone in bf16 (float32 parameters, optimizer

@@ -243,7 +243,16 @@ def test_lv_and_hs_rows_train_without_the_drm_losses(name):
 
 
 @pytest.mark.parametrize(
-  'name', ['drm_lv', 'drm_hs_2', 'tsaa_sd', 'tsaa_sd_no_ca', 'tsaa_cosine', 'tsaa_no_border']
+  'name',
+  [
+    'drm_lv',
+    'drm_hs_2',
+    'tsaa_sd',
+    'tsaa_sd_no_ca',
+    'tsaa_cosine',
+    'tsaa_no_border',
+    'tsaa_centred',
+  ],
 )
 def test_table4_network_variants_are_not_exported_to_pytorch(name):
   from cal_jax.interop import export
@@ -333,6 +342,117 @@ def test_no_border_row_masks_every_refinement_and_changes_no_parameter():
   maps = model.apply(variables, images, 0, method=model.part_maps)['attention']
   assert maps.shape[-2:] == (height, width)
   np.testing.assert_array_equal(np.asarray(maps)[..., edge.reshape(height, width)], 0.0)
+
+
+# ------------------------------------------------- positional centring ---
+
+
+def np_instance_normalize(x):
+  mean = x.mean(axis=1, keepdims=True)
+  return (x - mean) / np.sqrt(
+    x.var(axis=1, keepdims=True) + attention_adapter.INSTANCE_NORM_EPSILON
+  )
+
+
+def np_mlp(params, x):
+  hidden = np.maximum(
+    x @ np.asarray(params['fc1']['kernel']) + np.asarray(params['fc1']['bias']), 0
+  )
+  return hidden @ np.asarray(params['fc2']['kernel']) + np.asarray(params['fc2']['bias'])
+
+
+def test_position_centring_subtracts_the_batch_mean_and_keeps_a_running_one():
+  x1 = RNG.normal(size=(3, 5, 2)).astype(np.float32)
+  x2 = RNG.normal(size=(4, 5, 2)).astype(np.float32) + 1.0
+  module = attention_adapter.PositionCentring(momentum=0.1)
+  variables = module.init(jax.random.key(0), x1, True)
+  np.testing.assert_array_equal(variables['batch_stats']['mean'], np.zeros((5, 2)))
+  out, updated = module.apply(variables, x1, True, mutable=['batch_stats'])
+  np.testing.assert_allclose(out, x1 - x1.mean(0), atol=1e-6)
+  running = 0.1 * x1.mean(0)
+  np.testing.assert_allclose(updated['batch_stats']['mean'], running, atol=1e-6)
+  _, updated = module.apply(updated, x2, True, mutable=['batch_stats'])
+  running = 0.9 * running + 0.1 * x2.mean(0)
+  np.testing.assert_allclose(updated['batch_stats']['mean'], running, atol=1e-6)
+  # Evaluation: the running mean, whatever the batch.
+  np.testing.assert_allclose(module.apply(updated, x1, False), x1 - running, atol=1e-6)
+
+
+def test_centred_keys_are_eq10_on_in_t_less_its_mean_over_images():
+  b, n, k, c = 3, 6, 2, 10
+  tokens = RNG.normal(size=(b, n, c)).astype(np.float32)
+  parts = RNG.normal(size=(b, k, c)).astype(np.float32)
+  adapter = attention_adapter.AttentionAdapter(c, 8, 4, 4, centring=True)
+  plain = attention_adapter.AttentionAdapter(c, 8, 4, 4)
+  variables = adapter.init(jax.random.key(0), tokens, parts, tokens)
+  (refined, sim), _ = adapter.apply(
+    variables, tokens, parts, tokens, None, True, mutable=['batch_stats']
+  )
+  params = variables['params']
+  normalized = np_instance_normalize(tokens)
+  t_hat = np_mlp(params['token_mlp'], normalized - normalized.mean(axis=0))
+  p_hat = np_mlp(
+    params['query_mlp'],
+    (parts - tokens.mean(1, keepdims=True))
+    / np.sqrt(tokens.var(1, keepdims=True) + attention_adapter.INSTANCE_NORM_EPSILON),
+  )
+  expected = np_softmax(np.einsum('bkd,bnd->bkn', p_hat, t_hat) / np.sqrt(4.0))
+  np.testing.assert_allclose(sim, expected, rtol=1e-4, atol=1e-6)
+  # The same parameters without centring: Eq. (10) on IN(T) itself, a different map.
+  _, plain_sim = plain.apply({'params': params}, tokens, parts, tokens)
+  t_hat_plain = np_mlp(params['token_mlp'], normalized)
+  np.testing.assert_allclose(
+    plain_sim,
+    np_softmax(np.einsum('bkd,bnd->bkn', p_hat, t_hat_plain) / np.sqrt(4.0)),
+    rtol=1e-4,
+    atol=1e-6,
+  )
+  assert np.abs(np.asarray(sim) - np.asarray(plain_sim)).max() > 1e-3
+
+
+def test_centred_attention_of_identical_images_ignores_the_query():
+  """A batch of one image repeated: every centred key is M(0), so S is uniform (1/N)."""
+  b, n, k, c = 4, 8, 3, 10
+  tokens = np.repeat(RNG.normal(size=(1, n, c)).astype(np.float32), b, axis=0)
+  parts = RNG.normal(size=(b, k, c)).astype(np.float32)
+  adapter = attention_adapter.AttentionAdapter(c, 8, 4, 4, centring=True)
+  variables = adapter.init(jax.random.key(1), tokens, parts, tokens)
+  (_, sim), _ = adapter.apply(variables, tokens, parts, tokens, None, True, mutable=['batch_stats'])
+  np.testing.assert_allclose(sim, np.full((b, k, n), 1.0 / n), rtol=1e-5)
+  _, plain = attention_adapter.AttentionAdapter(c, 8, 4, 4).apply(
+    {'params': variables['params']}, tokens, parts, tokens
+  )
+  assert np.asarray(plain).max() > 2.0 / n  # without centring, the query picks tokens
+
+
+def test_centred_row_changes_only_the_keys_and_evaluates_with_the_running_mean():
+  config = ablations.apply(tiny.get_config(), ablations.ROWS['tsaa_centred'])
+  assert config.model.attention_centring and not tiny.get_config().model.attention_centring
+  assert param_paths(config, (128, 64)) == param_paths(tiny.get_config(), (128, 64))
+  model, base = create_model(config, 5), create_model(tiny.get_config(), 5)
+  images = jnp.asarray(RNG.uniform(size=(4, 128, 64, 3)), jnp.float32)
+  partner = jnp.array([2, 3, 0, 1])
+  variables = model.init(jax.random.key(0), images, images, partner, partner)
+  running = variables['batch_stats']['adapter']['position_centring']['mean']
+  assert running.shape == (8 * 4, config.model.width * 8 * 4)  # 128x64 at stride 16, C
+  plain_variables = {
+    'params': variables['params'],
+    'batch_stats': {k: v for k, v in variables['batch_stats'].items() if k != 'adapter'},
+  }
+  outputs, stats = model.apply(variables, images, images, partner, partner, mutable=['batch_stats'])
+  plain, _ = base.apply(plain_variables, images, images, partner, partner, mutable=['batch_stats'])
+  np.testing.assert_allclose(outputs['global_logits'], plain['global_logits'], rtol=1e-6)
+  assert np.abs(np.asarray(outputs['sim_vv']) - np.asarray(plain['sim_vv'])).max() > 1e-4
+  updated = stats['batch_stats']['adapter']['position_centring']['mean']
+  assert np.abs(np.asarray(updated)).max() > 0  # the training pass moved the running mean
+  # Evaluation reads the running mean: at zero it is the plain model's attention.
+  at_zero = model.apply(variables, images, 0, method=model.part_maps)['attention']
+  np.testing.assert_allclose(
+    at_zero, base.apply(plain_variables, images, 0, method=base.part_maps)['attention'], rtol=1e-5
+  )
+  moved = dict(variables, batch_stats=stats['batch_stats'])
+  after = model.apply(moved, images, 0, method=model.part_maps)['attention']
+  assert np.abs(np.asarray(after) - np.asarray(at_zero)).max() > 1e-4
 
 
 # ---------------------------------------------------------- ICA & CCA ---

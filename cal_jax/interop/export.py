@@ -115,6 +115,7 @@ NOT_EXPORTED = {
   'attention_similarity': 'tsaa',
   'channel_attention': True,
   'attention_border': 0,
+  'attention_centring': False,
 }
 
 

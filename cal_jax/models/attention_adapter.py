@@ -30,6 +30,13 @@ columns of the feature map's edge out of Eq. (9)'s softmax (S = 0 there; a
 `token_mask` from `interior_tokens`). Those tokens' receptive fields reach the
 zero padding of every convolution, which gives them a code of their position
 that is the same in every image. Eq. (7)'s statistics still cover every token.
+
+Also not in the paper: `centring=True` subtracts from IN(T), at each token
+position, its mean over images before theta_1 (`PositionCentring`: the batch's
+mean in training, a running average of it in evaluation, like batch norm's
+mean). On small maps IN(T) at one position is mostly a code of that position,
+the same in every image (docs/decisions.md); centred, T_hat keeps only what
+differs between images there, so no token is a key that every image shares.
 """
 
 import flax.linen as nn
@@ -74,6 +81,32 @@ def interior_tokens(height: int, width: int, border: int) -> jax.Array | None:
   return (rows[:, None] & columns[None, :]).reshape(-1)
 
 
+class PositionCentring(nn.Module):
+  """x [B, N, C] minus its mean over images at each position n (and channel c).
+
+  Training: the batch's mean (synchronised over `axis_name`), and the running
+  average m <- (1 - momentum) m + momentum mean; evaluation: m. Gradients flow
+  through the batch mean, as through batch norm's.
+  """
+
+  momentum: float = 0.1
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    running = self.variable('batch_stats', 'mean', jnp.zeros, x.shape[1:], jnp.float32)
+    if not train:
+      return x - running.value.astype(x.dtype)
+    mean = jnp.mean(x, axis=0)
+    if self.axis_name is not None:
+      mean = jax.lax.pmean(mean, self.axis_name)
+    if not self.is_initializing():
+      running.value = (1 - self.momentum) * running.value + self.momentum * jax.lax.stop_gradient(
+        mean
+      ).astype(jnp.float32)
+    return x - mean
+
+
 def spatial_similarity(
   queries_hat: jax.Array, tokens_hat: jax.Array, token_mask: jax.Array | None = None
 ) -> jax.Array:
@@ -109,6 +142,8 @@ class AttentionAdapter(nn.Module):
     channel_reduction: theta_3's hidden width is C // channel_reduction.
     similarity: 'tsaa' (Eqs. 7, 9, 10) or 'scaled_dot' (Eq. 6; Table 4 "SD").
     channel_attention: False drops M(P; theta_3) (Table 4 "w/o CA").
+    centring: IN(T) centred per position over images before theta_1 (module doc).
+    axis_name: the mapped axis over which `centring`'s batch mean is averaged.
   """
 
   channels: int
@@ -117,6 +152,8 @@ class AttentionAdapter(nn.Module):
   channel_reduction: int = 16
   similarity: str = 'tsaa'
   channel_attention: bool = True
+  centring: bool = False
+  axis_name: str | None = None
 
   def setup(self):
     if self.similarity not in SIMILARITIES:
@@ -127,6 +164,8 @@ class AttentionAdapter(nn.Module):
       self.cosine_scale = self.param(
         'cosine_scale', nn.initializers.constant(COSINE_SCALE), (), jnp.float32
       )
+    if self.centring:
+      self.position_centring = PositionCentring(axis_name=self.axis_name)
     self.token_mlp = MLP(self.hidden, self.dim)  # theta_1
     self.query_mlp = MLP(self.hidden, self.dim)  # theta_2
     self.channel_mlp = MLP(
@@ -139,11 +178,18 @@ class AttentionAdapter(nn.Module):
       return jnp.ones_like(parts)
     return jax.nn.sigmoid(self.channel_mlp(parts))
 
-  def encode_tokens(self, tokens: jax.Array) -> jax.Array:
-    """T_hat = M(IN(T); theta_1): [B, H*W, C] -> [B, H*W, d] (T itself for Eq. 6)."""
+  def encode_tokens(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+    """T_hat = M(IN(T); theta_1): [B, H*W, C] -> [B, H*W, d] (T itself for Eq. 6).
+
+    With `centring`, the batch's mean of IN(T) per position is subtracted in
+    training (`train`), its running average in evaluation.
+    """
     if self.similarity == 'scaled_dot':
       return tokens
-    encoded = self.token_mlp(instance_normalize(tokens, tokens))
+    normalized = instance_normalize(tokens, tokens)
+    if self.centring:
+      normalized = self.position_centring(normalized, train)
+    encoded = self.token_mlp(normalized)
     return l2_normalize(encoded) if self.similarity == 'cosine' else encoded
 
   def encode_queries(self, parts: jax.Array, source_tokens: jax.Array) -> jax.Array:
@@ -163,6 +209,7 @@ class AttentionAdapter(nn.Module):
     parts: jax.Array,
     source_tokens: jax.Array,
     token_mask: jax.Array | None = None,
+    train: bool = False,
   ) -> tuple[jax.Array, jax.Array]:
     """A(T; P) of Eq. (8) in one call.
 
@@ -171,12 +218,13 @@ class AttentionAdapter(nn.Module):
       parts: P [B, N_p, C], the part queries.
       source_tokens: T_P [B, H*W, C], the map P was aggregated from.
       token_mask: bool [H*W], the tokens S may attend (`interior_tokens`); None: all.
+      train: batch statistics (and their update) for `centring`; else running ones.
     Returns:
       (refined features [B, N_p, C], similarity S [B, N_p, H*W]).
     """
     return refine(
       tokens,
-      self.encode_tokens(tokens),
+      self.encode_tokens(tokens, train),
       self.encode_queries(parts, source_tokens),
       self.channel_gates(parts),
       token_mask,

@@ -58,6 +58,7 @@ class CAL(nn.Module):
   attention_similarity: str = 'tsaa'  # Table 4: 'scaled_dot' (SD)
   channel_attention: bool = True  # Table 4: False is "w/o CA"
   attention_border: int = 0  # tokens this near the map's edge are left out of Eq. (9)
+  attention_centring: bool = False  # IN(T) centred per position over images (TSAA doc)
   class_centers: bool = False  # learned centres of Table 4's "PCL -> Center loss", ICA
   camera_centers: int = 0  # camera classes of Table 4's ICA&CCA (CCA's centres); 0: none
   # False: L_kd2's students are also computed with their TSAA maps' gradient stopped
@@ -107,6 +108,8 @@ class CAL(nn.Module):
       self.channel_reduction,
       self.attention_similarity,
       self.channel_attention,
+      self.attention_centring,
+      self.axis_name,
     )
     # BNNeck (AGW): batch norm without shift before a bias-free classifier.
     self.global_neck = BatchNorm(use_bias=False, axis_name=self.axis_name)
@@ -175,8 +178,12 @@ class CAL(nn.Module):
     drm_v = self.region_mining_visible(map_v)
     drm_i = self.region_mining_infrared(map_i)
     tokens_v, tokens_i = drm_v['tokens'], drm_i['tokens']
-    tokens_hat_v = self.adapter.encode_tokens(tokens_v)
-    tokens_hat_i = self.adapter.encode_tokens(tokens_i)
+    if self.attention_centring:  # one mean per position over both modalities' images
+      tokens_hat = self.adapter.encode_tokens(jnp.concatenate([tokens_v, tokens_i]), train)
+      tokens_hat_v, tokens_hat_i = jnp.split(tokens_hat, 2)
+    else:
+      tokens_hat_v = self.adapter.encode_tokens(tokens_v)
+      tokens_hat_i = self.adapter.encode_tokens(tokens_i)
     queries_hat_v = self.adapter.encode_queries(drm_v['parts'], tokens_v)
     queries_hat_i = self.adapter.encode_queries(drm_i['parts'], tokens_i)
     gates_v = self.adapter.channel_gates(drm_v['parts'])
@@ -343,6 +350,7 @@ def create_model(
     attention_similarity=m.get('attention_similarity', 'tsaa'),
     channel_attention=m.get('channel_attention', True),
     attention_border=m.get('attention_border', 0),
+    attention_centring=m.get('attention_centring', False),
     class_centers=pcl_form in ('center', 'ica_cca'),
     camera_centers=(len(specs.camera_classes(config.data.name)) if pcl_form == 'ica_cca' else 0),
     dtype=compute_dtype(m.get('dtype', 'float32')),
