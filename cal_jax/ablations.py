@@ -129,6 +129,11 @@ ROWS = {
       'TSAA with IN(T) centred per position (not in the paper)',
       model__attention_centring=True,
     ),
+    _row(
+      'part_classifiers',
+      'L_id with a classifier per part query (not in the paper)',
+      model__id_classifier='per_part',
+    ),
     _row('no_stop_gradient', 'teachers not stopped', loss__stop_teacher_gradient=False),
     _row(
       'kd2_detached',
@@ -178,6 +183,7 @@ TABLES = {
     'tsaa_cosine',
     'tsaa_no_border',
     'tsaa_centred',
+    'part_classifiers',
     'tca',
     'pcl_none',
     'no_stop_gradient',

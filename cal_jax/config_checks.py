@@ -234,6 +234,7 @@ RULES: dict[str, Any] = {
   'model.channel_attention': Bool(),
   'model.attention_border': Int(0, note='tokens left out at each edge of the map'),
   'model.attention_centring': Bool(),
+  'model.id_classifier': Choice(('shared', 'per_part')),
   'model.embedding': Choice(('parts', 'global')),
   'model.pretrained': Text(),
   'model.dtype': Choice(('float32', 'bfloat16'), note='float16 needs loss scaling: not supported'),

@@ -73,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Not in the paper: IN(T) (Eq. 7) minus its mean over images at each token position before
   # theta_1 (a running mean in evaluation), so that no key is a code of its position alone.
   config.model.attention_centring = False
+  # L_id's classifier of the refined parts: "shared" by all parts (the default), or
+  # "per_part": one per part query and modality (not in the paper; docs/decisions.md).
+  config.model.id_classifier = 'shared'
   config.model.embedding = 'parts'  # test-time feature: "parts" (CAL) | "global" (baseline)
   config.model.pretrained = ''  # torchvision ResNet checkpoint (.pth / .safetensors)
   # Mixed precision: "bfloat16" runs the backbone in bf16 (float32 parameters, optimizer

@@ -455,6 +455,38 @@ def test_centred_row_changes_only_the_keys_and_evaluates_with_the_running_mean()
   assert np.abs(np.asarray(after) - np.asarray(at_zero)).max() > 1e-4
 
 
+# ------------------------------------------------ per-part classifiers ---
+
+
+def test_per_part_classifiers_classify_each_refinement_by_its_queries_classifier():
+  config = ablations.apply(tiny.get_config(), ablations.ROWS['part_classifiers'])
+  assert config.model.id_classifier == 'per_part'
+  model, base = create_model(config, 5), create_model(tiny.get_config(), 5)
+  images = jnp.asarray(RNG.uniform(size=(4, 128, 64, 3)), jnp.float32)
+  partner = jnp.array([2, 3, 0, 1])
+  variables = base.init(jax.random.key(0), images, images, partner, partner)
+  params = dict(variables['params'])
+  shared = params.pop('part_classifier')['kernel']  # [C, K]
+  assert set(param_paths(config, (128, 64))) == (
+    set(param_paths(tiny.get_config(), (128, 64))) - {'part_classifier/kernel'}
+  ) | {'part_classifiers'}
+  # Every classifier the shared one: the shared model's logits.
+  kernels = np.broadcast_to(np.asarray(shared), (2, 4, *shared.shape)).copy()
+  per_part = dict(variables, params=params | {'part_classifiers': jnp.asarray(kernels)})
+  run = lambda m, v: m.apply(v, images, images, partner, partner, mutable=['batch_stats'])[0]
+  plain, outputs = run(base, variables), run(model, per_part)
+  names = ('logits_vv', 'logits_ii', 'logits_vi', 'logits_iv', 'logits_vv_kd2', 'logits_ii_kd2')
+  for name in names:
+    np.testing.assert_allclose(outputs[name], plain[name], rtol=1e-5, atol=1e-7)
+  # Infrared part 2's classifier moved: only the parts refined with infrared query 2 change.
+  kernels[1, 2] += RNG.normal(size=shared.shape).astype(np.float32)
+  moved = run(model, dict(variables, params=params | {'part_classifiers': jnp.asarray(kernels)}))
+  for name in names:
+    changed = np.abs(np.asarray(moved[name]) - np.asarray(outputs[name])).max(axis=(0, 2)) > 1e-6
+    infrared_query = name in ('logits_ii', 'logits_vi', 'logits_ii_kd2')
+    np.testing.assert_array_equal(changed, [False, False, infrared_query, False], err_msg=name)
+
+
 # ---------------------------------------------------------- ICA & CCA ---
 
 

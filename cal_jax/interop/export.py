@@ -101,6 +101,7 @@ TRAINING_ONLY = (
   ('global_neck',),
   ('global_classifier',),
   ('part_classifier',),
+  ('part_classifiers',),  # config.model.id_classifier = 'per_part'
   ('region_mining_visible', 'part_classifiers'),
   ('region_mining_infrared', 'part_classifiers'),
   ('class_centers',),  # Table 4's center loss and ICA

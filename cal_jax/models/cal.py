@@ -59,6 +59,9 @@ class CAL(nn.Module):
   channel_attention: bool = True  # Table 4: False is "w/o CA"
   attention_border: int = 0  # tokens this near the map's edge are left out of Eq. (9)
   attention_centring: bool = False  # IN(T) centred per position over images (TSAA doc)
+  # L_id's classifier of the refined parts: 'shared' by every part, or 'per_part': one per
+  # part query and modality, the query's (f^{V,I} with the infrared query k: infrared k's).
+  id_classifier: str = 'shared'
   class_centers: bool = False  # learned centres of Table 4's "PCL -> Center loss", ICA
   camera_centers: int = 0  # camera classes of Table 4's ICA&CCA (CCA's centres); 0: none
   # False: L_kd2's students are also computed with their TSAA maps' gradient stopped
@@ -115,7 +118,20 @@ class CAL(nn.Module):
     self.global_neck = BatchNorm(use_bias=False, axis_name=self.axis_name)
     self.global_classifier = nn.Dense(self.num_classes, use_bias=False, kernel_init=classifier_init)
     self.part_neck = BatchNorm(use_bias=False, axis_name=self.axis_name)
-    self.part_classifier = nn.Dense(self.num_classes, use_bias=False, kernel_init=classifier_init)
+    if self.id_classifier not in ID_CLASSIFIERS:
+      raise ValueError(
+        f'config.model.id_classifier must be one of {ID_CLASSIFIERS}, got {self.id_classifier!r}'
+      )
+    if self.id_classifier == 'shared':
+      self.part_classifier = nn.Dense(self.num_classes, use_bias=False, kernel_init=classifier_init)
+    else:  # [modality of the query, part, C, K]
+      channels = resnet.output_channels(self.depth, self.width)
+      self.part_classifiers = self.param(
+        'part_classifiers',
+        classifier_init,
+        (2, self.num_parts, channels, self.num_classes),
+        jnp.float32,
+      )
     if self.class_centers:  # [K, N_p, C], for `metric_losses.center_loss` and ICA
       self.centers = self._centres('class_centers', self.num_classes)
     if self.camera_centers:  # [cameras, N_p, C], for `metric_losses.mcca_loss` (CCA)
@@ -211,7 +227,14 @@ class CAL(nn.Module):
     # The BNNeck's moments are those of the four refinements [4B, N_p, C] only.
     counted = 4 * f_vv.shape[0] if len(refined) > 4 else None
     necked = self.part_neck(jnp.concatenate(refined, axis=0), not train, statistics_rows=counted)
-    logits = jnp.split(self.part_classifier(necked), len(refined), axis=0)
+    if self.id_classifier == 'shared':
+      logits = jnp.split(self.part_classifier(necked), len(refined), axis=0)
+    else:  # each refinement by the classifiers of its queries' modality
+      query_modality = (VISIBLE, INFRARED, INFRARED, VISIBLE, VISIBLE, INFRARED)
+      logits = [
+        jnp.einsum('bkc,kcn->bkn', x, self.part_classifiers[m])
+        for x, m in zip(jnp.split(necked, len(refined), axis=0), query_modality)
+      ]
     logits_vv, logits_ii, logits_vi, logits_iv = logits[:4]
     outputs = {
       'global_logits': global_logits,
@@ -308,6 +331,8 @@ class CAL(nn.Module):
 
 # config.model.dtype -> the backbone's computation dtype. None computes in the dtype of
 # the inputs and parameters: float32 (float64 in the tests of exactness).
+ID_CLASSIFIERS = ('shared', 'per_part')  # config.model.id_classifier
+
 DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
 
 
@@ -351,6 +376,7 @@ def create_model(
     channel_attention=m.get('channel_attention', True),
     attention_border=m.get('attention_border', 0),
     attention_centring=m.get('attention_centring', False),
+    id_classifier=m.get('id_classifier', 'shared'),
     class_centers=pcl_form in ('center', 'ica_cca'),
     camera_centers=(len(specs.camera_classes(config.data.name)) if pcl_form == 'ica_cca' else 0),
     dtype=compute_dtype(m.get('dtype', 'float32')),
