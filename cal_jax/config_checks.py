@@ -34,6 +34,7 @@ from cal_jax.losses.match_distill import KD1_FORMS
 from cal_jax.losses.metric_losses import PCL_FORMS
 from cal_jax.losses.region_losses import ATTENTION_DIV_FORMS
 from cal_jax.models.attention_adapter import SIMILARITIES
+from cal_jax.models.cal import ID_CLASSIFIERS
 from cal_jax.models.part_queries import PART_QUERIES
 
 # Builders with test protocols (the data set table), and the layout of
@@ -234,7 +235,7 @@ RULES: dict[str, Any] = {
   'model.channel_attention': Bool(),
   'model.attention_border': Int(0, note='tokens left out at each edge of the map'),
   'model.attention_centring': Bool(),
-  'model.id_classifier': Choice(('shared', 'per_part')),
+  'model.id_classifier': Choice(ID_CLASSIFIERS),
   'model.embedding': Choice(('parts', 'global')),
   'model.pretrained': Text(),
   'model.dtype': Choice(('float32', 'bfloat16'), note='float16 needs loss scaling: not supported'),
