@@ -134,6 +134,11 @@ ROWS = {
       'L_id with a classifier per part query (not in the paper)',
       model__id_classifier='per_part',
     ),
+    _row(
+      'tsaa_guided',
+      "TSAA guided to DRM's regions (not in the paper)",
+      loss__attention_guidance=1.0,
+    ),
     _row('no_stop_gradient', 'teachers not stopped', loss__stop_teacher_gradient=False),
     _row(
       'kd2_detached',
@@ -184,6 +189,7 @@ TABLES = {
     'tsaa_no_border',
     'tsaa_centred',
     'part_classifiers',
+    'tsaa_guided',
     'tca',
     'pcl_none',
     'no_stop_gradient',

@@ -112,6 +112,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.query_matching = True  # CQM: Hungarian matching (Eq. 17); False: identity
   config.loss.attention_div = 0.0  # diversity of the TSAA maps (not in the paper; hurt here)
   config.loss.attention_div_form = 'dot'  # "dot": Eq. (5)'s form; "cosine": of the maps
+  # Each part's self-refinement map S pulled towards its DRM region (not in the paper).
+  config.loss.attention_guidance = 0.0
   config.loss.stop_teacher_gradient = True  # cross-refined teachers of L_kd1/L_kd2 stopped
   # False: L_kd2 reaches the self-refined features but not their TSAA maps. The
   # paper's L_kd2 (True) sharpens every part's map onto one shared token and was

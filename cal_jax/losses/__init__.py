@@ -4,4 +4,14 @@
 weigh them, the entries of the train step's metrics, the rows of the ablations.
 """
 
-LOSS_TERMS = ('id', 'global_id', 'pcl', 'kd1', 'kd2', 'dis', 'div', 'attention_div')
+LOSS_TERMS = (
+  'id',
+  'global_id',
+  'pcl',
+  'kd1',
+  'kd2',
+  'dis',
+  'div',
+  'attention_div',
+  'attention_guidance',
+)

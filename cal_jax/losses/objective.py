@@ -18,6 +18,7 @@ from cal_jax.losses import match_distill, metric_losses
 from cal_jax.losses.part_center_loss import part_center_loss
 from cal_jax.losses.region_losses import (
   attention_diversity_loss,
+  attention_guidance_loss,
   discriminability_loss,
   diversity_loss,
 )
@@ -100,7 +101,7 @@ def cal_objective(
     partner_of_infrared, partner_of_visible: [B] partner indices (see CAL).
     weights: `config.loss` (id, global_id, pcl, kd1, kd2, dis, div, pcl_margin,
       kd1_form, query_matching, stop_teacher_gradient, attention_div,
-      attention_div_form, pcl_form).
+      attention_div_form, attention_guidance, pcl_form).
     axis_name: mapped axis the batch is split over, or None.
     cameras: (cameras_v, cameras_i), the camera classes of the two halves, for
       `loss.pcl_form="ica_cca"` (MCLNet's CCA); None otherwise.
@@ -131,8 +132,15 @@ def cal_objective(
     loss_div = 0.5 * (
       diversity_loss(outputs['selected_vis']) + diversity_loss(outputs['selected_ir'])
     )
+    # Not in the paper: each part's self-refinement map S pulled towards the region
+    # DRM selected for it, weight `attention_guidance` (0 = the paper; the paper's
+    # Fig. 4 shows TSAA finding DRM's regions, docs/decisions.md "Guiding TSAA").
+    loss_guidance = 0.5 * (
+      attention_guidance_loss(outputs['sim_vv'], outputs['selected_vis'])
+      + attention_guidance_loss(outputs['sim_ii'], outputs['selected_ir'])
+    )
   else:
-    loss_dis = loss_div = jnp.zeros((), loss_id.dtype)
+    loss_dis = loss_div = loss_guidance = jnp.zeros((), loss_id.dtype)
   # Not in the paper: a diversity term on the TSAA maps of the self-refinement
   # (the inference path), weight `attention_div` (0 = the paper). It keeps the
   # part queries attending different tokens (docs/decisions.md, "L_kd1: the
@@ -182,6 +190,7 @@ def cal_objective(
     + weights.dis * loss_dis
     + weights.div * loss_div
     + weights.attention_div * loss_attention_div
+    + weights.get('attention_guidance', 0.0) * loss_guidance
   )
   terms = {
     'loss': total,
@@ -193,6 +202,7 @@ def cal_objective(
     'dis': loss_dis,
     'div': loss_div,
     'attention_div': loss_attention_div,
+    'attention_guidance': loss_guidance,
   }
   # Both directions as infrared part -> visible part: the visible direction
   # maps k1 (infrared) -> k2 (visible) already; the infrared one is inverted.

@@ -4,6 +4,9 @@
   L_div = sum_{i,j} triu(S_hat^T S_hat, 1)_{i,j}            (Eq. 5)
 
 Both are computed per sample and averaged over the samples given.
+
+Not in the paper, `attention_guidance_loss`: the TSAA map of each part query in
+its own image's self-refinement, pulled towards the region DRM selected for it.
 """
 
 import jax
@@ -46,3 +49,19 @@ def attention_diversity_loss(similarity: jax.Array, form: str = 'cosine') -> jax
       f'{", ".join(ATTENTION_DIV_FORMS)}, got {form!r}'
     )
   return diversity_loss(jnp.swapaxes(similarity, 1, 2))
+
+
+def attention_guidance_loss(similarity: jax.Array, selected: jax.Array) -> jax.Array:
+  """Not in the paper: KL(q_k || S_k), q_k = S_hat_k / sum_n S_hat_k, mean over parts and B.
+
+  similarity: S [B, N_p, H*W], the TSAA maps (Eq. 9) of an image's own part queries;
+  selected: S_hat [B, H*W, N_p] (Eq. 3), the scores DRM kept for each part (0 elsewhere).
+  q is a target: no gradient reaches DRM through it. The loss is 0 where each map
+  equals its part's normalised selection, so its optimum is as spread as DRM's
+  top-k region, not a one-hot map; where DRM's regions differ, so do the maps.
+  """
+  target = jax.lax.stop_gradient(jnp.swapaxes(selected, 1, 2))  # [B, N_p, H*W]
+  target = target / jnp.maximum(jnp.sum(target, axis=-1, keepdims=True), 1e-12)
+  tiny = jnp.finfo(similarity.dtype).tiny
+  log_ratio = jnp.log(jnp.maximum(target, tiny)) - jnp.log(jnp.maximum(similarity, tiny))
+  return jnp.mean(jnp.sum(jnp.where(target > 0, target * log_ratio, 0.0), axis=-1))

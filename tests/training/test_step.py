@@ -7,7 +7,18 @@ from conftest import make_identity_batch
 from cal_jax import distributed as parallel
 from cal_jax.training.step import make_p_train_step
 
-LOSS_TERMS = ('loss', 'id', 'global_id', 'pcl', 'kd1', 'kd2', 'dis', 'div', 'attention_div')
+LOSS_TERMS = (
+  'loss',
+  'id',
+  'global_id',
+  'pcl',
+  'kd1',
+  'kd2',
+  'dis',
+  'div',
+  'attention_div',
+  'attention_guidance',
+)
 ATTENTION = ('attention_max', 'attention_entropy', 'attention_distinct')
 
 
