@@ -48,6 +48,7 @@ ROWS = {
       loss__kd1=1.0,
       loss__kd1_form='dot',
       loss__attention_div=0.0,
+      loss__attention_guidance=0.0,
       loss__kd2_attention_gradient=True,
     ),
     # Table 4: DRM, TSAA and PCL variants that the model has switches for.

@@ -112,7 +112,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.query_matching = True  # CQM: Hungarian matching (Eq. 17); False: identity
   config.loss.attention_div = 0.0  # diversity of the TSAA maps (not in the paper; hurt here)
   config.loss.attention_div_form = 'dot'  # "dot": Eq. (5)'s form; "cosine": of the maps
-  # Each part's self-refinement map S pulled towards its DRM region (not in the paper).
+  # Each part's self-refinement map S pulled towards its DRM region (not in the paper;
+  # the row `tsaa_guided` is 1). It separates the parts, but 0.1 cost 8.7 Rank-1 on the
+  # proxy and 1 halved Rank-1 here (docs/decisions.md, "Guiding TSAA to DRM's regions").
   config.loss.attention_guidance = 0.0
   config.loss.stop_teacher_gradient = True  # cross-refined teachers of L_kd1/L_kd2 stopped
   # False: L_kd2 reaches the self-refined features but not their TSAA maps. The
