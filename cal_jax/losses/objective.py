@@ -190,7 +190,7 @@ def cal_objective(
     + weights.dis * loss_dis
     + weights.div * loss_div
     + weights.attention_div * loss_attention_div
-    + weights.get('attention_guidance', 0.0) * loss_guidance
+    + weights.attention_guidance * loss_guidance
   )
   terms = {
     'loss': total,
