@@ -70,7 +70,7 @@ def run_one(
   results_file = os.path.join(directory, 'eval_results.json')
   if os.path.exists(results_file):
     if config is not None:
-      expected = ablations.apply(config, row)
+      expected = ablations.apply(config, row, keep=tuple(cli.overridden_fields(['', *extra])))
       expected.seed = seed
       try:
         workdir_lib.check_config_unchanged(directory, expected)

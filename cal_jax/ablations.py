@@ -1,8 +1,12 @@
 """The paper's ablations (Tables 3-5, Fig. 3) as named config overrides.
 
-Each row is a set of `config` fields to change from the run's config (the
-full CAL of Eq. 20 with the defaults of `configs/default.py`); a table is a
-list of rows in the paper's order. `python -m cal_jax.ablate` runs them.
+Each row is a set of `config` fields to change from the run's config; a table
+is a list of rows in the paper's order. `python -m cal_jax.ablate` runs them.
+On a real-data config (the paper's formulation, `cal_jax/formulations.py`)
+every row of Tables 3-5 and Fig. 3 is the paper's CAL with exactly that row's
+change; Table 5's rows write Eqs. 18 and 19 as the paper does. A row may set
+`formulation`: that formulation's fields are written first, then the row's
+other fields (and the fields the user gave on the command line, `keep`).
 
 Rows the paper has but this code cannot express would be listed in MISSING
 with the reason, and refused by name; every row is expressible now.
@@ -13,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from cal_jax import formulations
 from cal_jax.losses import LOSS_TERMS
 
 # Every loss term of Eq. (20) and the additions but the baseline's global ID loss.
@@ -30,6 +35,11 @@ def _row(name: str, label: str, **overrides: Any) -> Row:
   return Row(name, label, {k.replace('__', '.'): v for k, v in overrides.items()})
 
 
+# Eq. 18 (L_kd1, lambda_1 = 1, the dot product) and Eq. 19 (L_kd2, lambda_2 = 1, through
+# the TSAA maps) as the paper writes them: Table 5's rows.
+_EQ18 = {'loss__kd1': 1.0, 'loss__kd1_form': 'dot'}
+_EQ19 = {'loss__kd2': 1.0, 'loss__kd2_attention_gradient': True}
+
 _BASELINE = {f'loss.{t}': 0.0 for t in _ALL_TERMS} | {
   'loss.global_id': 1.0,
   'model.embedding': 'global',
@@ -44,13 +54,12 @@ ROWS = {
     _row('full', '+ MatchDistill (CAL)'),
     _row(
       'paper',
-      'CAL as written (Eq. 20 with Eq. 18)',
-      loss__kd1=1.0,
-      loss__kd1_form='dot',
+      'CAL as written (the paper formulation)',
+      formulation='paper',
       loss__attention_div=0.0,
       loss__attention_guidance=0.0,
-      loss__kd2_attention_gradient=True,
     ),
+    _row('measured', 'CAL, the measured formulation (not the paper)', formulation='measured'),
     # Table 4: DRM, TSAA and PCL variants that the model has switches for.
     _row('drm_no_div', 'DRM w/o L_div', loss__div=0.0),
     _row('drm_no_dis', 'DRM w/o L_dis', loss__dis=0.0),
@@ -79,14 +88,12 @@ ROWS = {
     _row('pcl_triplet', 'PCL -> Triplet loss', loss__pcl_form='triplet'),
     _row('pcl_center', 'PCL -> Center loss', loss__pcl_form='center'),
     _row('pcl_ica_cca', 'PCL -> ICA&CCA', loss__pcl_form='ica_cca'),
-    # Table 5: MatchDistill's levels and the query matching (CQM). L_kd1 is off
-    # in the default (docs/decisions.md), so the rows set both weights.
-    _row('kd1_only', 'L_kd1 only', loss__kd1=1.0, loss__kd2=0.0),
-    _row('kd2_only', 'L_kd2 only', loss__kd1=0.0, loss__kd2=1.0),
-    _row(
-      'no_cqm', 'L_kd1 + L_kd2 w/o CQM', loss__kd1=1.0, loss__kd2=1.0, loss__query_matching=False
-    ),
-    _row('cqm', 'L_kd1 + L_kd2 with CQM', loss__kd1=1.0, loss__kd2=1.0),
+    # Table 5: MatchDistill's levels and the query matching (CQM), with Eq. 18 (the
+    # dot product) and Eq. 19 (through the TSAA maps) as written, on any formulation.
+    _row('kd1_only', 'L_kd1 only', **(_EQ18 | _EQ19 | {'loss__kd2': 0.0})),
+    _row('kd2_only', 'L_kd2 only', **(_EQ18 | _EQ19 | {'loss__kd1': 0.0})),
+    _row('no_cqm', 'L_kd1 + L_kd2 w/o CQM', **_EQ18, **_EQ19, loss__query_matching=False),
+    _row('cqm', 'L_kd1 + L_kd2 with CQM', **_EQ18, **_EQ19),
     # Fig. 3: N_p and alpha.
     *[_row(f'parts_{n}', f'N_p = {n}', model__num_parts=n) for n in (2, 3, 4, 5, 6)],
     *[_row(f'alpha_{a}', f'alpha = 0.{a}', model__select_ratio=a / 10) for a in (2, 4, 6, 8)],
@@ -152,6 +159,13 @@ ROWS = {
       loss__kd2_attention_gradient=True,
     ),
     _row('no_global_id', 'w/o global ID loss', loss__global_id=0.0),
+    _row('with_global_id', '+ global ID loss (not in the paper)', loss__global_id=1.0),
+    _row('pcl_sum', "PCL with Eq. 14's sums (the paper's)", loss__pcl_reduction='sum'),
+    _row(
+      'pcl_normalised_mean',
+      'PCL on unit parts, means per term (not in the paper)',
+      loss__pcl_reduction='normalised_mean',
+    ),
   ]
 }
 
@@ -179,6 +193,7 @@ TABLES = {
   'diagnosis': (
     'full',
     'paper',
+    'measured',
     'kd1_dot',
     'kd1_cosine',
     'kd1_kl',
@@ -197,6 +212,9 @@ TABLES = {
     'kd2_detached',
     'kd2_through_attention',
     'no_global_id',
+    'with_global_id',
+    'pcl_sum',
+    'pcl_normalised_mean',
     'baseline',
   ),
 }
@@ -224,10 +242,25 @@ def select_rows(spec: str) -> list[Row]:
   return [ROWS[n] for n in dict.fromkeys(names)]
 
 
-def apply(config: ml_collections.ConfigDict, row: Row) -> ml_collections.ConfigDict:
-  """A copy of `config` with the row's overrides (each field must exist)."""
+def apply(
+  config: ml_collections.ConfigDict, row: Row, keep: tuple[str, ...] = ()
+) -> ml_collections.ConfigDict:
+  """A copy of `config` with the row's overrides (each field must exist).
+
+  A row that sets `formulation` writes that formulation's fields first; the fields of
+  `keep` (those the user gave on the command line) then keep their values in `config`,
+  unless the row sets them too, as `python -m cal_jax.main` resolves the same flags.
+  """
   config = ml_collections.ConfigDict(config.to_dict())
+  if 'formulation' in row.overrides:
+    kept = {f: config[f.split('.')[0]][f.split('.')[1]] for f in keep if '.' in f}
+    formulations.apply(config, row.overrides['formulation'])
+    for field, value in kept.items():
+      section, name = field.split('.')
+      config[section][name] = value
   for field, value in row.overrides.items():
+    if field == 'formulation':
+      continue
     section, name = field.split('.')
     if name not in config[section]:
       raise ValueError(f'row {row.name}: config has no field {field}')

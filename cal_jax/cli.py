@@ -10,6 +10,9 @@ fix (the file, field or value), with exit status 1 and no traceback.
                        cannot be loaded (syntax error, failing import, no
                        get_config, get_config raising or returning something
                        else than a ConfigDict) in one line naming the file
+                       and then `config.formulation` resolved
+                       (`formulations.resolve`): a formulation given on the command
+                       line is applied before the other --config.FIELD values
   check_config_file(path)   that load, on its own
   exit_with(program, error)   the one-line exit (`--v=1` also logs the traceback)
   absolute_path(path)  a path typed on the command line, resolved once against the
@@ -29,6 +32,8 @@ from typing import NoReturn
 import ml_collections
 from absl import flags, logging
 from ml_collections.config_flags import config_flags as config_flags_lib
+
+from cal_jax import formulations
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
@@ -180,7 +185,24 @@ def parse_flags(argv: list[str]) -> list[str]:
       and not isinstance(flag.value, ml_collections.ConfigDict)
     ):
       _exit_for_config_file(argv)  # get_config() returned another type, or the file is absent
+    if _is_config_file_flag(flag) and isinstance(flag.value, ml_collections.ConfigDict):
+      try:
+        formulations.resolve(flag.value, overridden_fields(argv, name))
+      except ValueError as error:
+        sys.exit(f'FATAL Flags parsing error: --{name}.formulation: {error}')
   return remaining
+
+
+def overridden_fields(argv: list[str], name: str = 'config') -> list[str]:
+  """The fields given as --NAME.FIELD=VALUE (or --NAME.FIELD VALUE) in `argv`, in order."""
+  fields = []
+  for arg in argv[1:]:
+    if arg == '--':
+      break
+    for dashes in ('--', '-'):
+      if arg.startswith(f'{dashes}{name}.'):
+        fields.append(arg[len(dashes) + len(name) + 1 :].split('=', 1)[0])
+  return fields
 
 
 def exit_with(program: str, error: BaseException) -> NoReturn:
@@ -204,10 +226,15 @@ def absolute_path(path: str | None) -> str | None:
   return os.path.abspath(os.path.expanduser(path))
 
 
+# Values of a path field that are words, not paths ('none': from scratch, on purpose).
+CONFIG_PATH_WORDS = {'model.pretrained': ('none',)}
+
+
 def resolve_config_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Makes every path field of `config` (CONFIG_PATH_FIELDS) absolute, in place."""
   for field in CONFIG_PATH_FIELDS:
     section, name = field.split('.')
     if section in config and name in config[section]:
-      config[section][name] = absolute_path(config[section][name])
+      if config[section][name] not in CONFIG_PATH_WORDS.get(field, ()):
+        config[section][name] = absolute_path(config[section][name])
   return config

@@ -28,14 +28,17 @@ from typing import Any
 
 import ml_collections
 
+from cal_jax import formulations
 from cal_jax.data.datasets.specs import SPECS
 from cal_jax.losses import LOSS_TERMS
 from cal_jax.losses.match_distill import KD1_FORMS
 from cal_jax.losses.metric_losses import PCL_FORMS
+from cal_jax.losses.part_center_loss import REDUCTIONS as PCL_REDUCTIONS
 from cal_jax.losses.region_losses import ATTENTION_DIV_FORMS
 from cal_jax.models.attention_adapter import SIMILARITIES
 from cal_jax.models.cal import ID_CLASSIFIERS
 from cal_jax.models.part_queries import PART_QUERIES
+from cal_jax.training.state import PRETRAINED_NONE
 
 # Builders with test protocols (the data set table), and the layout of
 # `config.data.synthetic` that generates data for each.
@@ -43,6 +46,8 @@ DATASETS = tuple(SPECS)
 SYNTHETIC_LAYOUTS = {spec.short: spec.builder for spec in SPECS.values()}
 REGDB_BUILDER_CONFIGS = SPECS['regdb'].builder_configs
 PRETRAINED_SUFFIXES = ('.pth', '.pt', '.safetensors')
+# torchvision's ResNet-50 ImageNet weights, as its two releases name the file.
+PRETRAINED_FILE_NAMES = 'resnet50-0676ba61.pth (IMAGENET1K_V2) or resnet50-19c8e357.pth (V1)'
 LOSS_WEIGHTS = LOSS_TERMS  # config.loss holds one weight per term
 # N_p! part assignments are counted (every checkpoint keeps the counts): 10! is
 # 3.6 million int64 counts, 29 MB; 12! would be 3.8 GB.
@@ -190,6 +195,7 @@ _WEIGHT = Float(0.0, note='a loss weight; 0 turns the term off')
 # One rule per field of configs/default.py (tests/test_config_checks.py keeps them in step).
 RULES: dict[str, Any] = {
   'seed': Int(0, 2**31 - 1),
+  'formulation': Choice(formulations.NAMES, note='cal_jax/formulations.py'),
   'log_every_steps': Int(1),
   'checkpoint_every_steps': Int(1),
   'eval_every_steps': Int(0, note='0: evaluate at the end only'),
@@ -244,6 +250,7 @@ RULES: dict[str, Any] = {
   **{f'loss.{name}': _WEIGHT for name in LOSS_WEIGHTS},
   'loss.pcl_margin': Float(0.0, note='sigma of Eq. 15'),
   'loss.pcl_form': Choice(PCL_FORMS),
+  'loss.pcl_reduction': Choice(PCL_REDUCTIONS),
   'loss.mcca_rho': Float(0.0, note="ICA&CCA's centre margin"),
   'loss.mcca_sigma': Float(0.0, note="ICA&CCA's sample margin"),
   'loss.kd1_form': Choice(KD1_FORMS),
@@ -362,7 +369,16 @@ def _cross_checks(
   if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
     problems.append(f'config.data.data_dir={data_dir!r} is a file, not a folder')
   pretrained = get('model.pretrained', '')
-  if pretrained and not partial and not resuming:
+  if not pretrained and not synthetic and not partial and not resuming:
+    problems.append(
+      f'config.model.pretrained is empty: a real data set ({name}) trains from the '
+      'torchvision ResNet-50 ImageNet state dict; set --config.model.pretrained=/path/to/'
+      f'{PRETRAINED_FILE_NAMES} (nothing is downloaded), or '
+      '--config.model.pretrained=none to train from scratch on purpose'
+    )
+  if pretrained == PRETRAINED_NONE:
+    pass
+  elif pretrained and not partial and not resuming:
     if not os.path.isfile(pretrained):
       problems.append(
         f'config.model.pretrained={pretrained!r} does not exist'

@@ -6,11 +6,13 @@ quickly on a CPU. XLA on CPU is slow on tiny feature maps, so the network is
 narrowed (width 8) rather than the images shrunk further.
 """
 
+from cal_jax import formulations
 from configs import default
 
 
 def get_config():
   config = default.get_config()
+  formulations.apply(config, 'measured')  # before this file's own changes
   config.data.synthetic = 'sysu'
   config.data.synthetic_num_ids = 24
   config.data.synthetic_height = 64

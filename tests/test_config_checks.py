@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from cal_jax import config_checks
+from cal_jax import cli, config_checks
 from configs import default, llcm, regdb, synthetic, synthetic_baseline, sysu, tiny
 
 
@@ -36,7 +36,30 @@ def test_shipped_configs_pass(module, tmp_path):
   config = module.get_config()
   if not config.data.synthetic:
     config.data.manual_dir = str(tmp_path)
+    config.model.pretrained = 'none'  # the opt-out of the ImageNet weights
   config_checks.check_config(config)
+
+
+@pytest.mark.parametrize('name', ['sysu_mm01', 'regdb', 'llcm'])
+def test_a_real_data_set_without_weights_is_refused_in_one_line(tmp_path, name):
+  """No silent from-scratch run on real data: the message names the torchvision file and
+  the opt-out, and 'none' is accepted (and is not a path made absolute)."""
+  config = real(tmp_path, name, 'trial_1' if name == 'regdb' else '')
+  config.model.pretrained = ''
+  with pytest.raises(config_checks.ConfigError) as raised:
+    config_checks.check_config(config)
+  message = str(raised.value)
+  assert '\n' not in message
+  assert message.startswith(f'config.model.pretrained is empty: a real data set ({name})')
+  assert 'resnet50-0676ba61.pth' in message and 'resnet50-19c8e357.pth' in message
+  assert '--config.model.pretrained=none' in message
+  config.model.pretrained = 'none'
+  config_checks.check_config(config)
+  assert cli.resolve_config_paths(config).model.pretrained == 'none'
+  # A resumed run has its weights in the checkpoint; synthetic data trains from scratch.
+  config.model.pretrained = ''
+  config_checks.check_config(config, resuming=True)
+  config_checks.check_config(tiny.get_config())
 
 
 @pytest.mark.parametrize(
@@ -169,6 +192,7 @@ def real(tmp_path, name='sysu_mm01', builder_config=''):
   config.data.synthetic = ''
   config.data.name, config.data.builder_config = name, builder_config
   config.data.manual_dir = str(tmp_path)
+  config.model.pretrained = 'none'
   return config
 
 

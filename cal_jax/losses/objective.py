@@ -52,6 +52,7 @@ def _metric_loss(
       labels_infrared,
       weights.pcl_margin,
       axis_name,
+      reduction=weights.pcl_reduction,
     )
   if form == 'triplet':
     return metric_losses.batch_hard_triplet_loss(

@@ -5,15 +5,21 @@
         + s(c^I_i, c^V_j) + s(c^I_i, c^I_j) + s(c^V_i, c^V_j)                        (14)
   g(f, c) = 1[y(f) = y(c)] ||f - c||,   s(c_i, c_j) = 1[y_i != y_j] [sigma - ||c_i - c_j||]_+  (15)
 
-Choices the paper leaves open (docs/decisions.md): each part feature is
-L2-normalised before the loss, distances are per part and averaged over parts
-(so sigma = 0.6 is on the scale of unit vectors), and each of the five sums is
-normalised by its number of valid pairs (a mean, not a sum, so the weight 1 of
-Eq. (20) does not depend on the batch size). The gather terms pair each
-cross-refined feature with the centroid of its own class; the separation terms
-run over all pairs of samples of different classes in the *global* batch: with
-`axis_name` set, centroids are gathered from every device, so a batch split
-across devices gives the loss of the whole batch.
+Two reductions (`config.loss.pcl_reduction`, one field of the formulations):
+- "sum", the paper's: Eq. (14) as written, a sum over every pair (i, j) of the
+  batch (j runs over samples, so a class of K samples counts K times), of
+  ||f - c||_2 over the whole refined feature [N_p, C] (its parts concatenated),
+  on the raw features.
+- "normalised_mean", the measured variant (docs/decisions.md, "PCL scale"): each
+  part feature is L2-normalised, distances are per part and averaged over parts
+  (so sigma = 0.6 is on the scale of unit vectors), and each of the five sums is
+  divided by its number of valid pairs (so the weight does not depend on the
+  batch size).
+The separation terms run over all pairs of samples of different classes in the
+*global* batch: with `axis_name` set, centroids are gathered from every device,
+so a batch split across devices gives the loss of the whole batch (for "sum",
+each device's gather term is scaled by the device count, so that the mean over
+devices, which the train step takes, is the sum over the whole batch).
 """
 
 import jax
@@ -28,6 +34,14 @@ def class_centroids(features: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.einsum('ij,jkc->ikc', same / jnp.sum(same, axis=1, keepdims=True), features)
 
 
+REDUCTIONS = ('sum', 'normalised_mean')
+
+
+def feature_distance(a: jax.Array, b: jax.Array) -> jax.Array:
+  """||a - b||_2 of whole refined features. [..., N_p, C] x [..., N_p, C] -> [...]."""
+  return jnp.sqrt(jnp.sum(jnp.square(a - b), axis=(-2, -1)) + 1e-12)
+
+
 def part_distance(a: jax.Array, b: jax.Array) -> jax.Array:
   """Mean over parts of the per-part L2 distance. [..., N_p, C] x [..., N_p, C] -> [...]."""
   return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(a - b), axis=-1) + 1e-12), axis=-1)
@@ -39,11 +53,23 @@ def separation(
   centroids_b: jax.Array,
   labels_b: jax.Array,
   margin: float,
+  reduction: str = 'normalised_mean',
 ) -> jax.Array:
-  """Mean over pairs of different labels of [margin - ||c_a - c_b||]_+ (Eq. 15)."""
-  dist = part_distance(centroids_a[:, None], centroids_b[None, :])
+  """Sum ("sum") or mean over pairs of different labels of [margin - ||c_a - c_b||]_+ (Eq. 15)."""
+  distance = feature_distance if reduction == 'sum' else part_distance
+  dist = distance(centroids_a[:, None], centroids_b[None, :])
   different = (labels_a[:, None] != labels_b[None, :]).astype(dist.dtype)
-  return jnp.sum(jax.nn.relu(margin - dist) * different) / jnp.maximum(jnp.sum(different), 1.0)
+  total = jnp.sum(jax.nn.relu(margin - dist) * different)
+  return total if reduction == 'sum' else total / jnp.maximum(jnp.sum(different), 1.0)
+
+
+def gather_sum(
+  features: jax.Array, centroids: jax.Array, labels: jax.Array, all_labels: jax.Array
+) -> jax.Array:
+  """sum_{i, j} 1[y_i = y_j] ||f_i - c_j|| of Eq. (14), j over `all_labels`: every c_j of
+  i's class is i's centroid, so this is sum_i n(y_i) ||f_i - c_{y_i}||."""
+  count = jnp.sum(labels[:, None] == all_labels[None, :], axis=1).astype(features.dtype)
+  return jnp.sum(count * feature_distance(features, centroids))
 
 
 def part_center_loss(
@@ -55,6 +81,7 @@ def part_center_loss(
   labels_infrared: jax.Array,
   margin: float,
   axis_name: str | None = None,
+  reduction: str = 'normalised_mean',
 ) -> jax.Array:
   """L_pcl of Eq. (14).
 
@@ -65,21 +92,35 @@ def part_center_loss(
     labels_visible, labels_infrared: [B].
     margin: sigma.
     axis_name: mapped axis over which the batch is split, or None.
+    reduction: one of REDUCTIONS (see the module doc).
   Returns:
     scalar loss.
   """
-  f_vv, f_ii, f_vi, f_iv = (l2_normalize(f) for f in (f_vv, f_ii, f_vi, f_iv))
+  if reduction not in REDUCTIONS:
+    raise ValueError(
+      f'config.loss.pcl_reduction must be one of {", ".join(REDUCTIONS)}, got {reduction!r}'
+    )
+  if reduction == 'normalised_mean':
+    f_vv, f_ii, f_vi, f_iv = (l2_normalize(f) for f in (f_vv, f_ii, f_vi, f_iv))
   c_v = class_centroids(f_vv, labels_visible)
   c_i = class_centroids(f_ii, labels_infrared)
-  gather = jnp.mean(part_distance(f_vi, c_i)) + jnp.mean(part_distance(f_iv, c_v))
+  gather_all = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
+  if reduction == 'normalised_mean':
+    gather = jnp.mean(part_distance(f_vi, c_i)) + jnp.mean(part_distance(f_iv, c_v))
+  else:
+    devices = 1 if axis_name is None else jax.lax.psum(1, axis_name)
+    all_v = labels_visible if axis_name is None else gather_all(labels_visible)
+    all_i = labels_infrared if axis_name is None else gather_all(labels_infrared)
+    gather = devices * (
+      gather_sum(f_vi, c_i, labels_infrared, all_i) + gather_sum(f_iv, c_v, labels_visible, all_v)
+    )
 
   if axis_name is not None:
-    gather_all = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
     c_v, c_i = gather_all(c_v), gather_all(c_i)
     labels_visible, labels_infrared = gather_all(labels_visible), gather_all(labels_infrared)
   separate = (
-    separation(c_i, labels_infrared, c_v, labels_visible, margin)
-    + separation(c_i, labels_infrared, c_i, labels_infrared, margin)
-    + separation(c_v, labels_visible, c_v, labels_visible, margin)
+    separation(c_i, labels_infrared, c_v, labels_visible, margin, reduction)
+    + separation(c_i, labels_infrared, c_i, labels_infrared, margin, reduction)
+    + separation(c_v, labels_visible, c_v, labels_visible, margin, reduction)
   )
   return gather + separate

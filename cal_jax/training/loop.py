@@ -127,10 +127,30 @@ def restore_or_initialize(setup: TrainingSetup) -> tuple[state_lib.TrainState, A
   )
   num_parts = setup.config.model.num_parts
   if latest is None:
+    say_backbone_start(setup.config)
     return template, AssignmentCounts.zeros(num_parts)
   state, extra = setup.checkpointer.restore(template, set_aside_damaged=True)
   terminal.say('Resumed from step %d.', int(state.step))
   return state, AssignmentCounts.from_json(extra, num_parts)
+
+
+def say_backbone_start(config: ml_collections.ConfigDict) -> None:
+  """Where a fresh run's backbone starts, on the terminal and in the log."""
+  if state_lib.pretrained_file(config):
+    terminal.say(
+      'Backbone: ResNet-%d loaded from %s (its %gx learning rate: config.optim.backbone_lr_mult).',
+      config.model.depth,
+      config.model.pretrained,
+      config.optim.backbone_lr_mult,
+    )
+  elif config.model.pretrained == state_lib.PRETRAINED_NONE:
+    terminal.say(
+      'Backbone: from scratch (config.model.pretrained=none); it trains at the full learning '
+      'rate, config.optim.backbone_lr_mult=%g does not apply.',
+      config.optim.backbone_lr_mult,
+    )
+  else:
+    logging.info('Backbone: from scratch (no config.model.pretrained; synthetic data).')
 
 
 def check_finite(step: int, summary: dict[str, float]) -> None:

@@ -42,14 +42,18 @@ def parameter_groups(params: Any) -> Any:
 
 
 def create_optimizer(
-  optim: ml_collections.ConfigDict, steps_per_epoch: int
+  optim: ml_collections.ConfigDict, steps_per_epoch: int, backbone_lr_mult: float | None = None
 ) -> optax.GradientTransformation:
+  """SGD of Sec. 4.1; the backbone's rate scaled by `backbone_lr_mult` (default: the
+  config's; `state.backbone_lr_mult` gives 1 for a backbone trained from scratch)."""
   schedule = learning_rate_schedule(optim, steps_per_epoch)
+  if backbone_lr_mult is None:
+    backbone_lr_mult = optim.backbone_lr_mult
   return optax.chain(
     optax.add_decayed_weights(optim.weight_decay),
     optax.trace(decay=optim.momentum, nesterov=optim.nesterov),
     optax.scale_by_learning_rate(schedule),
     optax.multi_transform(
-      {'backbone': optax.scale(optim.backbone_lr_mult), 'head': optax.identity()}, parameter_groups
+      {'backbone': optax.scale(backbone_lr_mult), 'head': optax.identity()}, parameter_groups
     ),
   )

@@ -2,6 +2,8 @@
 
 create_train_state      a fresh state of a CAL network
 initial_state           the same, with config.model.pretrained's ImageNet backbone
+pretrained_file         that file, or '' (none given, or 'none': from scratch on purpose)
+backbone_lr_mult        the backbone's learning-rate multiplier: 1 with 'none'
 abstract_train_state    the shapes of a config's state: the template a restore fills
 """
 
@@ -48,6 +50,23 @@ def start_stems_equal(variables: Any) -> dict:
   return variables
 
 
+PRETRAINED_NONE = 'none'  # config.model.pretrained: train the backbone from scratch
+
+
+def pretrained_file(config: ml_collections.ConfigDict) -> str:
+  """The torchvision state dict the backbone starts from, or ''."""
+  path = config.model.pretrained
+  return '' if path == PRETRAINED_NONE else path
+
+
+def backbone_lr_mult(config: ml_collections.ConfigDict) -> float:
+  """AGW's 0.1x rate is for a pretrained backbone: with `pretrained='none'` (from scratch
+  on purpose) the backbone trains at the full rate, whatever `optim.backbone_lr_mult`."""
+  if config.model.pretrained == PRETRAINED_NONE:
+    return 1.0
+  return config.optim.backbone_lr_mult
+
+
 def create_train_state(
   model: CAL, config: ml_collections.ConfigDict, rng: jax.Array, steps_per_epoch: int
 ) -> TrainState:
@@ -60,7 +79,7 @@ def create_train_state(
     model.clone(axis_name=None), rng, (config.data.image_height, config.data.image_width)
   )
   variables = start_stems_equal(variables)
-  tx = optim.create_optimizer(config.optim, steps_per_epoch)
+  tx = optim.create_optimizer(config.optim, steps_per_epoch, backbone_lr_mult(config))
   return TrainState.create(
     apply_fn=model.apply, params=variables['params'], batch_stats=variables['batch_stats'], tx=tx
   )
@@ -83,9 +102,9 @@ def initial_state(
   ImageNet file (the checkpoint holds the weights): it may be gone by then.
   """
   state = create_train_state(model, config, jax.random.key(config.seed), steps_per_epoch)
-  if config.model.pretrained and load_pretrained:
+  if pretrained_file(config) and load_pretrained:
     backbone = torchvision_weights.load_torchvision_resnet(
-      config.model.pretrained, f'resnet{config.model.depth}', width=config.model.width
+      pretrained_file(config), f'resnet{config.model.depth}', width=config.model.width
     )
     variables = torchvision_weights.apply_to_cal(
       {'params': state.params, 'batch_stats': state.batch_stats},

@@ -239,6 +239,77 @@ def test_part_center_loss_over_devices_equals_whole_batch():
   np.testing.assert_allclose(np.mean(per_device), whole, rtol=1e-5)
 
 
+def np_pcl_sum(f_vv, f_ii, f_vi, f_iv, y_v, y_i, sigma):
+  """Eq. (14) as written: a sum over every pair (i, j) of the five terms of Eq. (15), with
+  ||.||_2 of the whole raw feature [N_p, C] (no normalisation, no mean)."""
+  bsz = len(y_v)
+  dist = lambda a, b: np.sqrt(np.sum((a - b) ** 2))
+  centroid = lambda f, y, j: np.mean([f[i] for i in range(bsz) if y[i] == y[j]], 0)
+  c_v = [centroid(f_vv, y_v, j) for j in range(bsz)]  # Eq. 13
+  c_i = [centroid(f_ii, y_i, j) for j in range(bsz)]
+  total = 0.0
+  for i in range(bsz):
+    for j in range(bsz):
+      total += (y_i[i] == y_i[j]) * dist(f_vi[i], c_i[j])  # g(f^{V,I}_i, c^I_j)
+      total += (y_v[i] == y_v[j]) * dist(f_iv[i], c_v[j])  # g(f^{I,V}_i, c^V_j)
+      for ca, ya, cb, yb in ((c_i, y_i, c_v, y_v), (c_i, y_i, c_i, y_i), (c_v, y_v, c_v, y_v)):
+        total += (ya[i] != yb[j]) * max(sigma - dist(ca[i], cb[j]), 0.0)
+  return total
+
+
+@pytest.mark.parametrize('sigma', [0.6, 9.0])
+def test_part_center_loss_sum_is_eq14_as_written(sigma):
+  """pcl_reduction='sum' against a double loop over (i, j); sigma 9 makes the separation
+  terms active on these raw features (norms about 4), 0.6 leaves only the gather terms."""
+  b, k, c = 8, 3, 5
+  y_v = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+  y_i = np.array([1, 0, 1, 0, 3, 2, 3, 2])
+  base = RNG.normal(size=(4, k, c))
+  f = lambda y: base[y] + 0.4 * RNG.normal(size=(b, k, c))
+  f_vv, f_ii, f_vi, f_iv = f(y_v), f(y_i), f(y_i), f(y_v)
+  expected = np_pcl_sum(f_vv, f_ii, f_vi, f_iv, y_v, y_i, sigma)
+  got = part_center_loss(
+    *map(jnp.asarray, (f_vv, f_ii, f_vi, f_iv, y_v, y_i)), margin=sigma, reduction='sum'
+  )
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  # Not the normalised mean, and it scales with the features (raw, not unit vectors).
+  assert abs(float(got) - np_pcl(f_vv, f_ii, f_vi, f_iv, y_v, y_i, sigma)) > 1.0
+  if sigma < 1:
+    doubled = part_center_loss(
+      *map(jnp.asarray, (2 * f_vv, 2 * f_ii, 2 * f_vi, 2 * f_iv, y_v, y_i)), sigma, reduction='sum'
+    )
+    np.testing.assert_allclose(doubled, 2 * expected, rtol=1e-5)
+
+
+def test_part_center_loss_sum_over_devices_equals_whole_batch():
+  """Split over two mapped devices, the mean over devices (the train step's pmean) of the
+  summed PCL is the whole batch's sum, values and gradients."""
+  b, k, c = 8, 2, 4
+  y = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+  feats = [RNG.normal(size=(b, k, c)).astype(np.float32) for _ in range(4)]
+  loss = lambda *f: part_center_loss(*f, y, y, 5.0, reduction='sum')
+  whole, whole_grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(*feats)
+  split = lambda x: x.reshape(2, b // 2, *x.shape[1:])
+
+  def per_device(a, bb, cc, dd, yv, yi):
+    value = lambda *f: part_center_loss(*f, yv, yi, 5.0, 'batch', reduction='sum')
+    v, g = jax.value_and_grad(value, argnums=(0, 1, 2, 3))(a, bb, cc, dd)
+    return jax.lax.pmean(v, 'batch'), g
+
+  value, grads = jax.pmap(per_device, axis_name='batch')(*map(split, feats), split(y), split(y))
+  np.testing.assert_allclose(value[0], whole, rtol=1e-5)
+  for got, expected in zip(grads, whole_grads):
+    # pmean of the per-device gradients of the per-device losses = the whole batch's gradient
+    # (each device's rows here are its own samples' share).
+    np.testing.assert_allclose(got.reshape(expected.shape) / 2, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_pcl_reduction_is_refused_by_name():
+  f = jnp.zeros((2, 1, 3))
+  with pytest.raises(ValueError, match='config.loss.pcl_reduction must be one of sum'):
+    part_center_loss(f, f, f, f, jnp.array([0, 1]), jnp.array([0, 1]), 0.6, reduction='mean')
+
+
 # ------------------------------------------------------------- Eqs. (16)-(19) ---
 
 
