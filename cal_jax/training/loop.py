@@ -36,6 +36,7 @@ from cal_jax.models.cal import CAL, create_model
 from cal_jax.training import checkpointing
 from cal_jax.training import state as state_lib
 from cal_jax.training.assignments import AssignmentCounts
+from cal_jax.training.collapse import CollapseGuard
 from cal_jax.training.optim import learning_rate_schedule
 from cal_jax.training.step import SCALARS, make_p_train_step
 
@@ -273,6 +274,7 @@ def _train(
   images_per_step = setup.sampler.num_shards * setup.sampler.per_device_batch
   history, device_counts = [], jnp.zeros_like(counts.current)
   last_log = started = time.time()
+  collapse = CollapseGuard(config.loss)
 
   results = None
   stop = stopping.StopSignals().install()
@@ -309,6 +311,9 @@ def _train(
         terminal.say(
           progress_line(step, setup.total_steps, summary, now - started, step - first_step)
         )
+        warning = collapse.update(step, summary)
+        if warning and is_chief:
+          logging.warning('%s', warning)
         history, last_log = [], now
         counts.add(device_counts)
         device_counts = jnp.zeros_like(device_counts)
