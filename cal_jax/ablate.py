@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from cal_jax import ablations, cli
+from cal_jax import ablations, cli, terminal
 from cal_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -174,12 +174,6 @@ def plot(table: dict, protocol: str, path: str) -> None:
   plt.close(fig)
 
 
-def format_duration(seconds: float) -> str:
-  minutes, secs = divmod(int(seconds), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{secs:02d}s'
-
-
 def run_grid(
   config_file: str,
   workdir: str,
@@ -220,8 +214,8 @@ def run_grid(
       trained += 1
       per_run = (time.time() - started) / trained
       eta = (
-        f', {format_duration(time.time() - started)} so far, ETA '
-        f'{format_duration(per_run * (len(todo) - trained))}'
+        f', {terminal.format_duration(time.time() - started)} so far, ETA '
+        f'{terminal.format_duration(per_run * (len(todo) - trained))}'
       )
     out(
       f'[{i}/{len(grid)}] {row.name} seed {seed}: {protocol} R1 {metrics["R1"]:.2f} '

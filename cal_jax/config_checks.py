@@ -272,6 +272,7 @@ RULES: dict[str, Any] = {
   'eval.num_trials': Int(1),
   'eval.rand_perm_path': Text(),
   'eval.pictures': Bool(),
+  'eval.progress_seconds': Float(0.0, note='0: a line after every batch and trial'),
   'eval.cache_features': Bool(),
   'eval.rerank': Bool(),
   'eval.rerank_k1': Int(1),

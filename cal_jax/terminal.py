@@ -39,6 +39,16 @@ def say(message: str, *args: Any) -> None:
   logging.info(message, *args, extra={TERMINAL: True})
 
 
+def format_duration(seconds: float) -> str:
+  """'45s', '6m05s', '2h03m': the ETAs of training, evaluation and the ablation grid."""
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f'{seconds}s'
+  if seconds < 3600:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # .../cal_jax/
 
 

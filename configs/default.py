@@ -154,6 +154,7 @@ def get_config() -> ml_collections.ConfigDict:
   # WORKDIR/eval_features.npz: a checkpoint's test features, so that evaluating it again
   # (other protocols, trials, gallery draws) re-embeds nothing; keyed by step and weights.
   config.eval.cache_features = True
+  config.eval.progress_seconds = 30.0  # at most one evaluation progress line per N seconds
   config.eval.pictures = True  # DRM regions, TSAA attention, ranked lists, CMC to TensorBoard
 
   return config

@@ -122,6 +122,7 @@ def extract_features(
   flip: bool,
   num_parts: int,
   local_devices: int | None = None,
+  on_batch: Callable[[int, int], Any] | None = None,
 ) -> np.ndarray:
   """Embeds the given images of one modality.
 
@@ -140,6 +141,7 @@ def extract_features(
       (config.data.eval_flip).
     num_parts: N_p; each of the N_p chunks of a feature is re-normalised.
     local_devices: see ``embed_fn``.
+    on_batch: called with (images done, N) after each batch (a progress line).
 
   Returns:
     float32 [N, D], row i the feature of ``split`` example ``indices[i]``,
@@ -172,6 +174,8 @@ def extract_features(
     mask = batch['mask'].reshape(-1)
     chunks.append(out[mask])
     order.append(batch['index'].reshape(-1)[mask])
+    if on_batch is not None:
+      on_batch(sum(len(o) for o in order), len(indices))
 
   # One batch in flight: a JAX embedding returns before its result is ready, so the
   # next batch is dispatched (and the input pipeline's next one prepared) before the

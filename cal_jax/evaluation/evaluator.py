@@ -43,6 +43,7 @@ from cal_jax.evaluation import metrics, protocols
 from cal_jax.evaluation import rerank as rerank_lib
 from cal_jax.evaluation import results as results_lib
 from cal_jax.evaluation.embedding import EmbedFn, extract_features
+from cal_jax.evaluation.progress import Progress
 from cal_jax.modality import NAMES as MODALITY_NAMES
 
 # (extract: indices [N] -> features [N, D], indices) -> features [N, D].
@@ -70,6 +71,9 @@ class EvalSettings:
     embedding: 'parts' (CAL) or 'global' (the baseline), config.model.embedding.
     rerank: k-reciprocal re-ranking of each trial's distances, or None (config.eval.rerank).
     cache_features: keep the test features in the workdir (config.eval.cache_features).
+    progress_seconds: at most one progress line per this many seconds while images are
+      embedded and protocols scored, and a last one if the work took longer
+      (config.eval.progress_seconds).
   """
 
   image_size: tuple[int, int]
@@ -82,6 +86,7 @@ class EvalSettings:
   embedding: str = 'parts'
   rerank: rerank_lib.RerankSettings | None = None
   cache_features: bool = False
+  progress_seconds: float = 30.0
 
   @classmethod
   def from_config(cls, config: Any) -> EvalSettings:
@@ -104,6 +109,7 @@ class EvalSettings:
         else None
       ),
       cache_features=bool(config.eval.get('cache_features', False)),
+      progress_seconds=float(config.eval.get('progress_seconds', 30.0)),
     )
 
 
@@ -157,6 +163,7 @@ def evaluate(
   log: Callable[[str], Any] = print,
   union_matrix_bytes: int = UNION_MATRIX_BYTES,
   cache: Any | None = None,
+  say: Callable[[str], Any] | None = None,
 ) -> Evaluation:
   """Scores a model on the test protocols of a data set.
 
@@ -190,6 +197,8 @@ def evaluate(
       whole (see the module doc); 0 always computes by probe chunks.
     cache: a `feature_cache.FeatureCache`: images it holds are not embedded,
       and those embedded are added to it.
+    say: where progress lines go (count, rate, ETA) while images are embedded and
+      protocols scored (`evaluation.progress`); None: none.
 
   Returns:
     The `Evaluation`; its results are {key: result}, result as
@@ -232,7 +241,7 @@ def evaluate(
   groups = _by_modalities(splits, table)
   start = time.perf_counter()
   features, row_of, embedded = _embed_all(
-    embed_fn, test_split, splits, settings, local_devices, distribute, log, cache
+    embed_fn, test_split, splits, settings, local_devices, distribute, log, cache, say
   )
   timing = {'embedding': time.perf_counter() - start, 'distances': 0.0, 'metrics': 0.0}
   out = {}
@@ -254,7 +263,14 @@ def evaluate(
     )
     for key in group:
       start = time.perf_counter()
-      per_trial = [_score(distances, table, s) for s in splits[key]]
+      progress = Progress(
+        f'protocol {key}: trial', len(splits[key]), 'trials', say or _quiet,
+        settings.progress_seconds,
+      )
+      per_trial = []
+      for s in splits[key]:
+        per_trial.append(_score(distances, table, s))
+        progress.update(len(per_trial))
       timing['metrics'] += time.perf_counter() - start
       out[key] = results_lib.summarize(per_trial, [s.gallery_draw for s in splits[key]])
       out[key]['rerank'] = settings.rerank.describe() if settings.rerank else 'none'
@@ -298,6 +314,10 @@ def _label_regdb(
   }
 
 
+def _quiet(line: str) -> None:
+  del line
+
+
 def _embed_all(
   embed_fn: EmbedFn,
   split: SplitArrays,
@@ -307,6 +327,7 @@ def _embed_all(
   distribute: Distribute | None,
   log: Callable[[str], Any],
   cache: Any | None = None,
+  say: Callable[[str], Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Embeds, once each, the images any split uses, one modality at a time.
 
@@ -327,6 +348,10 @@ def _embed_all(
   for modality in np.unique(modalities):
     indices = used[modalities == modality]
     start = time.perf_counter()
+    name = MODALITY_NAMES.get(int(modality))
+    progress = Progress(
+      f'embedding {name} images', len(indices), 'images', say or _quiet, settings.progress_seconds
+    )
     extract = functools.partial(
       extract_features,
       embed_fn,
@@ -337,6 +362,7 @@ def _embed_all(
       flip=settings.flip,
       num_parts=settings.num_parts,
       local_devices=local_devices,
+      on_batch=progress.update,
     )
     block, missing = cache.lookup(indices) if cache is not None else (None, None)
     if block is None:

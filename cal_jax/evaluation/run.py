@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from cal_jax import distributed
+from cal_jax import distributed, terminal
 from cal_jax.data.splits import Splits
 from cal_jax.evaluation import embedding, evaluator, feature_cache
 from cal_jax.evaluation import results as results_lib
@@ -138,6 +138,7 @@ def evaluate_state(
     distribute=distributed.split_and_gather,
     log=logging.info,
     cache=cache,
+    say=terminal.say,
   )
   results = evaluation.results
   meta = {

@@ -344,18 +344,8 @@ def progress_line(step: int, total: int, summary: dict, elapsed: float, done: in
   eta = elapsed / max(done, 1) * (total - step)
   return (
     f'step {step}/{total} ({100 * step // max(total, 1)}%)  loss {float(summary["loss"]):.3f}  '
-    f'{summary["images_per_second"]:.0f} images/s  ETA {format_duration(eta)}'
+    f'{summary["images_per_second"]:.0f} images/s  ETA {terminal.format_duration(eta)}'
   )
-
-
-def format_duration(seconds: float) -> str:
-  """'45s', '6m05s', '2h03m'."""
-  seconds = int(round(seconds))
-  if seconds < 60:
-    return f'{seconds}s'
-  if seconds < 3600:
-    return f'{seconds // 60}m{seconds % 60:02d}s'
-  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
 
 
 @dataclasses.dataclass(frozen=True)
