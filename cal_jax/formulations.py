@@ -120,6 +120,44 @@ def resolve(
   return config
 
 
+# Each weighted term of config.loss as the objective line writes it.
+_TERM_NAMES = {
+  'id': 'L_id',
+  'global_id': 'L_id(pooled map, not in Eq. 20)',
+  'pcl': 'L_pcl',
+  'kd1': 'L_kd1',
+  'kd2': 'L_kd2',
+  'dis': 'L_dis',
+  'div': 'L_div',
+  'attention_div': 'L_div(TSAA maps, not in Eq. 20)',
+  'attention_guidance': 'L_guidance(not in Eq. 20)',
+}
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """'Objective (the paper formulation, Eq. 20): 1 L_id + 1 L_pcl (sum) + ...': every term
+  with a weight, its form where the formulations differ, and what is not the paper's."""
+  loss = config.loss
+  forms = {
+    'pcl': f' ({loss.pcl_form}, {loss.pcl_reduction})'
+    if loss.pcl_form != 'pcl'
+    else f' ({loss.pcl_reduction})',
+    'kd1': ' (Eq. 18)' if loss.kd1_form == 'dot' else f' ({loss.kd1_form}, not Eq. 18)',
+    'kd2': ' (through S)' if loss.kd2_attention_gradient else ' (not through S)',
+  }
+  terms = ' + '.join(
+    f'{loss[t]:g} {name}{forms.get(t, "")}' for t, name in _TERM_NAMES.items() if loss[t]
+  )
+  changed = differences(config)
+  which = config.get('formulation', 'paper')
+  origin = (
+    'Eq. 20 as written'
+    if not changed
+    else 'not the paper: ' + ', '.join(f'{f}={v!r}' for f, (_, v) in changed.items())
+  )
+  return f'Objective (the {which} formulation, {origin}): {terms or "nothing"}.'
+
+
 def differences(config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
   """Every field of DIFFERENCES whose value in `config` is not the paper's: field ->
   (the paper's value, the config's)."""

@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from cal_jax import config_checks, distributed, stopping, terminal
+from cal_jax import config_checks, distributed, formulations, stopping, terminal
 from cal_jax import workdir as workdir_lib
 from cal_jax.data import splits as splits_lib
 from cal_jax.data import train_stream
@@ -164,6 +164,25 @@ def check_finite(step: int, summary: dict[str, float]) -> None:
     )
 
 
+def check_finite_state(step: int, state: Any, config: ml_collections.ConfigDict) -> None:
+  """A checkpoint never holds a diverged state: the update of a step whose loss was
+  finite can still make parameters or statistics non-finite (a huge gradient)."""
+  leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats))
+  if all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
+    return
+  advice = 'lower config.optim.base_lr'
+  if config.loss.pcl_form == 'pcl' and config.loss.pcl_reduction == 'sum' and config.loss.pcl:
+    advice = (
+      "config.loss.pcl_reduction='sum' (Eq. 14 as written, on raw features) has the "
+      'largest gradients of the objective: --config.loss.pcl_reduction=normalised_mean is the '
+      'measured variant (docs/decisions.md, "PCL scale"); or ' + advice
+    )
+  raise NonFiniteLossError(
+    f'the parameters became non-finite in the update of step {step} (its loss was finite). '
+    f'Training stopped; the last good checkpoint is kept. {advice}.'
+  )
+
+
 def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
   """Mean of each scalar metric over the steps since the last summary."""
   host = jax.device_get(history)
@@ -237,6 +256,7 @@ def _train(
     setup.total_steps,
     state_lib.count_parameters(state.params),
   )
+  terminal.say('%s', formulations.describe(config))
   logging.info(
     'Step %d: %s.',
     first_step + 1,
@@ -322,6 +342,7 @@ def _train(
       if save_now:
         # Saved before it is evaluated: a failing evaluation loses no training.
         host_state = distributed.unreplicate(rstate)
+        check_finite_state(step, host_state, config)
         setup.checkpointer.save(step, host_state, counts.to_json())
         terminal.say('Checkpoint of step %d: %s', step, setup.checkpointer.directory)
         if evaluate_now:
