@@ -8,13 +8,41 @@
 An existing output file is replaced only with --overwrite. The config comes
 from the workdir's `config.json`, or from --config (with --config.FIELD=VALUE
 overrides, as `cal_jax.main`). What is written, and how: `cal_jax.interop.export`.
+
+The terminal shows the `wrote ...` line and errors; the libraries' lines (Orbax
+restoring the checkpoint, the native notices of TensorFlow and XLA) are
+appended to the run's WORKDIR/log.txt, as `cal_jax.visualize` does, or to a
+log.txt beside --output when the workdir cannot be written. --verbose shows
+them on the terminal instead.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+import os
+import sys
 
-from cal_jax import cli
-from cal_jax.interop import export
+from cal_jax import terminal
+
+if __name__ == '__main__':  # run as a command: an importer keeps its own terminal
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  if '--verbose' not in sys.argv[1:]:
+    terminal.quiet_start()  # before the libraries load (`cal_jax.terminal`)
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from cal_jax import cli  # noqa: E402
+from cal_jax.interop import export  # noqa: E402
+
+
+def log_folder(workdir: str, output: str) -> str | None:
+  """Where log.txt goes: the workdir (the run's log), else the folder of `output` when
+  the workdir cannot be written; None when the workdir is no folder (the export is
+  refused) or neither can be written (the libraries' lines are then dropped)."""
+  if not os.path.isdir(workdir):
+    return None
+  for folder in (workdir, os.path.dirname(output)):
+    if os.path.isdir(folder) and os.access(folder, os.W_OK):
+      return folder
+  return None
 
 
 def main(argv):
@@ -23,9 +51,13 @@ def main(argv):
   flag = flags.FLAGS
   output = cli.absolute_path(flag.output)
   config = cli.resolve_config_paths(flag.config) if flag.config is not None else None
+  workdir = cli.absolute_path(flag.workdir)
+  folder = log_folder(workdir, output)
+  if folder is not None:
+    terminal.attach_log_file(folder)
   try:
     metadata = export.export_checkpoint(
-      cli.absolute_path(flag.workdir),
+      workdir,
       output,
       step=flag.checkpoint,
       config=config,
@@ -54,6 +86,9 @@ def define_flags() -> None:
   )
   flags.DEFINE_integer('checkpoint', None, 'The checkpoint step (default: the latest).')
   flags.DEFINE_boolean('overwrite', False, 'Replace --output if it exists.')
+  flags.DEFINE_boolean(
+    'verbose', False, "Show the libraries' lines too (else WORKDIR/log.txt, or beside --output)."
+  )
   flags.mark_flags_as_required(['workdir', 'output'])
 
 

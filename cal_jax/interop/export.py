@@ -347,6 +347,13 @@ def export(
   return metadata
 
 
+def _writable(array: np.ndarray) -> np.ndarray:
+  """`array` C-contiguous, copied where it is read-only (as the numpy view of a JAX
+  array is): `torch.from_numpy` shares the memory, and warns on a read-only array."""
+  array = np.ascontiguousarray(array)
+  return array if array.flags.writeable else array.copy()
+
+
 def _write_onnx(state: dict[str, np.ndarray], metadata: dict[str, Any], path: str, modality: str):
   """The PyTorch inference module of `state`, traced to ONNX (`onnx_export`)."""
   try:
@@ -360,7 +367,7 @@ def _write_onnx(state: dict[str, np.ndarray], metadata: dict[str, Any], path: st
 
   net = torch_model.CALInference(metadata['config'])
   missing, unexpected = net.load_state_dict(
-    {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=False
+    {k: torch.from_numpy(_writable(v)) for k, v in state.items()}, strict=False
   )
   missing = [k for k in missing if not k.endswith('num_batches_tracked')]
   if missing or unexpected:  # a mapping error of this module, not the user's
