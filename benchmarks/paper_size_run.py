@@ -59,6 +59,7 @@ def main() -> None:
   parser.add_argument('--width', type=int, default=64, help="ResNet-50's stem width (64)")
   parser.add_argument('--num_ids', type=int, default=18, help='generated identities')
   parser.add_argument('--steps', type=int, default=2)
+  parser.add_argument('--run', default='run', help='the run folder under --workdir')
   args, extra = parser.parse_known_args()  # the rest: --config.FIELD=VALUE, passed on
   workdir = os.path.abspath(args.workdir)
   root = os.path.join(workdir, 'SYSU-MM01')
@@ -76,7 +77,7 @@ def main() -> None:
     '--config',
     os.path.join(REPO, 'configs', 'sysu.py'),
     '--workdir',
-    os.path.join(workdir, 'run'),
+    os.path.join(workdir, args.run),
     f'--config.data.manual_dir={root}',
     f'--config.data.data_dir={os.path.join(workdir, "tfds")}',
     f'--config.model.pretrained={weights}',
@@ -93,7 +94,7 @@ def main() -> None:
   print(
     f'paper size (width {args.width}): data and weights {prepared:.0f} s, '
     f'the run {time.perf_counter() - start:.0f} s (exit {done.returncode}); '
-    f'log: {os.path.join(workdir, "run", "log.txt")}',
+    f'log: {os.path.join(workdir, args.run, "log.txt")}',
     flush=True,
   )
   sys.exit(done.returncode)

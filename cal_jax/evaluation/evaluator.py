@@ -113,6 +113,10 @@ class EvalSettings:
     )
 
 
+class NonFiniteFeaturesError(FloatingPointError):
+  """Test embeddings that are NaN or infinite: the evaluated model has diverged."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
   """The results of the test protocols, and what they were computed from.
@@ -244,6 +248,12 @@ def evaluate(
     embed_fn, test_split, splits, settings, local_devices, distribute, log, cache, say
   )
   timing = {'embedding': time.perf_counter() - start, 'distances': 0.0, 'metrics': 0.0}
+  bad = ~np.all(np.isfinite(features), axis=1)
+  if bad.any():
+    raise NonFiniteFeaturesError(
+      f'{int(bad.sum())} of {len(features)} test embeddings are not finite: the evaluated '
+      'model has diverged (its parameters overflow at inference), so no metric can be computed'
+    )
   out = {}
   for group in groups.values():
     start = time.perf_counter()

@@ -30,7 +30,7 @@ from cal_jax.data.augment import TrainTransform
 from cal_jax.data.datasets import specs
 from cal_jax.data.sampler import CrossModalIdentitySampler
 from cal_jax.evaluation import run
-from cal_jax.evaluation.evaluator import EvalSettings
+from cal_jax.evaluation.evaluator import EvalSettings, NonFiniteFeaturesError
 from cal_jax.losses import LOSS_TERMS
 from cal_jax.models.cal import CAL, create_model
 from cal_jax.training import checkpointing
@@ -83,6 +83,7 @@ class Evaluator:
     self, config: ml_collections.ConfigDict, workdir: str, splits: splits_lib.Splits, model: CAL
   ):
     self.settings = EvalSettings.from_config(config)
+    self.config = config
     self.pictures = bool(config.eval.pictures)
     self.meta = {'synthetic': config.data.synthetic}  # recorded in eval_results.json
     self.workdir, self.splits, self.model = workdir, splits, model
@@ -94,9 +95,14 @@ class Evaluator:
     settings = self.settings
     terminal.say('Evaluating step %d on the test protocols of %s.', step, self.splits.name)
     embedder = run.make_embedder(self.model, state, counts.m_hat(), settings.embedding)
-    evaluation = run.evaluate_state(
-      embedder, self.splits, settings, self.workdir, step=step, meta=self.meta, writer=writer
-    )
+    try:
+      evaluation = run.evaluate_state(
+        embedder, self.splits, settings, self.workdir, step=step, meta=self.meta, writer=writer
+      )
+    except NonFiniteFeaturesError as error:
+      raise NonFiniteLossError(
+        f'step {step}: {error}. {divergence_advice(self.config)}.'
+      ) from error
     if writer is not None and self.pictures and jax.process_index() == 0:
       from cal_jax.pictures import figures  # matplotlib, only when drawing
 
@@ -164,12 +170,8 @@ def check_finite(step: int, summary: dict[str, float]) -> None:
     )
 
 
-def check_finite_state(step: int, state: Any, config: ml_collections.ConfigDict) -> None:
-  """A checkpoint never holds a diverged state: the update of a step whose loss was
-  finite can still make parameters or statistics non-finite (a huge gradient)."""
-  leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats))
-  if all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
-    return
+def divergence_advice(config: ml_collections.ConfigDict) -> str:
+  """What to change when training diverged: Eq. 14's sums first, when they are on."""
   advice = 'lower config.optim.base_lr'
   if config.loss.pcl_form == 'pcl' and config.loss.pcl_reduction == 'sum' and config.loss.pcl:
     advice = (
@@ -177,9 +179,18 @@ def check_finite_state(step: int, state: Any, config: ml_collections.ConfigDict)
       'largest gradients of the objective: --config.loss.pcl_reduction=normalised_mean is the '
       'measured variant (docs/decisions.md, "PCL scale"); or ' + advice
     )
+  return advice
+
+
+def check_finite_state(step: int, state: Any, config: ml_collections.ConfigDict) -> None:
+  """A checkpoint never holds a diverged state: the update of a step whose loss was
+  finite can still make parameters or statistics non-finite (a huge gradient)."""
+  leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats))
+  if all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
+    return
   raise NonFiniteLossError(
     f'the parameters became non-finite in the update of step {step} (its loss was finite). '
-    f'Training stopped; the last good checkpoint is kept. {advice}.'
+    f'Training stopped; the last good checkpoint is kept. {divergence_advice(config)}.'
   )
 
 
