@@ -100,8 +100,8 @@ def test_part_maps_are_the_drm_selection_and_the_tsaa_attention(eval_setup, tiny
   np.testing.assert_allclose(
     np.asarray(maps['selected']).reshape(batch, num_parts, -1),
     np.swapaxes(np.asarray(parts['selected']), 1, 2),
-    rtol=1e-5,
-    atol=1e-7,
+    rtol=1e-4,  # 1.4e-5 seen on another x86 CPU: rounding of the fused jit
+    atol=1e-6,
   )
   np.testing.assert_allclose(
     np.asarray(maps['attention']).reshape(batch, num_parts, -1),
