@@ -274,7 +274,10 @@ def evaluate(
     for key in group:
       start = time.perf_counter()
       progress = Progress(
-        f'protocol {key}: trial', len(splits[key]), 'trials', say or _quiet,
+        f'protocol {key}: trial',
+        len(splits[key]),
+        'trials',
+        say or _quiet,
         settings.progress_seconds,
       )
       per_trial = []

@@ -44,6 +44,4 @@ class CollapseGuard:
       causes.append('config.loss.kd2_attention_gradient=False (L_kd2 through the maps)')
     if not causes:
       return 'Neither Eq. 18 nor L_kd2 through the maps is on: check the learning rate.'
-    return (
-      f'It is avoided by {" and ".join(causes)}; --config.formulation=measured sets both.'
-    )
+    return f'It is avoided by {" and ".join(causes)}; --config.formulation=measured sets both.'

@@ -211,14 +211,18 @@ def np_pcl(f_vv, f_ii, f_vi, f_iv, y_v, y_i, sigma):
   )
 
 
-@pytest.mark.parametrize('sigma', [0.6, 1.5])
-def test_part_center_loss_eqs_13_to_15(sigma):
-  b, k, c = 8, 3, 5
+def pcl_batch(b=8, k=3, c=5):
+  """Four refined features [b, k, c] around four class means, and the two label vectors."""
   y_v = np.array([0, 0, 1, 1, 2, 2, 3, 3])
   y_i = np.array([1, 0, 1, 0, 3, 2, 3, 2])
   base = RNG.normal(size=(4, k, c))
   f = lambda y: base[y] + 0.4 * RNG.normal(size=(b, k, c))
-  f_vv, f_ii, f_vi, f_iv = f(y_v), f(y_i), f(y_i), f(y_v)
+  return f(y_v), f(y_i), f(y_i), f(y_v), y_v, y_i
+
+
+@pytest.mark.parametrize('sigma', [0.6, 1.5])
+def test_part_center_loss_eqs_13_to_15(sigma):
+  f_vv, f_ii, f_vi, f_iv, y_v, y_i = pcl_batch()
   expected = np_pcl(f_vv, f_ii, f_vi, f_iv, y_v, y_i, sigma)
   got = part_center_loss(*map(jnp.asarray, (f_vv, f_ii, f_vi, f_iv, y_v, y_i)), margin=sigma)
   np.testing.assert_allclose(got, expected, rtol=1e-5)
@@ -261,12 +265,7 @@ def np_pcl_sum(f_vv, f_ii, f_vi, f_iv, y_v, y_i, sigma):
 def test_part_center_loss_sum_is_eq14_as_written(sigma):
   """pcl_reduction='sum' against a double loop over (i, j); sigma 9 makes the separation
   terms active on these raw features (norms about 4), 0.6 leaves only the gather terms."""
-  b, k, c = 8, 3, 5
-  y_v = np.array([0, 0, 1, 1, 2, 2, 3, 3])
-  y_i = np.array([1, 0, 1, 0, 3, 2, 3, 2])
-  base = RNG.normal(size=(4, k, c))
-  f = lambda y: base[y] + 0.4 * RNG.normal(size=(b, k, c))
-  f_vv, f_ii, f_vi, f_iv = f(y_v), f(y_i), f(y_i), f(y_v)
+  f_vv, f_ii, f_vi, f_iv, y_v, y_i = pcl_batch()
   expected = np_pcl_sum(f_vv, f_ii, f_vi, f_iv, y_v, y_i, sigma)
   got = part_center_loss(
     *map(jnp.asarray, (f_vv, f_ii, f_vi, f_iv, y_v, y_i)), margin=sigma, reduction='sum'
