@@ -42,7 +42,8 @@ MFU is taken against that arithmetic's peak.
 Each row runs in a process of its own (--in-process: all in this one), so that its peak
 memory is its own: on an accelerator the device's peak (`memory_stats` for JAX,
 `torch.cuda.max_memory_allocated` for PyTorch), on a CPU the growth of the process's
-peak RSS over the row. JAX's backend starts before torch is imported (torch's CUDA
+peak RSS over the row; this process then starts no JAX backend of its own, so it holds
+no device beside them. In each, JAX's backend starts before torch is imported (torch's CUDA
 libraries must not shadow those of the JAX plugin), and JAX allocates on demand
 (`XLA_PYTHON_CLIENT_PREALLOCATE=false`, unless set otherwise) so that the PyTorch rows
 find the memory free.
@@ -60,7 +61,8 @@ aliased to them, temporaries; `memory_analysis`) and the peak memory. Figures on
 no assertions; other work on the same machine makes them noisy.
 
 --budget-s (--quick: 450 s) bounds the whole run: a row still running when the budget
-is spent is stopped, and the rows after it are listed as skipped. --out FILE also
+is spent is stopped, and the rows after it are listed as skipped (--in-process: only
+the rows after it). --out FILE also
 writes the report to FILE.
 """
 
@@ -194,6 +196,7 @@ class Timing:
   compiled_bytes: float | None = None  # per device: arguments + outputs + temporaries
   peak_bytes: float | None = None  # per device, this row's peak (see the module doc)
   note: str = ''
+  devices: str = ''  # where it ran: 'N x DEVICE_KIND (platform)'
 
   @property
   def median(self) -> float:
@@ -413,12 +416,11 @@ def conv_training_flops(config: ml_collections.ConfigDict) -> float:
   return 3 * 2 * macs * images
 
 
-def peak_tflops(arithmetic: str) -> float | None:
-  """The device's peak for `arithmetic` (fp32, tf32, bf16): --peak-tflops, else the table
-  by device kind; None where neither knows it."""
+def peak_tflops(arithmetic: str, kind: str) -> float | None:
+  """The peak of a device of `kind` for `arithmetic` (fp32, tf32, bf16): --peak-tflops,
+  else the table by device kind; None where neither knows it."""
   if _PEAK.value > 0:
     return _PEAK.value
-  kind = jax.local_devices()[0].device_kind
   for name, peaks in PEAK_TFLOPS.items():
     if name.lower() in kind.lower():
       return peaks.get(arithmetic)
@@ -809,6 +811,8 @@ def run_row(
   if timing.peak_bytes is None:  # a CPU: the growth of the peak RSS over this row
     timing.peak_bytes = float(peak_rss_bytes() - rss_before)
   timing.name = row.name
+  device = jax.local_devices()[0]
+  timing.devices = f'{jax.local_device_count()} x {device.device_kind} ({device.platform})'
   return timing
 
 
@@ -850,7 +854,6 @@ def versions() -> str:
 def format_report(
   config: ml_collections.ConfigDict,
   config_name: str,
-  devices: int,
   num_classes: int,
   warmup: int,
   steps: int,
@@ -860,19 +863,19 @@ def format_report(
   """The machine, the config, the batch, one row of figures per row, then the comparisons."""
   d, m = config.data, config.model
   batch = 2 * d.num_ids_per_batch * d.num_pos
-  device = jax.local_devices()[0]
+  devices = next((t.devices for t in timings.values()), 'unknown: no row finished')
   lines = [
     f'date      {datetime.datetime.now().isoformat(timespec="seconds")}',
     f'machine   processor={platform.processor() or platform.machine()!r}, '
     f'cpu_count={os.cpu_count()}, python {platform.python_version()}',
     f'versions  {versions()}',
-    f'devices   {devices} x {device.device_kind!r} ({device.platform}), '
+    f'devices   {devices}, '
     f'XLA_PYTHON_CLIENT_PREALLOCATE={os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")}',
     f'config    {config_name}: ResNet-{m.depth} width {m.width} last stride '
     f'{m.last_stride}, {d.image_height}x{d.image_width}, N_p={m.num_parts}, '
     f'{num_classes} classes',
     f'batch     {batch} images = {d.num_ids_per_batch} ids x ({d.num_pos} visible + '
-    f'{d.num_pos} infrared), over {devices} device(s); {warmup} warm-up + {steps} timed steps'
+    f'{d.num_pos} infrared), over the local devices; {warmup} warm-up + {steps} timed steps'
     f'; embed: {d.eval_batch_size} images',
     '',
     f'{"row":<22}{"arith":>6}{"first call s":>13}{"median s":>10}{"images/s":>10}'
@@ -883,7 +886,7 @@ def format_report(
   for row_id, t in timings.items():
     share = '' if t.callback is None else f'{100 * t.callback / sum(t.steps):.3g}%'
     rate = t.flops / t.median / 1e12 if t.flops else None
-    peak = peak_tflops(t.arithmetic)
+    peak = peak_tflops(t.arithmetic, t.devices)
     mfu = f'{100 * rate / peak:.1f}%' if rate and peak else 'n/a'
     lines.append(
       f'{t.name:<22}{t.arithmetic:>6}{t.first_call:>13.2f}{t.median:>10.4f}'
@@ -947,10 +950,11 @@ def main(argv: list[str]) -> None:
     warmup = warmup if flags.FLAGS['warmup'].present else 3
   if steps < 1 or warmup < 0:
     raise app.UsageError('--steps must be >= 1 and --warmup >= 0')
-  devices = jax.local_device_count()  # JAX's backend starts here, before any torch import
-  host_batch = identity_batch(config, devices, num_classes, config.seed)
-  if _ROW.value:  # a row of the parent's run, in its own process
-    timing = run_row(Row.parse(_ROW.value), config, host_batch, num_classes, warmup, steps)
+  # Where the rows run in processes of their own, this one does not start JAX's backend: it
+  # would hold the device beside them (and one in exclusive-process mode would refuse them).
+  batch_of = lambda: identity_batch(config, jax.local_device_count(), num_classes, config.seed)
+  if _ROW.value:  # a row of the parent's run, in its own process; JAX's backend starts first
+    timing = run_row(Row.parse(_ROW.value), config, batch_of(), num_classes, warmup, steps)
     with open(_RESULT.value, 'w') as f:
       json.dump(dataclasses.asdict(timing), f)
     return
@@ -960,10 +964,10 @@ def main(argv: list[str]) -> None:
   except ValueError as error:
     raise app.UsageError(str(error)) from None
   budget = _BUDGET.value or (QUICK_BUDGET_S if _QUICK.value else 0.0)
+  host_batch = batch_of() if _IN_PROCESS.value else None
   print(
     f'timing {len(rows)} rows of {2 * config.data.num_ids_per_batch * config.data.num_pos}'
-    f'-image steps of {config_name} on {devices} device(s)'
-    + (f', within {budget:.0f} s' if budget else ''),
+    f'-image steps of {config_name}' + (f', within {budget:.0f} s' if budget else ''),
     flush=True,
   )
   start = time.perf_counter()
@@ -986,7 +990,7 @@ def main(argv: list[str]) -> None:
       timings[row.id] = result
     else:
       missing[row.id] = result
-  lines = format_report(config, config_name, devices, num_classes, warmup, steps, timings, missing)
+  lines = format_report(config, config_name, num_classes, warmup, steps, timings, missing)
   report = '\n'.join(lines) + '\n'
   print('\n' + report, end='', flush=True)
   if _OUT.value:

@@ -70,6 +70,10 @@ try:
   bench.Row.parse('cal:f16')
 except ValueError:
   print('bad row refused')
+bench.flags.FLAGS(['bench'])
+h100, pcie = '1 x NVIDIA H100 80GB HBM3 (gpu)', '1 x NVIDIA H100 PCIe (gpu)'
+print('peaks:', [bench.peak_tflops(a, h100) for a in ('fp32', 'tf32', 'bf16')],
+      bench.peak_tflops('tf32', pcie), bench.peak_tflops('fp32', '4 x TPU v4 (tpu)'))
 """
 
 
@@ -81,6 +85,8 @@ def test_model_step_embedding_and_benchmark_import_without_tensorflow(blocker):
   assert 'torch imported: False' in result.stdout
   assert 'rows: cal:bf16 torch:f32:highest embed:f32:default' in result.stdout
   assert 'bad row refused' in result.stdout
+  # MFU against the peak of the arithmetic that ran: TF32 is not counted against fp32's peak.
+  assert 'peaks: [67.0, 494.7, 989.4] 378.0 None' in result.stdout
 
 
 def test_the_builders_register_on_first_use():
