@@ -24,9 +24,15 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-import cal_jax.data.datasets  # noqa: F401  (registers the builders)
 from cal_jax import terminal
-from cal_jax.data.datasets import records, specs, synthetic
+from cal_jax.data.datasets import (
+  llcm,  # noqa: F401  (registers the builder)
+  records,
+  regdb,  # noqa: F401  (registers the builder)
+  specs,
+  synthetic,
+  sysu_mm01,  # noqa: F401  (registers the builder)
+)
 
 
 @dataclasses.dataclass(frozen=True)

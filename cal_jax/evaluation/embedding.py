@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cal_jax.data.eval_batches import create_eval_dataset
-from cal_jax.data.splits import SplitArrays
 from cal_jax.modality import NAMES as MODALITY_NAMES
 from cal_jax.models.cal import CAL
 from cal_jax.models.normalize import L2_EPSILON
+
+if TYPE_CHECKING:  # the data layer imports TensorFlow; embedding a batch needs none
+  from cal_jax.data.splits import SplitArrays
 
 # Images [B, H, W, 3] (or [L, B / L, H, W, 3] with local devices), modality
 # -> features [B, D] (or [L, B / L, D]).
@@ -157,6 +158,8 @@ def extract_features(
         f'for {MODALITY_NAMES.get(modality, modality)} ({modality}), the '
         f'indices hold {names}'
       )
+  from cal_jax.data.eval_batches import create_eval_dataset  # TensorFlow: here only
+
   dataset = create_eval_dataset(
     split,
     indices,
