@@ -108,6 +108,10 @@ class Model:
         return net(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))), modality)
 
     self.embed = lambda images, modality: embed(images, modality).numpy()
+    if 'image_size' not in net.metadata:
+      raise torch_model.WeightFileError(
+        f'{path}: no image_size in its metadata; export it again with python -m cal_jax.convert'
+      )
     self.image_size = tuple(net.metadata['image_size'])
     self.num_parts = int(net.metadata['config']['num_parts'])
     self.flip = True

@@ -813,3 +813,109 @@ def test_visualize_counts_below_one(flag, run_copy):
 
   with pytest.raises(ValueError, match=re.escape(f'--{name}={value}: must be an integer >= ')):
     visualize.draw(tiny.get_config(), workdir, ['regions'], workdir, **{name: int(value)})
+
+
+# ------------------------------------------- generated weight files (catalogue) ---
+
+STATE_NAMES = ('stem_visible.conv1.weight', 'layer1.0.conv1.weight', 'part_neck.weight', 'w')
+CONFIG_VALUES = (0, 1, -1, 3, 64, 512, 2**40, 10**30, 0.5, 1.5, 'x', None, True, [1, 3], [2], [])
+
+
+def _random_weight_file(rng, path):
+  """A file of at most 1 KB whose header or metadata holds random values: random
+  hyper-parameters (sizes up to 10**30) and image size, random tensor names,
+  dtypes, shapes and byte ranges; a .safetensors, or now and then a .pt."""
+  import json
+  import struct
+
+  pick = lambda values: values[rng.integers(len(values))]
+  keys = ('depth', 'width', 'num_parts', 'pool_sizes', 'adapter_hidden', 'adapter_dim')
+  config = {key: pick(CONFIG_VALUES) for key in keys if rng.random() < 0.6}
+  if rng.random() < 0.5:
+    config.update(depth=18, width=int(pick((8, 64, 512, 4096))))  # valid, and large
+  metadata = {'config': json.dumps(config)}
+  if rng.random() < 0.3:
+    metadata['image_size'] = json.dumps(pick(([10**6, 10**6], [64], 'big', [-1, 2], [64, 32])))
+  header, offset = {}, 0
+  for _ in range(rng.integers(0, 4)):
+    dtype = pick(('F32', 'F16', 'I8', 'BOOL', 'F128'))
+    shape = [int(pick((0, 1, 3, 7, 2**31, 2**62))) for _ in range(rng.integers(0, 4))]
+    size = int(np.prod(shape, dtype=object)) * {'F32': 4, 'F16': 2}.get(dtype, 1)
+    size = size if size <= 64 else int(rng.integers(0, 64))  # claims more than it holds
+    header[pick(STATE_NAMES)] = {
+      'dtype': dtype,
+      'shape': shape,
+      'data_offsets': [offset, offset + size],
+    }
+    offset += size
+  if path.suffix == '.pt':
+    import torch
+
+    state = {name: torch.zeros(3) for name in header}
+    torch.save({'config': config, 'state_dict': state}, path)
+    return
+  header['__metadata__'] = metadata
+  raw = json.dumps(header).encode()
+  data = struct.pack('<Q', len(raw)) + raw + bytes(offset)
+  if rng.random() < 0.3:  # a few flipped bits anywhere, the length field included
+    data = bytearray(data)
+    for position in rng.integers(0, len(data), size=3):
+      data[position] ^= 1 << int(rng.integers(8))
+    data = bytes(data)
+  path.write_bytes(data[:1024])
+
+
+_LOAD_ALL = """
+import json, resource, sys
+import torch  # noqa: F401
+from cal_jax.interop import torch_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = {}
+for path in sys.argv[1:]:
+  try:
+    torch_model.load(path)
+    out[path] = 'loaded'
+  except torch_model.WeightFileError as error:
+    out[path] = 'WeightFileError: ' + str(error)
+  except BaseException as error:
+    out[path] = f'{type(error).__name__}: {error}'
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({'grown_mb': (after - before) / 1024, 'results': out}))
+"""
+
+
+def test_generated_weight_files_are_refused_before_anything_is_allocated(tmp_path):
+  """No file of at most 1 KB loads, each fails in one WeightFileError naming it, and
+  loading all of them grows the process's peak memory by less than 100 MB."""
+  import json
+
+  rng = np.random.default_rng(34)
+  paths = []
+  for i in range(60):
+    path = tmp_path / f'case{i}.{"pt" if i % 10 == 9 else "safetensors"}'
+    _random_weight_file(rng, path)
+    paths.append(path)
+  # The case of the issue: about 100 bytes whose metadata claims a wide network.
+  wide = tmp_path / 'wide.safetensors'
+  header = json.dumps(
+    {
+      '__metadata__': {'config': json.dumps({'depth': 50, 'width': 512})},
+      'w': {'dtype': 'F32', 'shape': [1], 'data_offsets': [0, 4]},
+    }
+  ).encode()
+  wide.write_bytes(len(header).to_bytes(8, 'little') + header + bytes(4))
+  paths.append(wide)
+  result = subprocess.run(
+    [sys.executable, '-c', _LOAD_ALL, *map(str, paths)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  for path in paths:
+    outcome = report['results'][str(path)]
+    assert outcome.startswith(f'WeightFileError: {path}: '), outcome
+    assert '\n' not in outcome, outcome
+  assert report['grown_mb'] < 100, report['grown_mb']
