@@ -16,6 +16,7 @@ training/test_loop.py.
 
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -919,3 +920,133 @@ def test_generated_weight_files_are_refused_before_anything_is_allocated(tmp_pat
     assert outcome.startswith(f'WeightFileError: {path}: '), outcome
     assert '\n' not in outcome, outcome
   assert report['grown_mb'] < 100, report['grown_mb']
+
+
+# ------------------------------------------- generated config paths (catalogue) ---
+
+
+def _config_paths(tmp_path, marker):
+  """{name: (--config value, fragment of its one line)}: every kind of path but a .py
+  config and a run's config.json, most holding code that would create `marker` if run."""
+  from cal_jax import cli
+
+  code = f'import pathlib\npathlib.Path({str(marker)!r}).touch()\ndef get_config():\n  pass\n'
+  cases = {}
+  rng = np.random.default_rng(7)
+  suffixes = ['.txt', '', '.yaml', '.cfg', '.py.bak', '.pyc', '.JSONL', '.sh']
+  for suffix in suffixes:
+    name = f'config_{rng.integers(10**6)}{suffix}'
+    (tmp_path / name).write_text(code)
+    cases[name] = (str(tmp_path / name), "is neither a Python config (.py) nor a run's config.json")
+  for name, content, fragment in (
+    ('code.json', code, 'is not JSON'),
+    ('list.json', '[1, 2]', "is not a run's config.json"),
+    ('partial.json', json.dumps({'model': {}, 'data': {}}), 'it has no loss, optim, eval section'),
+    (
+      'sections_not_objects.json',
+      json.dumps(dict.fromkeys(cli.RUN_CONFIG_SECTIONS, 1)),
+      'as a JSON object',
+    ),
+  ):
+    (tmp_path / name).write_text(content)
+    cases[name] = (str(tmp_path / name), fragment)
+  (tmp_path / 'a_folder.py').mkdir()
+  cases['folder'] = (str(tmp_path / 'a_folder.py'), 'is a folder')
+  cases['absent'] = (str(tmp_path / 'nowhere.py'), 'does not exist')
+  os.symlink(cases[next(iter(cases))][0], tmp_path / 'link_to_text.py.txt')
+  cases['symlink'] = (str(tmp_path / 'link_to_text.py.txt'), 'is neither a Python config')
+  return cases
+
+
+_PARSE_ALL = """
+import json, sys
+from cal_jax import main  # noqa: F401  (its flags)
+from cal_jax import cli
+out = {}
+for value in sys.argv[2:]:
+  try:
+    cli.parse_flags(['cal_jax.main', '--config', value, '--workdir', sys.argv[1]])
+    out[value] = 'parsed'
+  except SystemExit as error:
+    out[value] = str(error.code)
+print(json.dumps(out))
+"""
+
+
+def test_generated_config_paths_are_refused_before_they_run(run_copy, tmp_path):
+  """Each kind of file that is not a Python config or a run's config.json: one line
+  naming it (the function and absl's parser of the command), nothing of it run, the
+  workdir as it was; then through the command itself, exit 1."""
+  from cal_jax import cli
+
+  workdir, before = run_copy
+  marker = tmp_path / 'code_ran'
+  cases = _config_paths(tmp_path, marker)
+  for name, (value, fragment) in cases.items():
+    with pytest.raises(cli.ConfigFileError) as error:
+      cli.check_config_file(value)
+    message = str(error.value)
+    assert message.startswith(f'config file {value!r}') and fragment in message, (name, message)
+    assert '\n' not in message
+  values = [value for value, _ in cases.values()]
+  result = subprocess.run(
+    [sys.executable, '-c', _PARSE_ALL, workdir, *values],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  for name, (value, fragment) in cases.items():
+    line = report[value]
+    assert line.startswith(f'FATAL Flags parsing error: --config: config file {value!r}'), line
+    assert fragment in line and '\n' not in line, (name, line)
+  text = next(value for value, _ in cases.values() if value.endswith('.txt'))
+  result = subprocess.run(
+    [sys.executable, '-m', 'cal_jax.main', '--config', text, '--workdir', workdir],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert_single_line(result, f'--config: config file {text!r} is neither a Python config')
+  assert not marker.exists() and snapshot(workdir) == before
+
+
+def test_config_json_of_a_run_is_read_as_data(run_copy, tmp_path):
+  """A run's config.json is a --config: read as JSON, never run, equal to the run's
+  config (so resuming and evaluating the run with it are allowed)."""
+  from cal_jax import cli, config_checks
+  from cal_jax import workdir as workdir_lib
+
+  workdir, before = run_copy
+  path = os.path.join(workdir, 'config.json')
+  assert cli.config_file_kind(path) == 'run'
+  cli.check_config_file(path)
+  config = cli.RunConfigParser(name='config').parse(path)
+  assert config.is_locked
+  with open(path) as f:
+    assert json.loads(config.to_json_best_effort()) == json.load(f)
+  config_checks.check_config(config)
+  workdir_lib.check_config_unchanged(workdir, config)
+  assert snapshot(workdir) == before
+
+
+def test_config_file_whose_get_config_exits(tmp_path):
+  """A sys.exit in a config file is no silent success (it exited with status 0)."""
+  from cal_jax import cli
+
+  path = tmp_path / 'exits.py'
+  path.write_text('import sys\n\ndef get_config():\n  sys.exit(0)\n')
+  with pytest.raises(cli.ConfigFileError, match=r'line 4: get_config\(\) exited \(SystemExit: 0\)'):
+    cli.check_config_file(str(path))
+  result = subprocess.run(
+    [sys.executable, '-m', 'cal_jax.main', '--config', str(path), '--workdir', str(tmp_path / 'r')],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert_single_line(result, f"--config: config file '{path}', line 4: get_config() exited")
+  assert not (tmp_path / 'r').exists()
