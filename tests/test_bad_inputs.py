@@ -1050,3 +1050,123 @@ def test_config_file_whose_get_config_exits(tmp_path):
   )
   assert_single_line(result, f"--config: config file '{path}', line 4: get_config() exited")
   assert not (tmp_path / 'r').exists()
+
+
+# ------------------------------------------- generated damaged checkpoint steps ---
+
+
+def _small_state(seed):
+  """A two-leaf train state with a momentum optimiser: quick to save and restore."""
+  import optax
+
+  from cal_jax.training.state import TrainState
+
+  rng = np.random.default_rng(seed)
+  return TrainState.create(
+    apply_fn=None,
+    params={'dense': {'kernel': rng.normal(size=(64, 3)).astype(np.float32)}},
+    tx=optax.sgd(0.1, momentum=0.9),
+    batch_stats={'mean': np.full((3,), seed, np.float32)},
+  ).replace(step=np.asarray(seed, np.int32))
+
+
+@pytest.fixture(scope='module')
+def two_steps(tmp_path_factory):
+  """A checkpoint folder with intact steps 1 and 2, step 2 evaluated (its metrics)."""
+  from cal_jax.training.checkpointing import Checkpointer
+
+  directory = tmp_path_factory.mktemp('two_steps') / 'checkpoints'
+  with Checkpointer(str(directory), tiny.get_config(), 8) as checkpointer:
+    checkpointer.save(1, _small_state(1), {'step': 1})
+    checkpointer.save(2, _small_state(2), {'step': 2})
+    checkpointer.wait_until_finished()
+    checkpointer.record_metrics(2, {'mAP': 0.5})
+  return directory
+
+
+def _flip_or_remove(rng, step_dir, keep_manifest):
+  """One random bit flipped, or one random file removed, in `step_dir`. Returns
+  (what was done, the file)."""
+  from cal_jax.training import checkpoint_files
+
+  if not keep_manifest:  # as a SIGKILL right after the commit leaves it
+    (step_dir / checkpoint_files.MANIFEST).unlink()
+  files = sorted(p for p in step_dir.rglob('*') if p.is_file())
+  victim = files[rng.integers(len(files))]
+  if rng.random() < 0.3:
+    victim.unlink()
+    return 'removed', victim
+  data = bytearray(victim.read_bytes())
+  if not data:
+    victim.unlink()
+    return 'removed', victim
+  data[rng.integers(len(data))] ^= 1 << int(rng.integers(8))
+  victim.write_bytes(bytes(data))
+  return 'flipped', victim
+
+
+@pytest.mark.parametrize('keep_manifest', [True, False], ids=['manifest', 'no_manifest'])
+def test_generated_damage_of_a_checkpoint_step_is_never_loaded_silently(
+  two_steps, keep_manifest, tmp_path
+):
+  """Random bit flips and missing files in the latest step, with and without its
+  manifest: restoring the latest either gives exactly what step 2 saved, or falls
+  back to step 1 with one warning naming step 2 and a file of it; read-only, so the
+  folder is left as it was."""
+  from cal_jax.training.checkpointing import Checkpointer
+
+  rng = np.random.default_rng(1 if keep_manifest else 2)
+  outcomes = []
+  for case in range(12):
+    directory = tmp_path / f'case{case}'
+    shutil.copytree(two_steps, directory)
+    done, victim = _flip_or_remove(rng, directory / '2', keep_manifest)
+    before = snapshot(directory)
+    lines = []
+    with _CollectWarnings(lines):
+      with Checkpointer(str(directory), tiny.get_config(), 8, read_only=True) as reader:
+        state, extra = reader.restore(_small_state(0))
+    kernel = np.asarray(state.params['dense']['kernel'])
+    if extra == {'step': 2}:  # loaded: it must be exactly what was saved, unwarned
+      expected = _small_state(2).params['dense']['kernel']
+      np.testing.assert_array_equal(kernel, expected, err_msg=f'{done} {victim}')
+      assert not [line for line in lines if 'checkpoint of step' in line], lines
+      outcomes.append('intact')
+    else:
+      assert extra == {'step': 1}, (done, victim, extra)
+      np.testing.assert_array_equal(kernel, _small_state(1).params['dense']['kernel'])
+      damaged = [line for line in lines if 'The checkpoint of step 2 in' in line]
+      assert len(damaged) == 1 and 'is damaged: ' in damaged[0], (done, victim, lines)
+      assert 'using step 1, the newest intact one' in damaged[0] and '\n' not in damaged[0]
+      assert str(directory / '2') in damaged[0], damaged[0]
+      outcomes.append('fell back')
+    assert snapshot(directory) == before
+  # With the manifest every file is covered: only removing the manifest itself (the
+  # digests then check the step) can leave the step loadable.
+  if keep_manifest:
+    assert outcomes.count('intact') <= 1
+  assert 'fell back' in outcomes
+
+
+def test_damaged_metrics_file_is_named_and_stepped_over(two_steps, tmp_path):
+  """The metrics entry of a step, read by orbax before any check: evaluation falls
+  back to the intact step (read-only, nothing moved); training moves the step aside."""
+  from cal_jax.training.checkpointing import Checkpointer
+
+  directory = tmp_path / 'checkpoints'
+  shutil.copytree(two_steps, directory)
+  metrics = directory / '2' / 'metrics' / 'metrics'
+  metrics.write_text('{"mAP": 0.')
+  before = snapshot(directory)
+  lines = []
+  with _CollectWarnings(lines):
+    with Checkpointer(str(directory), tiny.get_config(), 8, read_only=True) as reader:
+      _, extra = reader.restore(_small_state(0))
+  assert extra == {'step': 1} and snapshot(directory) == before
+  assert any(f'step 2 in {directory} is damaged: {metrics} cannot be read' in x for x in lines)
+  lines.clear()
+  with _CollectWarnings(lines):
+    with Checkpointer(str(directory), tiny.get_config(), 8) as checkpointer:
+      assert checkpointer.all_steps() == [1]
+  assert (tmp_path / 'checkpoints.damaged' / '2' / 'metrics' / 'metrics').is_file()
+  assert any(f'step 2 in {directory} is damaged: {metrics} cannot be read' in x for x in lines)

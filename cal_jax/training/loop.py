@@ -351,7 +351,7 @@ def restore_trained(
   splits = distributed.primary_first(lambda: splits_lib.load_splits(config, workdir), 'data')
   num_classes = len(np.unique(splits.train.id))
   with checkpointing.Checkpointer(
-    os.path.join(workdir, 'checkpoints'), config, num_classes, keep=config.keep_checkpoints
+    os.path.join(workdir, 'checkpoints'), config, num_classes, read_only=True
   ) as checkpointer:
     if checkpointer.latest_step() is None:
       raise FileNotFoundError(
