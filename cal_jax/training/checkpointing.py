@@ -223,9 +223,10 @@ class Checkpointer(CheckpointReader):
     if is_primary() and os.path.isdir(self._step_dir(step)):
       try:
         self._write_manifest(step)
-      except OSError as error:  # the step is committed, its digest checks it
-        self._raise_if_disk_full(error, step)
-        raise
+      except OSError as error:  # the step is committed, and its digests check it
+        if not checkpoint_files.is_disk_full(error):
+          raise
+        logging.info('No room for the file list of step %d; its digests check it.', step)
 
   def _write_manifest(self, step: int) -> None:
     files = checkpoint_files.step_files(self._step_dir(step))
@@ -265,13 +266,21 @@ class Checkpointer(CheckpointReader):
     """Waits for pending saves and deletions, then releases the manager.
 
     Whatever happens, what a failed background save left behind (a
-    `*.orbax-checkpoint-tmp*` folder) is removed, so the next run starts clean.
+    `*.orbax-checkpoint-tmp*` folder) is removed, so the next run starts clean,
+    and the first error is the one raised (the manager's own close meets it again).
     """
+    failed = True
     try:
       self._finish_pending()
       self._manager.wait_until_finished()
+      failed = False
     finally:
-      self._manager.close()
+      try:
+        self._manager.close()
+      except Exception as error:  # the same failed save, met again
+        if not failed:
+          raise
+        logging.info('Closing the checkpoint manager failed as well: %s', error)
       removed = self._remove_partial_steps()
       if removed:
         logging.warning(
