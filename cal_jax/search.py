@@ -77,6 +77,11 @@ class Model:
     from cal_jax.interop import export
     from cal_jax.models.cal import create_model
 
+    if not os.path.isfile(os.path.join(workdir, 'config.json')):  # this command has no --config
+      raise search.SearchInputError(
+        f'--model {workdir!r} holds no config.json, so is not a training workdir of '
+        'cal_jax.main: give a workdir, or an exported .safetensors/.pt file'
+      )
     config = export.load_workdir_config(workdir)
     directory = os.path.join(workdir, 'checkpoints')
     if not os.path.isdir(directory):
@@ -125,10 +130,12 @@ def run_search() -> dict:
   out = cli.absolute_path(_OUTPUT.value)
   if os.path.exists(out) and not os.path.isdir(out):
     raise search.SearchInputError(f'--output {out!r} is a file: name a folder')
+  search.check_disjoint(cli.absolute_path(_QUERY.value), cli.absolute_path(_GALLERY.value))
   query = search.read_folder(cli.absolute_path(_QUERY.value), _QUERY_MODALITY.value, 'query')
   gallery = search.read_folder(
     cli.absolute_path(_GALLERY.value), _GALLERY_MODALITY.value, 'gallery'
   )
+  search.check_disjoint(query.folder, gallery.folder, query.paths, gallery.paths)
   os.makedirs(out, exist_ok=True)
   terminal.attach_log_file(out)
   model = Model(cli.absolute_path(_MODEL.value), _CHECKPOINT.value, _BATCH.value)

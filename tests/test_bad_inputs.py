@@ -960,16 +960,21 @@ def _config_paths(tmp_path, marker):
 
 _PARSE_ALL = """
 import json, sys
-from cal_jax import main  # noqa: F401  (its flags)
+from absl import app
+from cal_jax import main  # its flags
 from cal_jax import cli
+workdir, first, *values = sys.argv[1:]
 out = {}
-for value in sys.argv[2:]:
+for value in values:
   try:
-    cli.parse_flags(['cal_jax.main', '--config', value, '--workdir', sys.argv[1]])
+    cli.parse_flags(['cal_jax.main', '--config', value, '--workdir', workdir])
     out[value] = 'parsed'
   except SystemExit as error:
     out[value] = str(error.code)
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+# Then as `python -m cal_jax.main --config FIRST --workdir WORKDIR` runs: its exit status.
+sys.argv = ['cal_jax.main', '--config', first, '--workdir', workdir]
+app.run(main.main, flags_parser=cli.parse_flags)
 """
 
 
@@ -989,27 +994,19 @@ def test_generated_config_paths_are_refused_before_they_run(run_copy, tmp_path):
     assert message.startswith(f'config file {value!r}') and fragment in message, (name, message)
     assert '\n' not in message
   values = [value for value, _ in cases.values()]
+  text = next(value for value in values if value.endswith('.txt'))
   result = subprocess.run(
-    [sys.executable, '-c', _PARSE_ALL, workdir, *values],
+    [sys.executable, '-c', _PARSE_ALL, workdir, text, *values],
     cwd=REPO,
     capture_output=True,
     text=True,
     timeout=120,
   )
-  assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   for name, (value, fragment) in cases.items():
     line = report[value]
     assert line.startswith(f'FATAL Flags parsing error: --config: config file {value!r}'), line
     assert fragment in line and '\n' not in line, (name, line)
-  text = next(value for value, _ in cases.values() if value.endswith('.txt'))
-  result = subprocess.run(
-    [sys.executable, '-m', 'cal_jax.main', '--config', text, '--workdir', workdir],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
   assert_single_line(result, f'--config: config file {text!r} is neither a Python config')
   assert not marker.exists() and snapshot(workdir) == before
 
@@ -1041,6 +1038,12 @@ def test_config_file_whose_get_config_exits(tmp_path):
   path.write_text('import sys\n\ndef get_config():\n  sys.exit(0)\n')
   with pytest.raises(cli.ConfigFileError, match=r'line 4: get_config\(\) exited \(SystemExit: 0\)'):
     cli.check_config_file(str(path))
+
+
+@pytest.mark.slow
+def test_config_file_whose_get_config_exits_through_the_command(tmp_path):
+  path = tmp_path / 'exits.py'
+  path.write_text('import sys\n\ndef get_config():\n  sys.exit(0)\n')
   result = subprocess.run(
     [sys.executable, '-m', 'cal_jax.main', '--config', str(path), '--workdir', str(tmp_path / 'r')],
     cwd=REPO,
@@ -1170,3 +1173,60 @@ def test_damaged_metrics_file_is_named_and_stepped_over(two_steps, tmp_path):
       assert checkpointer.all_steps() == [1]
   assert (tmp_path / 'checkpoints.damaged' / '2' / 'metrics' / 'metrics').is_file()
   assert any(f'step 2 in {directory} is damaged: {metrics} cannot be read' in x for x in lines)
+
+
+def test_eval_of_a_workdir_without_checkpoints_prepares_no_data(tmp_path):
+  """--mode eval looks for a checkpoint first: no synthetic data generated, nothing prepared."""
+  workdir = tmp_path / 'empty'
+  workdir.mkdir()
+  with pytest.raises(FileNotFoundError, match=re.escape(f'no checkpoint in {workdir}/checkpoints')):
+    loop.evaluate_checkpoint(tiny.get_config(), str(workdir))
+  assert not [p for p in os.listdir(workdir) if p in ('synthetic_data', 'tfds')], os.listdir(
+    workdir
+  )
+
+
+def test_read_only_data_dir_names_its_config_field(run_copy, tmp_path, monkeypatch):
+  """Preparing into a folder that cannot be written: the error names config.data.data_dir."""
+  from cal_jax.data import splits as data
+
+  workdir, before = run_copy
+  config = tiny.get_config()
+  config.data.manual_dir = os.path.join(workdir, 'synthetic_data')
+  config.data.data_dir = str(tmp_path / 'read_only')
+
+  def read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+  monkeypatch.setattr(data.tempfile, 'mkstemp', read_only)
+  with pytest.raises(
+    workdir_lib.WorkdirError,
+    match=re.escape(
+      f"cannot write in '{tmp_path / 'read_only'}', the folder config.data.data_dir chose"
+    )
+    + r'.*Read-only file system\. Set config\.data\.data_dir to a writable folder',
+  ):
+    data.load_splits(config, workdir)
+  assert snapshot(workdir) == before
+
+
+def test_visualize_trial_and_protocol_checked_against_the_data_set(run_copy):
+  """Before the checkpoint is read: a trial beyond the gallery draws, an unknown protocol."""
+  from cal_jax import visualize
+
+  workdir, before = run_copy
+  config = tiny.get_config()
+  trials = int(config.eval.num_trials)
+  with pytest.raises(
+    ValueError,
+    match=re.escape(
+      f'--trial={10**12}: sysu_mm01 is evaluated on {trials} gallery draw(s) '
+      f'(config.eval.num_trials); choose --trial from 0 to {trials - 1}'
+    ),
+  ):
+    visualize.draw(config, workdir, ['ranking'], workdir, trial=10**12)
+  with pytest.raises(
+    ValueError, match=r"--protocol='sysu/all/triple' is not a protocol of sysu_mm01"
+  ):
+    visualize.draw(config, workdir, ['ranking'], workdir, protocol='sysu/all/triple')
+  assert snapshot(workdir) == before

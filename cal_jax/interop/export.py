@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from cal_jax import config_checks
+from cal_jax import workdir as workdir_lib
 from cal_jax.evaluation import embedding
 from cal_jax.models import torchvision_weights as pretrained
 from cal_jax.training import checkpointing
@@ -334,6 +335,7 @@ def export(
         },
         temporary,
       )
+    os.chmod(temporary, workdir_lib.plain_file_mode())  # as the run's other files, not 0600
     os.replace(temporary, path)
   except OSError as error:  # e.g. the disk filled up: the old file (if any) is kept
     if isinstance(error, OutputError):

@@ -319,7 +319,7 @@ def progress_line(step: int, total: int, summary: dict, elapsed: float, done: in
   eta = elapsed / max(done, 1) * (total - step)
   return (
     f'step {step}/{total} ({100 * step // max(total, 1)}%)  loss {float(summary["loss"]):.3f}  '
-    f'{summary["images_per_second"]:.0f} images/s  ETA {format_duration(eta)}'
+    f'{terminal.format_rate(summary["images_per_second"])} images/s  ETA {format_duration(eta)}'
   )
 
 
@@ -347,7 +347,13 @@ class Trained:
 def restore_trained(
   config: ml_collections.ConfigDict, workdir: str, step: int | None = None
 ) -> Trained:
-  """The data and a checkpoint's state (the latest, or `step`) and its counts."""
+  """The data and a checkpoint's state (the latest, or `step`) and its counts; the
+  checkpoint is looked for before the data is prepared."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory) or not checkpointing.committed_steps(directory):
+    raise FileNotFoundError(
+      f'no checkpoint in {directory}: train first, or point --workdir at a training run'
+    )
   splits = distributed.primary_first(lambda: splits_lib.load_splits(config, workdir), 'data')
   num_classes = len(np.unique(splits.train.id))
   with checkpointing.Checkpointer(
