@@ -1181,9 +1181,18 @@ def test_eval_of_a_workdir_without_checkpoints_prepares_no_data(tmp_path):
   workdir.mkdir()
   with pytest.raises(FileNotFoundError, match=re.escape(f'no checkpoint in {workdir}/checkpoints')):
     loop.evaluate_checkpoint(tiny.get_config(), str(workdir))
-  assert not [p for p in os.listdir(workdir) if p in ('synthetic_data', 'tfds')], os.listdir(
-    workdir
-  )
+  assert not {'synthetic_data', 'tfds'} & set(os.listdir(workdir)), os.listdir(workdir)
+
+
+def test_eval_of_a_step_that_does_not_exist_is_named_before_the_data(run_copy, tmp_path):
+  workdir, before = run_copy
+  config = tiny.get_config()
+  config.data.manual_dir = str(tmp_path / 'not_generated')  # generated if the data were read
+  with pytest.raises(
+    FileNotFoundError, match=re.escape(f'no checkpoint of step {10**20} in {workdir}/checkpoints; ')
+  ):
+    loop.evaluate_checkpoint(config, workdir, 10**20)
+  assert not (tmp_path / 'not_generated').exists() and snapshot(workdir) == before
 
 
 def test_read_only_data_dir_names_its_config_field(run_copy, tmp_path, monkeypatch):

@@ -350,9 +350,14 @@ def restore_trained(
   """The data and a checkpoint's state (the latest, or `step`) and its counts; the
   checkpoint is looked for before the data is prepared."""
   directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory) or not checkpointing.committed_steps(directory):
+  steps = checkpointing.committed_steps(directory) if os.path.isdir(directory) else []
+  if not steps:
     raise FileNotFoundError(
       f'no checkpoint in {directory}: train first, or point --workdir at a training run'
+    )
+  if step is not None and step not in steps:
+    raise FileNotFoundError(
+      f'no checkpoint of step {step} in {directory}; --checkpoint takes one of {steps}'
     )
   splits = distributed.primary_first(lambda: splits_lib.load_splits(config, workdir), 'data')
   num_classes = len(np.unique(splits.train.id))
