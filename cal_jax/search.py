@@ -86,8 +86,9 @@ class Model:
     directory = os.path.join(workdir, 'checkpoints')
     if not os.path.isdir(directory):
       raise FileNotFoundError(f'no checkpoints in {workdir}: train first')
-    step = export.checkpoint_step(directory, checkpoint)
-    state, m_hat, num_classes = export.restore_for_inference(directory, config, step)
+    export.checkpoint_step(directory, checkpoint)  # one exists (and --checkpoint, if given)
+    state, m_hat, num_classes = export.restore_for_inference(directory, config, checkpoint)
+    step = int(state.step)  # without --checkpoint: the latest intact one
     model = create_model(config, num_classes)
     embedding = config.model.get('embedding', 'parts')
     self.embed = run.make_embedder(model, state, m_hat, embedding)
