@@ -145,7 +145,7 @@ class CheckpointReader:
       raise DamagedCheckpointError(
         f'every checkpoint in {self.directory} is damaged: '
         + '; '.join(f'step {s}: {p}' for s, p in damaged)
-        + '. Restore the folder from a copy, or start another --workdir.'
+        + '. Restore the folder from a copy, or train again in another workdir.'
       )
     for step, problem in damaged:
       aside = f' (moved to {self._set_aside(step)})' if set_aside else ''
