@@ -1245,3 +1245,17 @@ def test_visualize_trial_and_protocol_checked_against_the_data_set(run_copy):
   ):
     visualize.draw(config, workdir, ['ranking'], workdir, protocol='sysu/all/triple')
   assert snapshot(workdir) == before
+
+
+def test_convert_writes_files_others_can_read(run_copy, tmp_path):
+  """0666 less the umask, as the run's other files (safetensors alone wrote 0600)."""
+  from cal_jax.interop import export as convert
+
+  workdir, before = run_copy
+  old = os.umask(0o022)
+  try:
+    convert.export_checkpoint(workdir, str(tmp_path / 'cal.safetensors'))
+  finally:
+    os.umask(old)
+  assert (tmp_path / 'cal.safetensors').stat().st_mode & 0o777 == 0o644
+  assert snapshot(workdir) == before
