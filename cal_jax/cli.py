@@ -14,6 +14,11 @@ fix (the file, field or value), with exit status 1 and no traceback.
                        (`formulations.resolve`): a formulation given on the command
                        line is applied before the other --config.FIELD values
   check_config_file(path)   that load, on its own
+  config_file_kind(path)    'python' (a .py file, executed) or 'run' (a run's
+                       config.json, read as data into a ConfigDict); anything
+                       else is refused before it is executed or read
+  RunConfigParser      the `--config` parser of every command: ml_collections'
+                       for a .py file, JSON for a run's config.json
   exit_with(program, error)   the one-line exit (`--v=1` also logs the traceback)
   absolute_path(path)  a path typed on the command line, resolved once against the
                        directory the command was started in ('' stays '')
@@ -22,6 +27,7 @@ fix (the file, field or value), with exit status 1 and no traceback.
 
 import importlib.machinery
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -52,6 +58,90 @@ def _where(error: BaseException, path: str) -> str:
   return f', line {lines[-1]}' if lines else ''
 
 
+# The sections of every config (configs/default.py), so of every run's config.json.
+RUN_CONFIG_SECTIONS = ('data', 'model', 'loss', 'optim', 'eval')
+
+
+def config_file_kind(argument: str) -> str:
+  """'python' for a Python config file, 'run' for a run's config.json; nothing
+  of the file is executed, and a .json file is only read as JSON.
+
+  Raises:
+    ConfigFileError: no such file, a folder, or any other kind of file.
+  """
+  path, *args = argument.split(':', 1)
+  shown = repr(path)
+  if not os.path.exists(path):
+    raise ConfigFileError(
+      f'config file {shown} does not exist (--config takes the path of a '
+      "Python file, e.g. configs/sysu.py, or a run's config.json)"
+    )
+  if not os.path.isfile(path):
+    raise ConfigFileError(f'config file {shown} is a folder, not a Python file')
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix == '.py':
+    return 'python'
+  if suffix != '.json':
+    raise ConfigFileError(
+      f"config file {shown} is neither a Python config (.py) nor a run's config.json; "
+      'it was not run: pass a file like configs/sysu.py, or WORKDIR/config.json'
+    )
+  if args:
+    raise ConfigFileError(
+      f"config file {shown}: a run's config.json takes no ':{args[0]}' argument"
+    )
+  read_run_config(path)
+  return 'run'
+
+
+def read_run_config(path: str) -> ml_collections.ConfigDict:
+  """A run's config.json (what training writes in its workdir) as a ConfigDict.
+
+  Raises:
+    ConfigFileError: unreadable, not JSON, or not a run's config.
+  """
+  shown = repr(path)
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+  except OSError as error:
+    raise ConfigFileError(f'cannot read the config file {shown}: {error.strerror}') from error
+  except ValueError as error:
+    raise ConfigFileError(
+      f"config file {shown} is not JSON ({error}): pass a run's config.json as training "
+      'wrote it, or a Python config file'
+    ) from None
+  missing = [s for s in RUN_CONFIG_SECTIONS if not isinstance(saved, dict) or s not in saved]
+  if missing or not all(isinstance(saved[s], dict) for s in RUN_CONFIG_SECTIONS):
+    raise ConfigFileError(
+      f"config file {shown} is not a run's config.json (it has no "
+      f'{", ".join(missing) or "section as a JSON object"} section); pass the config.json '
+      'of a workdir, or a Python config file'
+    )
+  return ml_collections.ConfigDict(saved)
+
+
+class RunConfigParser(config_flags_lib.ConfigFileFlagParser):
+  """`--config`: a Python config file as ml_collections loads it, or a run's
+  config.json read as data; any other file is refused before it is run."""
+
+  def parse(self, path):
+    if not isinstance(path, str):  # a ConfigDict given as the default
+      return super().parse(path)
+    if config_file_kind(path) == 'python':
+      return super().parse(path)
+    config = read_run_config(path)
+    if self._lock_config:
+      config.lock()
+    return config
+
+
+def use_run_config_parser(name: str) -> None:
+  """Makes the config-file flag `name` parse with `RunConfigParser`."""
+  flag = flags.FLAGS[name]
+  flag.parser = RunConfigParser(name=name, lock_config=getattr(flag.parser, '_lock_config', True))
+
+
 def check_config_file(argument: str) -> None:
   """Loads a config file as ml_collections' `--config` flag does, and says in one
   message why it cannot be used (raises ConfigFileError), naming the file.
@@ -59,15 +149,10 @@ def check_config_file(argument: str) -> None:
   `argument` is the flag's value: a path, optionally followed by ':' and the
   argument of a parameterised `get_config(arg)`.
   """
+  if config_file_kind(argument) == 'run':
+    return
   path, *args = argument.split(':', 1)
   shown = repr(path)
-  if not os.path.exists(path):
-    raise ConfigFileError(
-      f'config file {shown} does not exist (--config takes the path of a '
-      'Python file, e.g. configs/sysu.py)'
-    )
-  if not os.path.isfile(path):
-    raise ConfigFileError(f'config file {shown} is a folder, not a Python file')
   try:
     with open(path, 'rb') as f:
       source = f.read()
@@ -86,6 +171,11 @@ def check_config_file(argument: str) -> None:
   module.__file__ = path
   try:
     exec(code, module.__dict__)
+  except SystemExit as error:
+    raise ConfigFileError(
+      f'config file {shown}{_where(error, path)}: importing it exited '
+      f'(SystemExit: {error.code}); a config file defines get_config() and exits nowhere'
+    ) from error
   except Exception as error:
     raise ConfigFileError(
       f'config file {shown}{_where(error, path)}: importing it failed: '
@@ -100,6 +190,11 @@ def check_config_file(argument: str) -> None:
     )
   try:
     config = get_config(*args)
+  except SystemExit as error:
+    raise ConfigFileError(
+      f'config file {shown}{_where(error, path)}: get_config() exited (SystemExit: '
+      f'{error.code}) instead of returning an ml_collections.ConfigDict; fix the file'
+    ) from error
   except Exception as error:
     raise ConfigFileError(
       f'config file {shown}{_where(error, path)}: get_config('
@@ -150,9 +245,22 @@ def parse_flags(argv: list[str]) -> list[str]:
   parser; it becomes a 'FATAL Flags parsing error' naming the argument.
   A config file that cannot be loaded (whatever it raises while absl parses,
   or a get_config() that returns something else than a ConfigDict) is
-  loaded again by `check_config_file`, which names the file and the problem."""
+  loaded again by `check_config_file`, which names the file and the problem.
+  Every config-file flag parses with `RunConfigParser`, and a file that is
+  neither a .py config nor a run's config.json is refused before it is run."""
+  for name in flags.FLAGS:
+    if _is_config_file_flag(flags.FLAGS[name]):
+      use_run_config_parser(name)
+  for name, value in _config_file_arguments(argv):
+    try:
+      config_file_kind(value)
+    except ConfigFileError as error:
+      sys.exit(f'FATAL Flags parsing error: --{name}: {error}')
   try:
     remaining = flags.FLAGS(argv)
+  except SystemExit:  # a config file that exits while it is loaded
+    _exit_for_config_file(argv)
+    raise
   except flags.Error as error:  # absl's report, unless the config file is the cause
     _exit_for_config_file(argv)
     message = str(error)

@@ -403,6 +403,13 @@ def _cross_checks(
         f'config.eval.rand_perm_path={rand_perm!r} does not exist: give the '
         'data set\'s exp/rand_perm_cam.mat, or "" for seeded galleries'
       )
+  if get('model.attention_centring', False) is True and (
+    get('model.attention_similarity', 'tsaa') == 'scaled_dot'
+  ):
+    problems.append(
+      "config.model.attention_centring=True: attention_similarity='scaled_dot' (Eq. 6) has "
+      'no IN(T) to centre; set attention_centring=False, or another attention_similarity'
+    )
   epochs, warmup = get('optim.num_epochs'), get('optim.warmup_epochs')
   if isinstance(epochs, int) and isinstance(warmup, int) and epochs > 0 and warmup > epochs:
     problems.append(

@@ -77,12 +77,18 @@ class Model:
     from cal_jax.interop import export
     from cal_jax.models.cal import create_model
 
+    if not os.path.isfile(os.path.join(workdir, 'config.json')):  # this command has no --config
+      raise search.SearchInputError(
+        f'--model {workdir!r} holds no config.json, so is not a training workdir of '
+        'cal_jax.main: give a workdir, or an exported .safetensors/.pt file'
+      )
     config = export.load_workdir_config(workdir)
     directory = os.path.join(workdir, 'checkpoints')
     if not os.path.isdir(directory):
       raise FileNotFoundError(f'no checkpoints in {workdir}: train first')
-    step = export.checkpoint_step(directory, checkpoint)
-    state, m_hat, num_classes = export.restore_for_inference(directory, config, step)
+    export.checkpoint_step(directory, checkpoint)  # one exists (and --checkpoint, if given)
+    state, m_hat, num_classes = export.restore_for_inference(directory, config, checkpoint)
+    step = int(state.step)  # without --checkpoint: the latest intact one
     model = create_model(config, num_classes)
     embedding = config.model.get('embedding', 'parts')
     self.embed = run.make_embedder(model, state, m_hat, embedding)
@@ -108,6 +114,10 @@ class Model:
         return net(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))), modality)
 
     self.embed = lambda images, modality: embed(images, modality).numpy()
+    if 'image_size' not in net.metadata:
+      raise torch_model.WeightFileError(
+        f'{path}: no image_size in its metadata; export it again with python -m cal_jax.convert'
+      )
     self.image_size = tuple(net.metadata['image_size'])
     self.num_parts = int(net.metadata['config']['num_parts'])
     self.flip = True
@@ -121,10 +131,12 @@ def run_search() -> dict:
   out = cli.absolute_path(_OUTPUT.value)
   if os.path.exists(out) and not os.path.isdir(out):
     raise search.SearchInputError(f'--output {out!r} is a file: name a folder')
+  search.check_disjoint(cli.absolute_path(_QUERY.value), cli.absolute_path(_GALLERY.value))
   query = search.read_folder(cli.absolute_path(_QUERY.value), _QUERY_MODALITY.value, 'query')
   gallery = search.read_folder(
     cli.absolute_path(_GALLERY.value), _GALLERY_MODALITY.value, 'gallery'
   )
+  search.check_disjoint(query.folder, gallery.folder, query.paths, gallery.paths)
   os.makedirs(out, exist_ok=True)
   terminal.attach_log_file(out)
   model = Model(cli.absolute_path(_MODEL.value), _CHECKPOINT.value, _BATCH.value)

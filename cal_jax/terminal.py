@@ -21,6 +21,7 @@ terminal then shows the exit status only.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging as logging_std
 import os
@@ -32,6 +33,11 @@ from absl import logging
 
 TERMINAL = 'cal_jax_terminal'  # a log record's `extra` key: show it on the terminal
 LOG_FILE = 'log.txt'
+
+
+def format_rate(per_second: float) -> str:
+  """A throughput for people: '412', or with decimals below 1 ('0.37', not '0')."""
+  return f'{per_second:.0f}' if per_second >= 1 or per_second == 0 else f'{per_second:.2g}'
 
 
 def say(message: str, *args: Any) -> None:
@@ -53,17 +59,41 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # .../cal_jax
 
 
 class _TerminalFilter(logging_std.Filter):
-  """The records of the quiet terminal: marked ones, cal_jax's warnings, all errors."""
+  """The records of the quiet terminal: marked ones, cal_jax's warnings, all errors
+  (a library's error about a full disk only in log.txt)."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    if getattr(record, TERMINAL, False) or record.levelno >= logging_std.ERROR:
+    if getattr(record, TERMINAL, False):
       return True
     # By the package's own folder: a checkout named cal_jax holding its .venv would
     # otherwise claim every library's warnings.
     own = record.pathname.startswith(PACKAGE_DIR)
+    if record.levelno >= logging_std.ERROR:  # but a library's report of a full disk: the
+      return own or not _disk_full(record)  # command says that in its one line
     if record.name == 'py.warnings':  # warnings.warn: the message names the file
       own = PACKAGE_DIR in record.getMessage()
     return own and record.levelno >= logging_std.WARNING
+
+
+def _disk_full(record: logging_std.LogRecord) -> bool:
+  """Whether the record reports an ENOSPC (in its message or its exception's chain)."""
+  if 'No space left on device' in record.getMessage():
+    return True
+  error, seen = record.exc_info[1] if record.exc_info else None, set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if getattr(error, 'errno', None) == errno.ENOSPC or 'No space left on device' in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _LogFile(logging_std.FileHandler):
+  """WORKDIR/log.txt; a record it cannot write (the disk is full) is dropped, not
+  reported with a traceback on the terminal for each line."""
+
+  def handleError(self, record: logging_std.LogRecord) -> None:
+    del record
 
 
 class _Short(logging_std.Formatter):
@@ -141,13 +171,13 @@ def attach_log_file(workdir: str, process_index: int = 0) -> str | None:
   log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
   os.dup2(log, 2)
   os.close(log)
-  file_handler = logging_std.FileHandler(path, encoding='utf-8')
+  file_handler = _LogFile(path, encoding='utf-8')
   file_handler.setFormatter(formatter)
   file_handler.setLevel(logging_std.DEBUG)
   root = logging_std.getLogger()
+  root.addHandler(file_handler)  # first: a root without handlers gets basicConfig's stderr one
   if _state.buffer is not None:
     root.removeHandler(_state.buffer)
     _state.buffer = None
-  root.addHandler(file_handler)
   _state.file = path
   return path

@@ -103,6 +103,17 @@ def draw(
   ):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
       raise ValueError(f'--{name}={value}: must be an integer >= {low}')
+  if 'ranking' in what:  # against what the data set has, before anything is read
+    name = config_checks.dataset_name(config)
+    keys = evaluator.protocol_keys(name)
+    if protocol is not None and protocol not in keys:
+      raise ValueError(f'--protocol={protocol!r} is not a protocol of {name}; choose one of {keys}')
+    trials = 1 if name == 'regdb' else int(config.eval.num_trials)
+    if trial >= trials:
+      raise ValueError(
+        f'--trial={trial}: {name} is evaluated on {trials} gallery draw(s) '
+        f'(config.eval.num_trials); choose --trial from 0 to {trials - 1}'
+      )
   workdir_lib.check_writable(output)  # before the work, not after
   drawn = {}
   if 'cmc' in what:

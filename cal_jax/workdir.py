@@ -287,6 +287,11 @@ def check_config_unchanged(workdir: str, config: Any) -> None:
     )
 
 
+def plain_file_mode() -> int:
+  """The mode `open(path, 'w')` gives a new file: 0666 less the umask."""
+  return 0o666 & ~_umask()
+
+
 def _umask() -> int:
   """The process's umask (read by setting it and setting it back)."""
   mask = os.umask(0o022)

@@ -16,6 +16,7 @@ training/test_loop.py.
 
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -813,3 +814,448 @@ def test_visualize_counts_below_one(flag, run_copy):
 
   with pytest.raises(ValueError, match=re.escape(f'--{name}={value}: must be an integer >= ')):
     visualize.draw(tiny.get_config(), workdir, ['regions'], workdir, **{name: int(value)})
+
+
+# ------------------------------------------- generated weight files (catalogue) ---
+
+STATE_NAMES = ('stem_visible.conv1.weight', 'layer1.0.conv1.weight', 'part_neck.weight', 'w')
+CONFIG_VALUES = (0, 1, -1, 3, 64, 512, 2**40, 10**30, 0.5, 1.5, 'x', None, True, [1, 3], [2], [])
+
+
+def _random_weight_file(rng, path):
+  """A file of at most 1 KB whose header or metadata holds random values: random
+  hyper-parameters (sizes up to 10**30) and image size, random tensor names,
+  dtypes, shapes and byte ranges; a .safetensors, or now and then a .pt."""
+  import json
+  import struct
+
+  pick = lambda values: values[rng.integers(len(values))]
+  keys = ('depth', 'width', 'num_parts', 'pool_sizes', 'adapter_hidden', 'adapter_dim')
+  config = {key: pick(CONFIG_VALUES) for key in keys if rng.random() < 0.6}
+  if rng.random() < 0.5:
+    config.update(depth=18, width=int(pick((8, 64, 512, 4096))))  # valid, and large
+  metadata = {'config': json.dumps(config)}
+  if rng.random() < 0.3:
+    metadata['image_size'] = json.dumps(pick(([10**6, 10**6], [64], 'big', [-1, 2], [64, 32])))
+  header, offset = {}, 0
+  for _ in range(rng.integers(0, 4)):
+    dtype = pick(('F32', 'F16', 'I8', 'BOOL', 'F128'))
+    shape = [int(pick((0, 1, 3, 7, 2**31, 2**62))) for _ in range(rng.integers(0, 4))]
+    size = int(np.prod(shape, dtype=object)) * {'F32': 4, 'F16': 2}.get(dtype, 1)
+    size = size if size <= 64 else int(rng.integers(0, 64))  # claims more than it holds
+    header[pick(STATE_NAMES)] = {
+      'dtype': dtype,
+      'shape': shape,
+      'data_offsets': [offset, offset + size],
+    }
+    offset += size
+  if path.suffix == '.pt':
+    import torch
+
+    state = {name: torch.zeros(3) for name in header}
+    torch.save({'config': config, 'state_dict': state}, path)
+    return
+  header['__metadata__'] = metadata
+  raw = json.dumps(header).encode()
+  data = struct.pack('<Q', len(raw)) + raw + bytes(offset)
+  if rng.random() < 0.3:  # a few flipped bits anywhere, the length field included
+    data = bytearray(data)
+    for position in rng.integers(0, len(data), size=3):
+      data[position] ^= 1 << int(rng.integers(8))
+    data = bytes(data)
+  path.write_bytes(data[:1024])
+
+
+_LOAD_ALL = """
+import json, resource, sys
+import torch  # noqa: F401
+from cal_jax.interop import torch_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = {}
+for path in sys.argv[1:]:
+  try:
+    torch_model.load(path)
+    out[path] = 'loaded'
+  except torch_model.WeightFileError as error:
+    out[path] = 'WeightFileError: ' + str(error)
+  except BaseException as error:
+    out[path] = f'{type(error).__name__}: {error}'
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({'grown_mb': (after - before) / 1024, 'results': out}))
+"""
+
+
+def test_generated_weight_files_are_refused_before_anything_is_allocated(tmp_path):
+  """No file of at most 1 KB loads, each fails in one WeightFileError naming it, and
+  loading all of them grows the process's peak memory by less than 100 MB."""
+  import json
+
+  rng = np.random.default_rng(34)
+  paths = []
+  for i in range(60):
+    path = tmp_path / f'case{i}.{"pt" if i % 10 == 9 else "safetensors"}'
+    _random_weight_file(rng, path)
+    paths.append(path)
+  # The case of the issue: about 100 bytes whose metadata claims a wide network.
+  wide = tmp_path / 'wide.safetensors'
+  header = json.dumps(
+    {
+      '__metadata__': {'config': json.dumps({'depth': 50, 'width': 512})},
+      'w': {'dtype': 'F32', 'shape': [1], 'data_offsets': [0, 4]},
+    }
+  ).encode()
+  wide.write_bytes(len(header).to_bytes(8, 'little') + header + bytes(4))
+  paths.append(wide)
+  result = subprocess.run(
+    [sys.executable, '-c', _LOAD_ALL, *map(str, paths)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  for path in paths:
+    outcome = report['results'][str(path)]
+    assert outcome.startswith(f'WeightFileError: {path}: '), outcome
+    assert '\n' not in outcome, outcome
+  assert report['grown_mb'] < 100, report['grown_mb']
+
+
+# ------------------------------------------- generated config paths (catalogue) ---
+
+
+def _config_paths(tmp_path, marker):
+  """{name: (--config value, fragment of its one line)}: every kind of path but a .py
+  config and a run's config.json, most holding code that would create `marker` if run."""
+  from cal_jax import cli
+
+  code = f'import pathlib\npathlib.Path({str(marker)!r}).touch()\ndef get_config():\n  pass\n'
+  cases = {}
+  rng = np.random.default_rng(7)
+  suffixes = ['.txt', '', '.yaml', '.cfg', '.py.bak', '.pyc', '.JSONL', '.sh']
+  for suffix in suffixes:
+    name = f'config_{rng.integers(10**6)}{suffix}'
+    (tmp_path / name).write_text(code)
+    cases[name] = (str(tmp_path / name), "is neither a Python config (.py) nor a run's config.json")
+  for name, content, fragment in (
+    ('code.json', code, 'is not JSON'),
+    ('list.json', '[1, 2]', "is not a run's config.json"),
+    ('partial.json', json.dumps({'model': {}, 'data': {}}), 'it has no loss, optim, eval section'),
+    (
+      'sections_not_objects.json',
+      json.dumps(dict.fromkeys(cli.RUN_CONFIG_SECTIONS, 1)),
+      'as a JSON object',
+    ),
+  ):
+    (tmp_path / name).write_text(content)
+    cases[name] = (str(tmp_path / name), fragment)
+  (tmp_path / 'a_folder.py').mkdir()
+  cases['folder'] = (str(tmp_path / 'a_folder.py'), 'is a folder')
+  cases['absent'] = (str(tmp_path / 'nowhere.py'), 'does not exist')
+  os.symlink(cases[next(iter(cases))][0], tmp_path / 'link_to_text.py.txt')
+  cases['symlink'] = (str(tmp_path / 'link_to_text.py.txt'), 'is neither a Python config')
+  return cases
+
+
+_PARSE_ALL = """
+import json, sys
+from absl import app
+from cal_jax import main  # its flags
+from cal_jax import cli
+workdir, first, *values = sys.argv[1:]
+out = {}
+for value in values:
+  try:
+    cli.parse_flags(['cal_jax.main', '--config', value, '--workdir', workdir])
+    out[value] = 'parsed'
+  except SystemExit as error:
+    out[value] = str(error.code)
+print(json.dumps(out), flush=True)
+# Then as `python -m cal_jax.main --config FIRST --workdir WORKDIR` runs: its exit status.
+sys.argv = ['cal_jax.main', '--config', first, '--workdir', workdir]
+app.run(main.main, flags_parser=cli.parse_flags)
+"""
+
+
+def test_generated_config_paths_are_refused_before_they_run(run_copy, tmp_path):
+  """Each kind of file that is not a Python config or a run's config.json: one line
+  naming it (the function and absl's parser of the command), nothing of it run, the
+  workdir as it was; then through the command itself, exit 1."""
+  from cal_jax import cli
+
+  workdir, before = run_copy
+  marker = tmp_path / 'code_ran'
+  cases = _config_paths(tmp_path, marker)
+  for name, (value, fragment) in cases.items():
+    with pytest.raises(cli.ConfigFileError) as error:
+      cli.check_config_file(value)
+    message = str(error.value)
+    assert message.startswith(f'config file {value!r}') and fragment in message, (name, message)
+    assert '\n' not in message
+  values = [value for value, _ in cases.values()]
+  text = next(value for value in values if value.endswith('.txt'))
+  result = subprocess.run(
+    [sys.executable, '-c', _PARSE_ALL, workdir, text, *values],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  for name, (value, fragment) in cases.items():
+    line = report[value]
+    assert line.startswith(f'FATAL Flags parsing error: --config: config file {value!r}'), line
+    assert fragment in line and '\n' not in line, (name, line)
+  assert_single_line(result, f'--config: config file {text!r} is neither a Python config')
+  assert not marker.exists() and snapshot(workdir) == before
+
+
+def test_config_json_of_a_run_is_read_as_data(run_copy, tmp_path):
+  """A run's config.json is a --config: read as JSON, never run, equal to the run's
+  config (so resuming and evaluating the run with it are allowed)."""
+  from cal_jax import cli, config_checks
+  from cal_jax import workdir as workdir_lib
+
+  workdir, before = run_copy
+  path = os.path.join(workdir, 'config.json')
+  assert cli.config_file_kind(path) == 'run'
+  cli.check_config_file(path)
+  config = cli.RunConfigParser(name='config').parse(path)
+  assert config.is_locked
+  with open(path) as f:
+    assert json.loads(config.to_json_best_effort()) == json.load(f)
+  config_checks.check_config(config)
+  workdir_lib.check_config_unchanged(workdir, config)
+  assert snapshot(workdir) == before
+
+
+def test_config_file_whose_get_config_exits(tmp_path):
+  """A sys.exit in a config file is no silent success (it exited with status 0)."""
+  from cal_jax import cli
+
+  path = tmp_path / 'exits.py'
+  path.write_text('import sys\n\ndef get_config():\n  sys.exit(0)\n')
+  with pytest.raises(cli.ConfigFileError, match=r'line 4: get_config\(\) exited \(SystemExit: 0\)'):
+    cli.check_config_file(str(path))
+
+
+@pytest.mark.slow
+def test_config_file_whose_get_config_exits_through_the_command(tmp_path):
+  path = tmp_path / 'exits.py'
+  path.write_text('import sys\n\ndef get_config():\n  sys.exit(0)\n')
+  result = subprocess.run(
+    [sys.executable, '-m', 'cal_jax.main', '--config', str(path), '--workdir', str(tmp_path / 'r')],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert_single_line(result, f"--config: config file '{path}', line 4: get_config() exited")
+  assert not (tmp_path / 'r').exists()
+
+
+# ------------------------------------------- generated damaged checkpoint steps ---
+
+
+def _small_state(seed):
+  """A small train state with a momentum optimiser: quick to save and restore, and with
+  a kernel large enough (128 KB) that Orbax stores it in a data file of its own."""
+  import optax
+
+  from cal_jax.training.state import TrainState
+
+  rng = np.random.default_rng(seed)
+  return TrainState.create(
+    apply_fn=None,
+    params={'dense': {'kernel': rng.normal(size=(512, 64)).astype(np.float32)}},
+    tx=optax.sgd(0.1, momentum=0.9),
+    batch_stats={'mean': np.full((3,), seed, np.float32)},
+  ).replace(step=np.asarray(seed, np.int32))
+
+
+@pytest.fixture(scope='module')
+def two_steps(tmp_path_factory):
+  """A checkpoint folder with intact steps 1 and 2, step 2 evaluated (its metrics)."""
+  from cal_jax.training.checkpointing import Checkpointer
+
+  directory = tmp_path_factory.mktemp('two_steps') / 'checkpoints'
+  with Checkpointer(str(directory), tiny.get_config(), 8) as checkpointer:
+    checkpointer.save(1, _small_state(1), {'step': 1})
+    checkpointer.save(2, _small_state(2), {'step': 2})
+    checkpointer.wait_until_finished()
+    checkpointer.record_metrics(2, {'mAP': 0.5})
+  return directory
+
+
+def _flip_or_remove(rng, step_dir, keep_manifest):
+  """One random bit flipped, or one random file removed, in `step_dir`. Returns
+  (what was done, the file)."""
+  from cal_jax.training import checkpoint_files
+
+  if not keep_manifest:  # as a SIGKILL right after the commit leaves it
+    (step_dir / checkpoint_files.MANIFEST).unlink()
+  files = sorted(p for p in step_dir.rglob('*') if p.is_file())
+  if rng.random() < 0.3:
+    victim = files[rng.integers(len(files))]
+    victim.unlink()
+    return 'removed', victim
+  # A random bit of a random file, or of the step (a file hit in proportion to its size,
+  # as by a disk error: most often the data file of the arrays).
+  sizes = np.array([p.stat().st_size for p in files], float)
+  weights = sizes / sizes.sum() if rng.random() < 0.5 else (sizes > 0) / (sizes > 0).sum()
+  victim = files[rng.choice(len(files), p=weights)]
+  data = bytearray(victim.read_bytes())
+  data[rng.integers(len(data))] ^= 1 << int(rng.integers(8))
+  victim.write_bytes(bytes(data))
+  return 'flipped', victim
+
+
+@pytest.mark.parametrize('keep_manifest', [True, False], ids=['manifest', 'no_manifest'])
+def test_generated_damage_of_a_checkpoint_step_is_never_loaded_silently(
+  two_steps, keep_manifest, tmp_path
+):
+  """Random bit flips and missing files in the latest step, with and without its
+  manifest: restoring the latest either gives exactly what step 2 saved, or falls
+  back to step 1 with one warning naming step 2 and a file of it; read-only, so the
+  folder is left as it was."""
+  import jax
+
+  from cal_jax.training.checkpointing import Checkpointer
+
+  rng = np.random.default_rng(1 if keep_manifest else 2)
+  outcomes = []
+  for case in range(12):
+    directory = tmp_path / f'case{case}'
+    shutil.copytree(two_steps, directory)
+    done, victim = _flip_or_remove(rng, directory / '2', keep_manifest)
+    before = snapshot(directory)
+    lines = []
+    with _CollectWarnings(lines):
+      with Checkpointer(str(directory), tiny.get_config(), 8, read_only=True) as reader:
+        state, extra = reader.restore(_small_state(0))
+    step = extra['step']
+    assert step in (1, 2), (done, victim, extra)
+    for got, saved in zip(
+      jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(_small_state(step))
+    ):  # what was loaded is exactly what was saved as that step
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(saved), err_msg=f'{done} {victim}')
+    if step == 2:  # loaded: unwarned
+      assert not [line for line in lines if 'checkpoint of step' in line], lines
+      outcomes.append('intact')
+    else:
+      damaged = [line for line in lines if 'The checkpoint of step 2 in' in line]
+      assert len(damaged) == 1 and 'is damaged: ' in damaged[0], (done, victim, lines)
+      assert 'using step 1, the newest intact one' in damaged[0] and '\n' not in damaged[0]
+      assert str(directory / '2') in damaged[0], damaged[0]
+      outcomes.append('fell back')
+    assert snapshot(directory) == before
+  # With the manifest every file is covered: only removing the manifest itself (the
+  # digests then check the step) can leave the step loadable.
+  if keep_manifest:
+    assert outcomes.count('intact') <= 1
+  assert 'fell back' in outcomes
+
+
+def test_damaged_metrics_file_is_named_and_stepped_over(two_steps, tmp_path):
+  """The metrics entry of a step, read by orbax before any check: evaluation falls
+  back to the intact step (read-only, nothing moved); training moves the step aside."""
+  from cal_jax.training.checkpointing import Checkpointer
+
+  directory = tmp_path / 'checkpoints'
+  shutil.copytree(two_steps, directory)
+  metrics = directory / '2' / 'metrics' / 'metrics'
+  metrics.write_text('{"mAP": 0.')
+  before = snapshot(directory)
+  lines = []
+  with _CollectWarnings(lines):
+    with Checkpointer(str(directory), tiny.get_config(), 8, read_only=True) as reader:
+      _, extra = reader.restore(_small_state(0))
+  assert extra == {'step': 1} and snapshot(directory) == before
+  assert any(f'step 2 in {directory} is damaged: {metrics} cannot be read' in x for x in lines)
+  lines.clear()
+  with _CollectWarnings(lines):
+    with Checkpointer(str(directory), tiny.get_config(), 8) as checkpointer:
+      assert checkpointer.all_steps() == [1]
+  assert (tmp_path / 'checkpoints.damaged' / '2' / 'metrics' / 'metrics').is_file()
+  assert any(f'step 2 in {directory} is damaged: {metrics} cannot be read' in x for x in lines)
+
+
+def test_eval_of_a_workdir_without_checkpoints_prepares_no_data(tmp_path):
+  """--mode eval looks for a checkpoint first: no synthetic data generated, nothing prepared."""
+  workdir = tmp_path / 'empty'
+  workdir.mkdir()
+  with pytest.raises(FileNotFoundError, match=re.escape(f'no checkpoint in {workdir}/checkpoints')):
+    loop.evaluate_checkpoint(tiny.get_config(), str(workdir))
+  assert not {'synthetic_data', 'tfds'} & set(os.listdir(workdir)), os.listdir(workdir)
+
+
+def test_eval_of_a_step_that_does_not_exist_is_named_before_the_data(run_copy, tmp_path):
+  workdir, before = run_copy
+  config = tiny.get_config()
+  config.data.manual_dir = str(tmp_path / 'not_generated')  # generated if the data were read
+  with pytest.raises(
+    FileNotFoundError, match=re.escape(f'no checkpoint of step {10**20} in {workdir}/checkpoints; ')
+  ):
+    loop.evaluate_checkpoint(config, workdir, 10**20)
+  assert not (tmp_path / 'not_generated').exists() and snapshot(workdir) == before
+
+
+def test_read_only_data_dir_names_its_config_field(run_copy, tmp_path, monkeypatch):
+  """Preparing into a folder that cannot be written: the error names config.data.data_dir."""
+  from cal_jax.data import splits as data
+
+  workdir, before = run_copy
+  config = tiny.get_config()
+  config.data.manual_dir = os.path.join(workdir, 'synthetic_data')
+  config.data.data_dir = str(tmp_path / 'read_only')
+
+  def read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+  monkeypatch.setattr(data.tempfile, 'mkstemp', read_only)
+  with pytest.raises(
+    workdir_lib.WorkdirError,
+    match=re.escape(
+      f"cannot write in '{tmp_path / 'read_only'}', the folder config.data.data_dir chose"
+    )
+    + r'.*Read-only file system\. Set config\.data\.data_dir to a writable folder',
+  ):
+    data.load_splits(config, workdir)
+  assert snapshot(workdir) == before
+
+
+def test_visualize_trial_and_protocol_checked_against_the_data_set(run_copy):
+  """Before the checkpoint is read: a trial beyond the gallery draws, an unknown protocol."""
+  from cal_jax import visualize
+
+  workdir, before = run_copy
+  config = tiny.get_config()
+  trials = int(config.eval.num_trials)
+  with pytest.raises(
+    ValueError,
+    match=re.escape(
+      f'--trial={10**12}: sysu_mm01 is evaluated on {trials} gallery draw(s) '
+      f'(config.eval.num_trials); choose --trial from 0 to {trials - 1}'
+    ),
+  ):
+    visualize.draw(config, workdir, ['ranking'], workdir, trial=10**12)
+  with pytest.raises(
+    ValueError, match=r"--protocol='sysu/all/triple' is not a protocol of sysu_mm01"
+  ):
+    visualize.draw(config, workdir, ['ranking'], workdir, protocol='sysu/all/triple')
+  assert snapshot(workdir) == before
+
+
+def test_convert_writes_files_others_can_read(run_copy, tmp_path):
+  """0666 less the umask, as the run's other files (safetensors alone wrote 0600)."""
+  from cal_jax.interop import export as convert
+
+  workdir, before = run_copy
+  old = os.umask(0o022)
+  try:
+    convert.export_checkpoint(workdir, str(tmp_path / 'cal.safetensors'))
+  finally:
+    os.umask(old)
+  assert (tmp_path / 'cal.safetensors').stat().st_mode & 0o777 == 0o644
+  assert snapshot(workdir) == before

@@ -247,6 +247,13 @@ def test_checks_across_fields(tmp_path):
   config_checks.check_config(config)
 
   config = tiny.get_config()
+  config.model.attention_centring, config.model.attention_similarity = True, 'scaled_dot'
+  refused(config, "config.model.attention_centring=True: attention_similarity='scaled_dot'")
+  for similarity in ('tsaa', 'cosine'):  # both centre IN(T)
+    config.model.attention_similarity = similarity
+    config_checks.check_config(config)
+
+  config = tiny.get_config()
   for term in config_checks.LOSS_WEIGHTS:
     config.loss[term] = 0.0
   refused(config, 'every loss weight')

@@ -151,3 +151,15 @@ def test_search_errors_are_one_line(tmp_path, folders, model_file):
   last = result.stderr.strip().splitlines()[-1]
   assert 'is in colour, but --gallery_modality is infrared' in last or 'is grey' in last, last
   assert 'Traceback' not in result.stderr
+
+
+def test_query_and_gallery_that_share_images_are_refused(folders):
+  from cal_jax.evaluation import gallery_search
+
+  query = str(folders / 'query')
+  with pytest.raises(gallery_search.SearchInputError, match='are the same folder'):
+    gallery_search.check_disjoint(query, query + '/')
+  inner = os.path.join(query, 'a', 'x.png')
+  with pytest.raises(gallery_search.SearchInputError, match=r'1 images are both in --query'):
+    gallery_search.check_disjoint(query, str(folders), [inner], [inner, str(folders / 'g.png')])
+  gallery_search.check_disjoint(query, str(folders / 'gallery'), [inner], [str(folders / 'g.png')])

@@ -142,6 +142,24 @@ def synthetic_seed(config: ml_collections.ConfigDict) -> int:
   return int(config.seed) if fixed < 0 else fixed
 
 
+def check_writable(folder: str, field: str) -> None:
+  """Raises WorkdirError naming `field`, the config field that chose `folder`, unless
+  a file can be created in `folder` (created if missing)."""
+  from cal_jax import workdir as workdir_lib
+
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix='.write-probe-', dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as error:
+    raise workdir_lib.WorkdirError(
+      error.errno,
+      f'cannot write in {folder!r}, the folder {field} chose to prepare the data set in: '
+      f'{error.strerror or error}. Set {field.split("=")[0]} to a writable folder',
+    ) from error
+
+
 def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
   """Generates (if synthetic), prepares (once) and reads the train and test splits."""
   data = config.data
@@ -162,6 +180,10 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
   )
   prepared = builder.is_prepared()
   if not prepared:
+    check_writable(
+      data_dir,
+      'config.data.data_dir' if data.data_dir else 'config.data.data_dir="" (WORKDIR/tfds)',
+    )
     logging.info('Preparing %s from %s into %s.', full_name, manual_dir, builder.data_dir)
   # tfds prints "Downloading and preparing dataset Unknown size" to stdout, though
   # nothing is downloaded: to the log, not the terminal.

@@ -45,6 +45,7 @@ from cal_jax.evaluation import results as results_lib
 from cal_jax.evaluation.embedding import EmbedFn, extract_features
 from cal_jax.evaluation.progress import Progress
 from cal_jax.modality import NAMES as MODALITY_NAMES
+from cal_jax.terminal import format_rate
 
 # (extract: indices [N] -> features [N, D], indices) -> features [N, D].
 Distribute = Callable[[Callable[[np.ndarray], np.ndarray], np.ndarray], np.ndarray]
@@ -301,7 +302,8 @@ def evaluate(
   timing['images_per_second'] = embedded / max(timing['embedding'], 1e-9) if embedded else 0.0
   log(
     f'evaluation: embedding {timing["embedding"]:.1f} s ({embedded} images embedded, '
-    f'{timing["images_per_second"]:.0f} images/s; {len(features) - embedded} from the cache), '
+    f'{format_rate(timing["images_per_second"])} images/s; {len(features) - embedded} from the '
+    'cache), '
     f'distances {timing["distances"]:.1f} s, metrics {timing["metrics"]:.1f} s'
   )
   return Evaluation({key: out[key] for key in keys}, features, row_of, splits, timing)

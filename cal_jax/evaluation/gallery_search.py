@@ -63,6 +63,25 @@ class ImageSet:
     )
 
 
+def check_disjoint(query_folder: str, gallery_folder: str, query_paths=(), gallery_paths=()):
+  """Raises SearchInputError when the query and gallery are one folder, or share images
+  (a folder inside the other): each such query would find its own file first."""
+  if os.path.realpath(query_folder) == os.path.realpath(gallery_folder):
+    raise SearchInputError(
+      f'--query and --gallery are the same folder {query_folder!r}: each query would find '
+      'its own image first; give a gallery folder that does not hold the queries'
+    )
+  shared = sorted(
+    set(map(os.path.realpath, query_paths)) & set(map(os.path.realpath, gallery_paths))
+  )
+  if shared:
+    raise SearchInputError(
+      f'{len(shared)} images are both in --query {query_folder!r} and in --gallery '
+      f'{gallery_folder!r} (e.g. {shared[0]}): each would find itself first; give a gallery '
+      'folder that does not hold the queries'
+    )
+
+
 def read_folder(folder: str, modality: str, role: str) -> ImageSet:
   """The images below `folder` (recursively), checked for the modality given.
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cal_jax.terminal import format_duration
+from cal_jax.terminal import format_duration, format_rate
 
 EVERY_SECONDS = 10.0
 
@@ -43,8 +43,7 @@ class Progress:
     elapsed = max(now - self.started, 1e-9)
     rate = done / elapsed
     eta = (self.total - done) / rate if done else float('nan')
-    shown = f'{rate:.0f}' if rate >= 10 else f'{rate:.2g}'
     self.say(
       f'{self.what} {done:,}/{self.total:,} ({100 * done // max(self.total, 1)}%)  '
-      f'{shown} {self.unit}/s  ETA {format_duration(eta) if done else "?"}'
+      f'{format_rate(rate)} {self.unit}/s  ETA {format_duration(eta) if done else "?"}'
     )

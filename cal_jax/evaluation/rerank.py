@@ -85,8 +85,10 @@ def rerank(
 
   k1 = min(settings.k1, n - 1)
   half = min(int(np.around(settings.k1 / 2.0)), n - 1)
-  nearest = _nearest(dist, k1 + 1)  # [N, k1 + 1], ascending; half and k2 are prefixes
-  reciprocal = _reciprocal(nearest)
+  k2 = min(settings.k2, n)
+  # [N, max(k1 + 1, k2)], ascending; R(i, k1), R(i, k1 / 2) and the k2 nearest are prefixes.
+  nearest = _nearest(dist, max(k1 + 1, k2))
+  reciprocal = _reciprocal(nearest[:, : k1 + 1])
   half_reciprocal = _reciprocal(nearest[:, : half + 1])
 
   # Expansion: c in R(i, k1) adds R(c, k1/2) when |R(c, k1/2) & R(i, k1)| > 2/3 |R(c, k1/2)|.
@@ -103,7 +105,6 @@ def rerank(
   weight = np.exp(-dist[rows, expanded.indices]).astype(np.float64)
   weight /= np.bincount(rows, weights=weight, minlength=n)[rows]
   encoding = sp.csr_matrix((weight, expanded.indices, expanded.indptr), shape=(n, n))
-  k2 = min(settings.k2, n)
   if k2 != 1:  # query expansion: the mean over each image's k2 nearest
     mean = sp.csr_matrix(
       (np.full(n * k2, 1.0 / k2), (np.repeat(np.arange(n), k2), nearest[:, :k2].ravel())),

@@ -11,12 +11,17 @@ A result (one protocol key) is a dict:
                                 num_valid_queries, num_gallery, cmc
 A results dict maps protocol keys (`protocols.PROTOCOL_KEYS`) to
 results; the JSON file written by `write_results` adds a 'meta' entry.
+
+`results_path`: a workdir's `eval_results.json` holds the newest evaluated
+step's results; evaluating an older step (a fall back, `--checkpoint`) writes
+`eval_results_step<N>.json` beside it instead of replacing them.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,6 +130,26 @@ def write_results(path: str, results: dict[str, dict[str, Any]], meta: dict[str,
   meta.setdefault('gallery_draw', {k: r['gallery_draw'] for k, r in results.items()})
   text = json.dumps({**results, 'meta': meta}, indent=2, allow_nan=False, default=_to_json)
   workdir_lib.write_text_atomically(path, text + '\n')
+
+
+RESULTS_FILE = 'eval_results.json'
+
+
+def results_path(workdir: str, step: int) -> str:
+  """Where the results of `step` go: WORKDIR/eval_results.json, unless it holds the
+  results of a newer step (or cannot be read): then WORKDIR/eval_results_step<step>.json,
+  so that the results of one step never replace another's."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.exists(path):
+    return path
+  try:
+    _, meta = read_results(path)
+    newest = int(meta['checkpoint_step'])
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    newest = None
+  if newest is not None and newest <= int(step):
+    return path
+  return os.path.join(workdir, f'eval_results_step{int(step)}.json')
 
 
 def read_results(path: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:

@@ -95,7 +95,8 @@ def evaluate_state(
   meta: dict[str, Any] | None = None,
   writer: Any | None = None,
 ) -> evaluator.Evaluation:
-  """Evaluates on every protocol of the data set; writes DIR/eval_results.json.
+  """Evaluates on every protocol of the data set; writes DIR/eval_results.json (or,
+  for a step older than the one it holds, DIR/eval_results_step<N>.json: `results_path`).
 
   Args:
     embedder: the state to evaluate (`make_embedder`).
@@ -156,7 +157,15 @@ def evaluate_state(
   }
   table = results_lib.format_table(results)
   if jax.process_index() == 0:
-    results_lib.write_results(os.path.join(workdir, 'eval_results.json'), results, meta)
+    path = results_lib.results_path(workdir, step)
+    if os.path.basename(path) != results_lib.RESULTS_FILE:
+      logging.warning(
+        'Step %d is older than the step of %s: its results go to %s.',
+        step,
+        os.path.join(workdir, results_lib.RESULTS_FILE),
+        path,
+      )
+    results_lib.write_results(path, results, meta)
     print(table, flush=True)
   if writer is not None:
     writer.write_scalars(

@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from cal_jax import config_checks
+from cal_jax import workdir as workdir_lib
 from cal_jax.evaluation import embedding
 from cal_jax.models import torchvision_weights as pretrained
 from cal_jax.training import checkpointing
@@ -334,6 +335,7 @@ def export(
         },
         temporary,
       )
+    os.chmod(temporary, workdir_lib.plain_file_mode())  # as the run's other files, not 0600
     os.replace(temporary, path)
   except OSError as error:  # e.g. the disk filled up: the old file (if any) is kept
     if isinstance(error, OutputError):
@@ -399,17 +401,36 @@ def checkpoint_step(directory: str, step: int | None) -> int:
 
 
 def restore_for_inference(
-  directory: str, config: ml_collections.ConfigDict, step: int
+  directory: str, config: ml_collections.ConfigDict, step: int | None
 ) -> tuple[Any, np.ndarray, int]:
   """(train state, M-hat, training identities) of a checkpoint, without its data set.
 
+  `step` None: the latest intact step (a damaged newer one is named in a warning).
   M-hat is computed as `--mode eval` does: from the last epoch's assignment counts,
   or the current epoch's when no epoch has ended.
   """
-  num_classes = int(checkpointing.saved_meta(directory, step)['fingerprint']['num_classes'])
-  with checkpointing.Checkpointer(directory, config, num_classes, async_save=False) as ckpt:
+  num_classes = _num_classes(directory, step)
+  with checkpointing.Checkpointer(
+    directory, config, num_classes, async_save=False, read_only=True
+  ) as ckpt:
     state, extra = ckpt.restore(abstract_train_state(config, num_classes), step=step)
   return state, AssignmentCounts.from_json(extra, config.model.num_parts).m_hat(), num_classes
+
+
+def _num_classes(directory: str, step: int | None) -> int:
+  """The training identities of the run, from the meta item of `step` (None: of the
+  newest step whose meta item is readable; every step of a run has the same)."""
+  steps = [step] if step is not None else checkpointing.committed_steps(directory)[::-1]
+  for candidate in steps:
+    try:
+      return int(checkpointing.saved_meta(directory, candidate)['fingerprint']['num_classes'])
+    except Exception:  # a damaged meta item: named when the step is restored
+      if candidate == steps[-1]:
+        raise checkpointing.DamagedCheckpointError(
+          f'no checkpoint in {directory} has a readable meta item '
+          f'({os.path.join(directory, str(candidate), "meta")}); restore the folder from a copy'
+        ) from None
+  raise FileNotFoundError(f'no complete checkpoint in {directory}: train first')
 
 
 def export_checkpoint(
@@ -442,9 +463,10 @@ def export_checkpoint(
   # here, so the data set's folder need not exist.
   config_checks.check_config(config, partial=True)
   check_embedding(config)
-  step = checkpoint_step(directory, step)
+  checkpoint_step(directory, step)  # one exists (and `step`, if given)
   check_output(output, overwrite)  # before the checkpoint is read
   state, m_hat, num_classes = restore_for_inference(directory, config, step)
+  step = int(state.step)  # without `step`: the latest intact one
   return export(
     {'params': state.params, 'batch_stats': state.batch_stats},
     config,

@@ -91,6 +91,7 @@ HYPERPARAMETER_CHECKS = {
 BN_EPSILON = 1e-5
 INSTANCE_NORM_EPSILON = 1e-5
 L2_EPSILON = 1e-12  # on the squared norm, as cal_jax.models.normalize.l2_normalize
+MAX_IMAGE_SIDE = 8192  # pixels: the largest input side an exported file may ask for
 
 
 def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> nn.Conv2d:
@@ -379,30 +380,86 @@ def similarity(visible: torch.Tensor, infrared: torch.Tensor) -> torch.Tensor:
   return visible @ infrared.T
 
 
+def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+  """{state-dict name: shape} of `CALInference(config)`, computed on torch's meta
+  device: nothing the hyper-parameters ask for is allocated.
+
+  Raises:
+    ValueError: hyper-parameters `CALInference` refuses, or that no network has.
+  """
+  try:
+    with torch.device('meta'):
+      model = CALInference(config)
+  except ValueError:
+    raise
+  except Exception as error:  # e.g. sizes torch cannot represent
+    raise ValueError(
+      f'hyper-parameters {config} give no network ({type(error).__name__}: '
+      f'{(str(error).splitlines() or [""])[0][:200]})'
+    ) from None
+  return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def check_state(state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+  """Raises ValueError unless every tensor of `state` fills one of
+  `CALInference(config)` and vice versa, with its shape (the count of batches
+  a batch norm tracked may be absent)."""
+  wanted = expected_shapes(config)
+  optional = {name for name in wanted if name.endswith('num_batches_tracked')}
+  missing = sorted(set(wanted) - set(state) - optional)
+  unexpected = sorted(set(state) - set(wanted))
+  reshaped = [
+    f'{name}: {list(state[name].shape)} in the file, {list(wanted[name])} in the network'
+    for name in sorted(set(state) & set(wanted))
+    if tuple(state[name].shape) != wanted[name]
+  ]
+  if missing or unexpected or reshaped:
+    raise ValueError(
+      f'does not match CALInference({config}): '
+      + '; '.join(
+        part
+        for part in (
+          f'missing {missing[:8]}' if missing else '',
+          f'unexpected {unexpected[:8]}' if unexpected else '',
+          f'other shapes: {", ".join(reshaped[:4])}' if reshaped else '',
+        )
+        if part
+      )
+    )
+
+
+def _check_image_size(metadata: dict[str, Any]) -> None:
+  size = metadata.get('image_size', [1, 1])
+  if not (
+    isinstance(size, list)
+    and len(size) == 2
+    and all(
+      isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_IMAGE_SIDE for s in size
+    )
+  ):
+    raise ValueError(
+      f"its 'image_size' metadata {size!r} is not [height, width] in pixels "
+      f'(two integers from 1 to {MAX_IMAGE_SIDE})'
+    )
+
+
 def load(path: str, device: str = 'cpu') -> CALInference:
   """The model of an exported `.safetensors` or `.pt` file, in eval mode.
 
   Every tensor of the file must fill a tensor of the model and vice versa.
-  The file's metadata (M-hat, training identities, ...) is kept in
-  `model.metadata`.
+  The file's header is checked against its size (`read`), and its tensors'
+  shapes against the network its metadata describes (`check_state`, on the
+  meta device), before the network is built: what is then allocated is what
+  the file holds. The file's metadata (M-hat, training identities, ...) is
+  kept in `model.metadata`.
   """
   state, metadata = read(path)
   try:
+    check_state(state, metadata['config'])
+    _check_image_size(metadata)
     model = CALInference(metadata['config'])
-  except ValueError as error:
-    raise WeightFileError(f'{path}: {error}') from None
-  try:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-  except RuntimeError as error:  # a tensor of another shape
-    raise WeightFileError(
-      f'{path}: does not match CALInference({metadata["config"]}): '
-      f'{str(error).splitlines()[-1].strip()}'
-    ) from None
-  missing = [key for key in missing if not key.endswith('num_batches_tracked')]
-  if missing or unexpected:
-    raise WeightFileError(
-      f'{path}: does not match CALInference({metadata["config"]}): '
-      f'missing {missing[:8]}, unexpected {unexpected[:8]}'
-    )
+    model.load_state_dict(state, strict=False)
+  except (ValueError, RuntimeError) as error:
+    raise WeightFileError(f'{path}: {str(error).splitlines()[-1].strip()}') from None
   model.metadata = metadata
   return model.to(device).eval()

@@ -136,9 +136,10 @@ def cal_objective(
     # Not in the paper: each part's self-refinement map S pulled towards the region
     # DRM selected for it, weight `attention_guidance` (0 = the paper; the paper's
     # Fig. 4 shows TSAA finding DRM's regions, docs/decisions.md "Guiding TSAA").
+    attendable = outputs.get('attention_mask')  # model.attention_border > 0
     loss_guidance = 0.5 * (
-      attention_guidance_loss(outputs['sim_vv'], outputs['selected_vis'])
-      + attention_guidance_loss(outputs['sim_ii'], outputs['selected_ir'])
+      attention_guidance_loss(outputs['sim_vv'], outputs['selected_vis'], attendable)
+      + attention_guidance_loss(outputs['sim_ii'], outputs['selected_ir'], attendable)
     )
   else:
     loss_dis = loss_div = loss_guidance = jnp.zeros((), loss_id.dtype)

@@ -51,16 +51,24 @@ def attention_diversity_loss(similarity: jax.Array, form: str = 'cosine') -> jax
   return diversity_loss(jnp.swapaxes(similarity, 1, 2))
 
 
-def attention_guidance_loss(similarity: jax.Array, selected: jax.Array) -> jax.Array:
+def attention_guidance_loss(
+  similarity: jax.Array, selected: jax.Array, attendable: jax.Array | None = None
+) -> jax.Array:
   """Not in the paper: KL(q_k || S_k), q_k = S_hat_k / sum_n S_hat_k, mean over parts and B.
 
   similarity: S [B, N_p, H*W], the TSAA maps (Eq. 9) of an image's own part queries;
-  selected: S_hat [B, H*W, N_p] (Eq. 3), the scores DRM kept for each part (0 elsewhere).
+  selected: S_hat [B, H*W, N_p] (Eq. 3), the scores DRM kept for each part (0 elsewhere);
+  attendable: bool [H*W], the tokens S may attend (`model.attention_border`), or
+  None for all. q is renormalised over those tokens: S is 0 on the others, so the
+  part of DRM's region there could not be matched. A part whose whole region lies
+  there has no target and adds 0.
   q is a target: no gradient reaches DRM through it. The loss is 0 where each map
   equals its part's normalised selection, so its optimum is as spread as DRM's
   top-k region, not a one-hot map; where DRM's regions differ, so do the maps.
   """
   target = jax.lax.stop_gradient(jnp.swapaxes(selected, 1, 2))  # [B, N_p, H*W]
+  if attendable is not None:
+    target = jnp.where(attendable[None, None, :], target, 0.0)
   target = target / jnp.maximum(jnp.sum(target, axis=-1, keepdims=True), 1e-12)
   tiny = jnp.finfo(similarity.dtype).tiny
   log_ratio = jnp.log(jnp.maximum(target, tiny)) - jnp.log(jnp.maximum(similarity, tiny))

@@ -255,6 +255,8 @@ class CAL(nn.Module):
     }
     if not self.kd2_attention_gradient:
       outputs |= {'logits_vv_kd2': logits[4], 'logits_ii_kd2': logits[5]}
+    if mask is not None:  # the tokens S may attend (model.attention_border)
+      outputs['attention_mask'] = mask
     if self.class_centers:
       outputs['class_centers'] = self.centers
     if self.camera_centers:

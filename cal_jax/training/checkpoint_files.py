@@ -4,8 +4,13 @@ compatibility_fingerprint   the settings that fix the state's shapes, kept in
                every step's meta item and compared on restore
 
 MANIFEST       once a step is committed, `cal_jax_files.json` in it lists every
-               file with its size and CRC-32 (`step_files`)
+               file with its size and CRC-32 (`step_files`), the metrics included
+meta_digest, state_digest   CRC-32s of the meta item's values and of the
+               state's arrays, saved in the meta item, so in the same commit as
+               the state: a step without its manifest (its writer killed right
+               after the commit) is checked by them
 damage         what is wrong with a step folder, naming the file, or None
+metrics_problem  what is wrong with a step's metrics file (orbax reads it first)
 is_disk_full   whether an error (or its cause) is an ENOSPC
 """
 
@@ -19,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from cal_jax import workdir as workdir_lib
 
@@ -51,13 +57,10 @@ def crc32(path: str) -> int:
 
 
 def step_files(step_dir: str) -> dict[str, list[int]]:
-  """{path relative to the step: [size, crc32]}, without the manifest and metrics."""
+  """{path relative to the step: [size, crc32]} of every file but the manifest."""
   files = {}
-  for folder, dirs, names in os.walk(step_dir):
+  for folder, _, names in os.walk(step_dir):
     rel = os.path.relpath(folder, step_dir)
-    if rel == METRICS_ITEM:
-      dirs[:] = []
-      continue
     for name in names:
       relpath = os.path.normpath(os.path.join(rel, name))
       if relpath != MANIFEST:
@@ -85,13 +88,81 @@ def mount_point(path: str) -> str:
   return path
 
 
+def meta_digest(meta: dict[str, Any]) -> int:
+  """CRC-32 of the meta item's fingerprint and extra, as sorted JSON."""
+  saved = {'fingerprint': meta.get('fingerprint'), 'extra': meta.get('extra')}
+  return zlib.crc32(json.dumps(to_json(saved), sort_keys=True).encode())
+
+
+def state_digest(state: Any) -> int:
+  """CRC-32 of the shapes, dtypes and bytes of every array of `state`, in tree order."""
+  crc = 0
+  for leaf in jax.tree_util.tree_leaves(state):
+    array = np.ascontiguousarray(np.asarray(leaf))
+    crc = zlib.crc32(f'{array.dtype.str}{array.shape}'.encode(), crc)
+    crc = zlib.crc32(memoryview(array).cast('B'), crc)
+  return crc
+
+
+def has_manifest(step_dir: str) -> bool:
+  return os.path.isfile(os.path.join(step_dir, MANIFEST))
+
+
+def metrics_problem(step_dir: str) -> str | None:
+  """What is wrong with the step's metrics file (absent is fine), naming it; or None."""
+  path = os.path.join(step_dir, METRICS_ITEM, METRICS_ITEM)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      metrics = json.load(f)
+  except (OSError, ValueError) as error:
+    return f'{path} cannot be read ({error})'
+  if not isinstance(metrics, dict):
+    return f'{path} holds a JSON {type(metrics).__name__}, not the metrics of the step'
+  return None
+
+
+def set_aside_damaged_metrics(directory: str) -> list[int]:
+  """Moves each committed step of `directory` whose metrics file is damaged to
+  `<directory>.damaged/` (orbax reads every step's metrics when it starts, and
+  fails on one that is not JSON), naming it in a warning. Returns those steps."""
+  moved = []
+  if not os.path.isdir(directory):
+    return moved
+  for name in sorted(os.listdir(directory)):
+    step_dir = os.path.join(directory, name)
+    if not name.isdigit() or not os.path.isdir(step_dir):
+      continue
+    problem = metrics_problem(step_dir)
+    if problem is None:
+      continue
+    target_root = directory.rstrip(os.sep) + '.damaged'
+    target = os.path.join(target_root, name)
+    os.makedirs(target_root, exist_ok=True)
+    if os.path.exists(target):
+      target += time.strftime('-%Y%m%d-%H%M%S')
+    os.replace(step_dir, target)
+    logging.warning(
+      'The checkpoint of step %s in %s is damaged: %s; moved to %s, the newest intact '
+      'step is used.',
+      name,
+      directory,
+      problem,
+      target,
+    )
+    moved.append(int(name))
+  return moved
+
+
 def damage(step_dir: str) -> str | None:
   """What is wrong with the committed `step`, naming the file; None if nothing is seen.
 
-  Checks that the files every step holds are there, that the meta item is
-  JSON, and, when the step has its manifest, each file's size and CRC-32.
-  A step without a manifest (its writer was killed right after the commit)
-  is checked by reading it (`restore`).
+  Checks that the files every step holds are there, that the meta item and the
+  metrics are JSON, and, when the step has its manifest, that it lists every
+  file of the step and each file's size and CRC-32. A step without a manifest
+  (its writer was killed right after the commit) is checked by reading it
+  (`meta_digest` here, `state_digest` in `CheckpointReader.restore`).
   """
   for relpath in REQUIRED_FILES:
     if not os.path.isfile(os.path.join(step_dir, relpath)):
@@ -99,18 +170,30 @@ def damage(step_dir: str) -> str | None:
   meta = os.path.join(step_dir, REQUIRED_FILES[0])
   try:
     with open(meta, encoding='utf-8') as f:
-      json.load(f)
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError(f'a JSON {type(saved).__name__}, not an object')
   except (OSError, ValueError) as error:
     return f'{meta} cannot be read ({error})'
+  problem = metrics_problem(step_dir)
+  if problem:
+    return problem
   manifest = os.path.join(step_dir, MANIFEST)
-  if not os.path.isfile(manifest):
-    return None
+  if not has_manifest(step_dir):
+    if not {'meta_digest', 'state_digest'} <= set(saved):
+      return f'{manifest} is missing and the step holds no digest, so it cannot be checked'
+    if meta_digest(saved) != saved['meta_digest']:
+      return f'{meta} does not hold what was written (its digest differs; {MANIFEST} is missing)'
+    return None  # the state is checked by its digest as it is read (`restore`)
   try:
     with open(manifest, encoding='utf-8') as f:
       expected = json.load(f)
-  except (OSError, ValueError) as error:
+    entries = sorted(expected.items())
+    for _, (size, crc) in entries:
+      int(size), int(crc)
+  except (OSError, ValueError, TypeError, AttributeError) as error:
     return f'{manifest} cannot be read ({error})'
-  for relpath, (size, crc) in sorted(expected.items()):
+  for relpath, (size, crc) in entries:
     path = os.path.join(step_dir, relpath)
     if not os.path.isfile(path):
       return f'{path} is missing'
@@ -119,6 +202,11 @@ def damage(step_dir: str) -> str | None:
       return f'{path} has {actual} of its {size} bytes'
     if crc32(path) != crc:
       return f'{path} does not hold what was written (checksum differs)'
+  for folder, _, names in os.walk(step_dir):
+    for name in names:
+      relpath = os.path.normpath(os.path.relpath(os.path.join(folder, name), step_dir))
+      if relpath != MANIFEST and relpath not in expected:
+        return f'{os.path.join(step_dir, relpath)} is not in {MANIFEST}, so cannot be checked'
   return None
 
 

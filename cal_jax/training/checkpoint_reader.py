@@ -20,12 +20,24 @@ from cal_jax.training.checkpoint_files import fingerprint_differences
 from cal_jax.training.state import TrainState
 
 
+def read_only_options() -> ocp.CheckpointManagerOptions:
+  """Of a manager that only reads: the metrics files, which orbax reads first and which
+  may be damaged, are not read at start (`damage` checks them, naming the file)."""
+  return ocp.CheckpointManagerOptions(
+    read_only=True, lightweight_initialize=True, save_interval_steps=0, create=False
+  )
+
+
 class IncompatibleCheckpointError(ValueError):
   """A checkpoint was written for a network or class count other than the config's."""
 
 
 class DamagedCheckpointError(ValueError):
   """No committed checkpoint (or not the one asked for) can be read back."""
+
+
+class _FailedCheck(Exception):
+  """A step read back that does not hold what was saved, or that cannot be checked."""
 
 
 def is_primary() -> bool:
@@ -133,7 +145,7 @@ class CheckpointReader:
       raise DamagedCheckpointError(
         f'every checkpoint in {self.directory} is damaged: '
         + '; '.join(f'step {s}: {p}' for s, p in damaged)
-        + '. Restore the folder from a copy, or start another --workdir.'
+        + '. Restore the folder from a copy, or train again in another workdir.'
       )
     for step, problem in damaged:
       aside = f' (moved to {self._set_aside(step)})' if set_aside else ''
@@ -176,6 +188,8 @@ class CheckpointReader:
           return self._restore_step(template, latest)
         except IncompatibleCheckpointError:
           raise
+        except _FailedCheck as error:
+          read_errors[latest] = str(error)
         except Exception as error:  # tensorstore's own
           read_errors[latest] = self._read_problem(latest, error)
     if step not in self._manager.all_steps():
@@ -189,6 +203,8 @@ class CheckpointReader:
         return self._restore_step(template, step)
       except IncompatibleCheckpointError:
         raise
+      except _FailedCheck as error:
+        problem = str(error)
       except Exception as error:
         problem = self._read_problem(step, error)
     raise DamagedCheckpointError(
@@ -205,17 +221,27 @@ class CheckpointReader:
     )
 
   def _restore_step(self, template: TrainState, step: int) -> tuple[TrainState, dict[str, Any]]:
+    """The state and extra of `step`. A step without its manifest is checked by the
+    digest of its state saved with it (`state_digest`; `damage` checked its meta)."""
     meta = self.check_compatible(step)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
     restored = self._manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     )
+    step_dir = self._step_dir(step)
+    if not checkpoint_files.has_manifest(step_dir) and (
+      checkpoint_files.state_digest(restored.state) != meta.get('state_digest')
+    ):
+      raise _FailedCheck(
+        f'{os.path.join(step_dir, "state")} does not hold what was written (the digest of '
+        f'its arrays differs from the one saved with it; {checkpoint_files.MANIFEST} is missing)'
+      )
     return restored.state, meta['extra']
 
 
 def committed_steps(directory: str) -> list[int]:
   """The committed steps of a checkpoint folder, read only (nothing is created or removed)."""
-  reader = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  reader = ocp.CheckpointManager(directory, options=read_only_options())
   try:
     return sorted(reader.all_steps())
   finally:
@@ -224,7 +250,7 @@ def committed_steps(directory: str) -> list[int]:
 
 def saved_meta(directory: str, step: int) -> dict[str, Any]:
   """The `meta` item of a committed step ('fingerprint' and 'extra'), read only."""
-  reader = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  reader = ocp.CheckpointManager(directory, options=read_only_options())
   try:
     return reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
   finally:

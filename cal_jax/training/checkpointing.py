@@ -46,7 +46,7 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 from cal_jax import workdir as workdir_lib
-from cal_jax.training import checkpoint_files
+from cal_jax.training import checkpoint_files, checkpoint_reader
 from cal_jax.training.checkpoint_files import (
   compatibility_fingerprint,
   to_json,
@@ -99,6 +99,7 @@ class Checkpointer(CheckpointReader):
     keep: int = 3,
     keep_best: bool = True,
     async_save: bool = True,
+    read_only: bool = False,
   ):
     """
     Args:
@@ -110,10 +111,24 @@ class Checkpointer(CheckpointReader):
       keep_best: also keep the step with the highest `metrics['mAP']`.
       async_save: write in a background thread; `save` returns once the
         arrays are copied to the host.
+      read_only: restore only (evaluation, export): nothing in `directory` is
+        written or moved, and no step's metrics are read until it is checked.
+        Otherwise a step whose metrics file is damaged (orbax reads them all
+        first) is named in a warning and moved to `<directory>.damaged/`.
     """
     if keep < 1:
       raise ValueError(f'keep must be at least 1 (the latest step), got {keep}.')
     self.fingerprint = compatibility_fingerprint(config, num_classes)
+    self._pending: int | None = None  # saved, not yet known to be committed
+    self._read_only = read_only
+    if read_only:
+      self._manager = ocp.CheckpointManager(
+        os.path.abspath(directory), options=checkpoint_reader.read_only_options()
+      )
+      return
+    if is_primary():
+      checkpoint_files.set_aside_damaged_metrics(os.path.abspath(directory))
+    sync('cal_jax_damaged_metrics')
     policies = [checkpoint_managers.LatestN(n=keep)]
     if keep_best:
       policies.append(
@@ -134,7 +149,6 @@ class Checkpointer(CheckpointReader):
     )
     # Orbax needs an absolute path; the command lines resolve theirs already.
     self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
-    self._pending: int | None = None  # saved, not yet known to be committed
 
   def save(
     self, step: int, state: TrainState, extra: dict[str, Any], metrics: dict[str, Any] | None = None
@@ -154,6 +168,9 @@ class Checkpointer(CheckpointReader):
     if metrics is not None:
       metrics = _checked_metrics(metrics)
     meta = {'fingerprint': self.fingerprint, 'extra': to_json(extra)}
+    # Committed with the state: they check a step whose manifest was never written.
+    meta['meta_digest'] = checkpoint_files.meta_digest(meta)
+    meta['state_digest'] = checkpoint_files.state_digest(state)
     json.dumps(meta)  # fail here, not in the background thread, on a non-JSON value
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     self._finish_pending()
@@ -179,6 +196,8 @@ class Checkpointer(CheckpointReader):
     self._finish_pending()
     if is_primary():
       workdir_lib.write_text_atomically(self._metrics_file(step), json.dumps(metrics))
+      if checkpoint_files.has_manifest(self._step_dir(step)):  # it covers the metrics too
+        self._write_manifest(step)
     sync(f'cal_jax_record_metrics_{step}')
     self._manager.reload()
 
@@ -202,15 +221,19 @@ class Checkpointer(CheckpointReader):
       self._raise_if_disk_full(error, step)
       raise
     if is_primary() and os.path.isdir(self._step_dir(step)):
-      files = checkpoint_files.step_files(self._step_dir(step))
       try:
-        workdir_lib.write_text_atomically(
-          os.path.join(self._step_dir(step), checkpoint_files.MANIFEST),
-          json.dumps(files, sort_keys=True),
-        )
-      except OSError as error:  # the step itself is committed; only the check is lost
-        self._raise_if_disk_full(error, step)
-        raise
+        self._write_manifest(step)
+      except OSError as error:  # the step is committed, and its digests check it
+        if not checkpoint_files.is_disk_full(error):
+          raise
+        logging.info('No room for the file list of step %d; its digests check it.', step)
+
+  def _write_manifest(self, step: int) -> None:
+    files = checkpoint_files.step_files(self._step_dir(step))
+    workdir_lib.write_text_atomically(
+      os.path.join(self._step_dir(step), checkpoint_files.MANIFEST),
+      json.dumps(files, sort_keys=True),
+    )
 
   def _after_failed_save(self, quiet_s: float = 1.0, limit_s: float = 60.0) -> None:
     """When one item of a save fails, the others' writes (TensorStore's threads) go on:
@@ -222,7 +245,9 @@ class Checkpointer(CheckpointReader):
 
   def _remove_partial_steps(self) -> list[str]:
     """Removes the `*.orbax-checkpoint-tmp*` folders of saves that did not commit."""
-    return checkpoint_files.remove_partial_steps(self.directory) if is_primary() else []
+    if self._read_only or not is_primary():
+      return []
+    return checkpoint_files.remove_partial_steps(self.directory)
 
   def _raise_if_disk_full(self, error: BaseException, step: int) -> None:
     """Re-raises an ENOSPC of a save as one WorkdirError naming the disk."""
@@ -241,13 +266,21 @@ class Checkpointer(CheckpointReader):
     """Waits for pending saves and deletions, then releases the manager.
 
     Whatever happens, what a failed background save left behind (a
-    `*.orbax-checkpoint-tmp*` folder) is removed, so the next run starts clean.
+    `*.orbax-checkpoint-tmp*` folder) is removed, so the next run starts clean,
+    and the first error is the one raised (the manager's own close meets it again).
     """
+    failed = True
     try:
       self._finish_pending()
       self._manager.wait_until_finished()
+      failed = False
     finally:
-      self._manager.close()
+      try:
+        self._manager.close()
+      except Exception as error:  # the same failed save, met again
+        if not failed:
+          raise
+        logging.info('Closing the checkpoint manager failed as well: %s', error)
       removed = self._remove_partial_steps()
       if removed:
         logging.warning(

@@ -376,7 +376,8 @@ def progress_line(step: int, total: int, summary: dict, elapsed: float, done: in
   eta = elapsed / max(done, 1) * (total - step)
   return (
     f'step {step}/{total} ({100 * step // max(total, 1)}%)  loss {float(summary["loss"]):.3f}  '
-    f'{summary["images_per_second"]:.0f} images/s  ETA {terminal.format_duration(eta)}'
+    f'{terminal.format_rate(summary["images_per_second"])} images/s  '
+    f'ETA {terminal.format_duration(eta)}'
   )
 
 
@@ -394,11 +395,22 @@ class Trained:
 def restore_trained(
   config: ml_collections.ConfigDict, workdir: str, step: int | None = None
 ) -> Trained:
-  """The data and a checkpoint's state (the latest, or `step`) and its counts."""
+  """The data and a checkpoint's state (the latest, or `step`) and its counts; the
+  checkpoint is looked for before the data is prepared."""
+  directory = os.path.join(workdir, 'checkpoints')
+  steps = checkpointing.committed_steps(directory) if os.path.isdir(directory) else []
+  if not steps:
+    raise FileNotFoundError(
+      f'no checkpoint in {directory}: train first, or point --workdir at a training run'
+    )
+  if step is not None and step not in steps:
+    raise FileNotFoundError(
+      f'no checkpoint of step {step} in {directory}; --checkpoint takes one of {steps}'
+    )
   splits = distributed.primary_first(lambda: splits_lib.load_splits(config, workdir), 'data')
   num_classes = len(np.unique(splits.train.id))
   with checkpointing.Checkpointer(
-    os.path.join(workdir, 'checkpoints'), config, num_classes, keep=config.keep_checkpoints
+    os.path.join(workdir, 'checkpoints'), config, num_classes, read_only=True
   ) as checkpointer:
     if checkpointer.latest_step() is None:
       raise FileNotFoundError(

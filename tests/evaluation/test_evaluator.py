@@ -357,6 +357,25 @@ def test_write_results_atomic_and_readable(tmp_path, monkeypatch):
     results_lib.write_results(path, results, {'dataset': 'sysu_mm01'})
 
 
+def test_results_of_one_step_never_replace_a_newer_step_s(tmp_path):
+  """eval_results.json keeps the newest evaluated step's results; an older step (a fall
+  back past a damaged step, or --checkpoint) goes to eval_results_step<N>.json."""
+  workdir = str(tmp_path)
+  main = os.path.join(workdir, 'eval_results.json')
+  assert results_lib.results_path(workdir, 8) == main  # none yet
+  results_lib.write_results(main, _results(), {'checkpoint_step': 8, 'dataset': 'sysu_mm01'})
+  assert results_lib.results_path(workdir, 8) == main  # the same step, evaluated again
+  assert results_lib.results_path(workdir, 12) == main  # a newer step
+  older = results_lib.results_path(workdir, 4)
+  assert older == os.path.join(workdir, 'eval_results_step4.json')
+  results_lib.write_results(older, {}, {'checkpoint_step': 4, 'dataset': 'sysu_mm01'})
+  assert results_lib.read_results(main)[1]['checkpoint_step'] == 8
+  # A file that cannot be read is not replaced either.
+  with open(main, 'w') as f:
+    f.write('{"meta": ')
+  assert results_lib.results_path(workdir, 12) == os.path.join(workdir, 'eval_results_step12.json')
+
+
 def test_format_table():
   """The paper's layout: a table per data set, a column group per mode."""
   results = _results()

@@ -119,3 +119,57 @@ def test_guidance_sends_the_real_adapter_s_parts_to_their_own_regions():
   assert np.mean(inside) > 0.9, np.mean(inside)
   stats = attention_adapter.attention_statistics(maps(params))
   assert float(stats['attention_distinct']) > 3.5
+
+
+def np_guidance_over(sim, selected, attendable):
+  """np_guidance with q renormalised over the attendable tokens (0 for a part with none)."""
+  b, parts, _ = sim.shape
+  total = 0.0
+  for i in range(b):
+    for k in range(parts):
+      q = np.where(attendable, selected[i, :, k], 0.0)
+      if q.sum() == 0:
+        continue
+      q = q / q.sum()
+      kept = q > 0
+      total += float(np.sum(q[kept] * np.log(q[kept] / sim[i, k, kept])))
+  return total / (b * parts)
+
+
+def test_guidance_with_a_border_is_renormalised_over_the_attendable_tokens():
+  """model.attention_border: S is 0 on the border, so DRM's border tokens are out of
+  the target. By hand: a region of 4 equal tokens, 2 of them on the border, and S
+  spread evenly over the other 2: KL = 0 (it was 2 * 0.25 * (log 0.25 - log tiny))."""
+  attendable = jnp.array([False, True, True, False])
+  sim = jnp.array([[[0.0, 0.5, 0.5, 0.0]]])
+  selected = jnp.full((1, 4, 1), 0.25)
+  got = region_losses.attention_guidance_loss(sim, selected, attendable)
+  assert float(got) == pytest.approx(0.0, abs=1e-7)
+  # A part whose whole region lies on the border: no target, no term.
+  on_border = jnp.array([[[0.3], [0.0], [0.0], [0.7]]])
+  assert float(region_losses.attention_guidance_loss(sim, on_border, attendable)) == 0.0
+
+  # The real masked Eq. (9) maps through the objective, against numpy.
+  b, k, d = 4, 3, 8
+  mask = np.asarray(attention_adapter.interior_tokens(6, 4, 1))  # 8 of the 24 tokens
+  n = mask.size
+  outputs = fake_outputs(b=b, k=k, n=n)
+  for name in ('vv', 'ii'):
+    queries, tokens = RNG.normal(size=(b, k, d)), RNG.normal(size=(b, n, d))
+    outputs[f'sim_{name}'] = attention_adapter.spatial_similarity(
+      jnp.asarray(queries, jnp.float32), jnp.asarray(tokens, jnp.float32), jnp.asarray(mask)
+    )
+  assert not np.asarray(outputs['sim_vv'])[..., ~mask].any()  # S is 0 on the border
+  outputs['attention_mask'] = jnp.asarray(mask)
+  labels, partner = jnp.array([0, 1, 0, 1]), jnp.array([2, 3, 0, 1])
+  _, terms, _ = cal_objective(
+    outputs, labels, labels, partner, partner, loss_weights(attention_guidance=1.0)
+  )
+  expected = 0.5 * sum(
+    np_guidance_over(
+      np.asarray(outputs[f'sim_{m}'], np.float64), np.asarray(outputs[f'selected_{s}']), mask
+    )
+    for m, s in (('vv', 'vis'), ('ii', 'ir'))
+  )
+  np.testing.assert_allclose(float(terms['attention_guidance']), expected, rtol=1e-5)
+  assert float(terms['attention_guidance']) < 20  # no ~87 per border token's share

@@ -325,3 +325,22 @@ def test_damaged_step_named_with_its_file(tmp_path, tiny_config):
       r'meta/metadata is missing',
     ):
       checkpointer.restore(small_state())
+
+
+def test_close_raises_the_first_error_not_the_manager_s_own(tmp_path, tiny_config, monkeypatch):
+  """A save that failed fails Orbax's close again; the error reported is the first (the
+  one-line full disk), not the second, raw one."""
+  import errno
+
+  checkpointer = Checkpointer(str(tmp_path), tiny_config, NUM_CLASSES)
+  save_steps(checkpointer, {1: None})
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(checkpointer._manager, 'wait_until_finished', full)
+  monkeypatch.setattr(checkpointer._manager, 'close', full)
+  with pytest.raises(
+    checkpointing.workdir_lib.WorkdirError, match='the checkpoint of step 1 could'
+  ):
+    checkpointer.close()
