@@ -88,6 +88,7 @@ def sysu_tree(tmp_path_factory):
 def real_data_config(root, data_dir):
   config = tiny.get_config()
   config.data.synthetic = ''
+  config.model.pretrained = 'none'  # a real data set's opt-out of the ImageNet weights
   config.data.manual_dir, config.data.data_dir = str(root), str(data_dir)
   return config
 
@@ -105,6 +106,7 @@ def test_incomplete_dataset_folder(sysu_tree, run_copy, tmp_path):
     '--workdir',
     workdir,
     '--config.data.synthetic=',
+    '--config.model.pretrained=none',
     f'--config.data.manual_dir={root}',
     f'--config.data.data_dir={tmp_path}/tfds',
   )
@@ -545,6 +547,7 @@ def test_manual_dir_that_does_not_exist_beside_data_prepared_earlier(sysu_tree, 
     '--workdir',
     workdir,
     '--config.data.synthetic=',
+    '--config.model.pretrained=none',
     f'--config.data.manual_dir={gone}',
     f'--config.data.data_dir={tmp_path}/tfds',
     timeout=120,
