@@ -221,8 +221,7 @@ def test_checkpoint_of_another_config(run_copy):
     result,
     'cal_jax.main: error: The checkpoint at step 0 in',
     'num_parts: checkpoint=4, config=3',
-    'Start a fresh run with another '
-    '--workdir, or resume with the config that wrote this checkpoint',
+    'Start a fresh run in another workdir, or use the config that wrote this checkpoint',
   )
   assert snapshot(workdir) == before
 

@@ -93,8 +93,8 @@ class CheckpointReader:
       raise IncompatibleCheckpointError(
         f'The checkpoint at step {step} in {self.directory} was written for another '
         'network:\n  ' + '\n  '.join(differences) + '\n'
-        'Start a fresh run with another --workdir, or resume with the config that '
-        'wrote this checkpoint.'
+        'Start a fresh run in another workdir, or use the config that wrote this '
+        'checkpoint.'
       )
     return meta
 
