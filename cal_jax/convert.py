@@ -52,9 +52,6 @@ def main(argv):
   output = cli.absolute_path(flag.output)
   config = cli.resolve_config_paths(flag.config) if flag.config is not None else None
   workdir = cli.absolute_path(flag.workdir)
-  folder = log_folder(workdir, output)
-  if folder is not None:
-    terminal.attach_log_file(folder)
   try:
     metadata = export.export_checkpoint(
       workdir,
@@ -65,7 +62,11 @@ def main(argv):
       modality=flag.modality,
     )
   except cli.USER_ERRORS as error:  # a message for the user, no traceback
-    cli.exit_with('cal_jax.convert', error)
+    cli.exit_with('cal_jax.convert', error)  # a refused export leaves the workdir as it was
+  # Only now, as the export is done: the libraries' lines held back so far go to log.txt.
+  folder = log_folder(workdir, output)
+  if folder is not None:
+    terminal.attach_log_file(folder)
   print(
     f'wrote {output}: step {metadata["checkpoint_step"]}, '
     f'M-hat {metadata["m_hat"]}, {metadata["config"]}',

@@ -604,12 +604,16 @@ def test_convert_refuses_to_overwrite_without_the_flag(run_copy, tmp_path):
     '--overwrite to replace it, or choose another --output',
   )
   assert output.read_bytes() == b'an earlier export'
+  assert snapshot(workdir) == before  # the refused export wrote nothing, not even log.txt
   result = run_convert('--workdir', workdir, '--output', str(output), '--overwrite')
   assert result.returncode == 0, result.stderr[-3000:]
   from cal_jax.interop import torch_model
 
   assert torch_model.load(str(output)).metadata['checkpoint_step'] == 0
-  assert snapshot(workdir) == before
+  # A done export adds the libraries' lines to the run's log.txt, and changes nothing else.
+  after = snapshot(workdir)
+  assert 'log.txt' in after
+  assert {k: v for k, v in after.items() if k != 'log.txt'} == before
 
 
 @pytest.mark.slow
