@@ -6,4 +6,5 @@ embedding   prototype reordering by M-hat, the jitted embedding, part maps
 evaluator   `evaluate(embed_fn, test_split, name, settings) -> Evaluation`
 results     per-trial aggregation, the results file and the paper's tables
 run         evaluating a state: the results file, the log, TensorBoard
+progress    the progress lines (count, rate, ETA) while images are embedded and scored
 """

@@ -6,4 +6,5 @@ state           the train state and its restore template
 optim           SGD with warm-up and cosine decay (Sec. 4.1)
 checkpointing   Orbax checkpoints with the data position and a compatibility fingerprint
 assignments     `AssignmentCounts`: the part matchings counted per epoch, and M-hat
+collapse        `CollapseGuard`: one warning while training when the TSAA maps stay one-hot
 """
