@@ -162,6 +162,12 @@ ROWS = {
     _row('with_global_id', '+ global ID loss (not in the paper)', loss__global_id=1.0),
     _row('pcl_sum', "PCL with Eq. 14's sums (the paper's)", loss__pcl_reduction='sum'),
     _row(
+      'pcl_raw_features',
+      "PCL's sums on the raw TSAA outputs (Eq. 15 without unit parts)",
+      loss__pcl_reduction='sum',
+      loss__pcl_features='raw',
+    ),
+    _row(
       'pcl_normalised_mean',
       'PCL on unit parts, means per term (not in the paper)',
       loss__pcl_reduction='normalised_mean',
@@ -214,6 +220,7 @@ TABLES = {
     'no_global_id',
     'with_global_id',
     'pcl_sum',
+    'pcl_raw_features',
     'pcl_normalised_mean',
     'baseline',
   ),

@@ -33,6 +33,7 @@ from cal_jax.data.datasets.specs import SPECS
 from cal_jax.losses import LOSS_TERMS
 from cal_jax.losses.match_distill import KD1_FORMS
 from cal_jax.losses.metric_losses import PCL_FORMS
+from cal_jax.losses.part_center_loss import FEATURES as PCL_FEATURES
 from cal_jax.losses.part_center_loss import REDUCTIONS as PCL_REDUCTIONS
 from cal_jax.losses.region_losses import ATTENTION_DIV_FORMS
 from cal_jax.models.attention_adapter import SIMILARITIES
@@ -251,6 +252,7 @@ RULES: dict[str, Any] = {
   'loss.pcl_margin': Float(0.0, note='sigma of Eq. 15'),
   'loss.pcl_form': Choice(PCL_FORMS),
   'loss.pcl_reduction': Choice(PCL_REDUCTIONS),
+  'loss.pcl_features': Choice(PCL_FEATURES),
   'loss.mcca_rho': Float(0.0, note="ICA&CCA's centre margin"),
   'loss.mcca_sigma': Float(0.0, note="ICA&CCA's sample margin"),
   'loss.kd1_form': Choice(KD1_FORMS),
@@ -332,6 +334,11 @@ def _cross_checks(
   elif name in ('sysu_mm01', 'llcm') and builder_config:
     problems.append(
       f'config.data.builder_config={builder_config!r}: {name} has no builder configs; set it to ""'
+    )
+  if get('loss.pcl_features', 'unit_parts') == 'raw' and get('loss.pcl_reduction') != 'sum':
+    problems.append(
+      "config.loss.pcl_features='raw' goes with config.loss.pcl_reduction='sum' only: the "
+      "normalised mean works on unit parts; set pcl_features='unit_parts'"
     )
   gap = get('data.synthetic_infrared_gap', 1.0)
   if synthetic and synthetic != 'sysu' and gap != 1.0:

@@ -104,6 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.dis = 0.1  # lambda_3
   config.loss.div = 0.1  # lambda_4
   config.loss.pcl_margin = 0.6  # sigma of Eq. (15)
+  # What Eq. (15) compares: "unit_parts" (each part L2-normalised, so that sigma = 0.6 is
+  # on the scale of unit vectors; the paper does not say) or "raw" (the TSAA outputs).
+  config.loss.pcl_features = 'unit_parts'
   config.loss.pcl_form = 'pcl'  # "pcl": Eq. (14); Table 4: "triplet" | "center" | "ica_cca"
   # MCLNet's margins for "ica_cca" on unit part features (its 4500 and 8 were for raw
   # 2,048-d features): centres at least rho apart (2: orthogonal unit vectors), and
@@ -123,8 +126,8 @@ def get_config() -> ml_collections.ConfigDict:
   # formulation (cal_jax/formulations.py): loss.kd1 (lambda_1), loss.kd1_form (Eq. 18:
   # "dot"; "cosine" | "kl" | "mse" align the maps), loss.kd2_attention_gradient (Eq. 19
   # through the TSAA maps), loss.global_id (an identity loss on the pooled map, not in
-  # Eq. 20) and loss.pcl_reduction (Eqs. 14-15: "sum" of raw distances, or
-  # "normalised_mean": unit parts, per-part distances, a mean per term).
+  # Eq. 20) and loss.pcl_reduction (Eqs. 14-15: "sum" over every (i, j), or
+  # "normalised_mean": per-part distances, a mean per term).
   formulations.apply(config, 'paper')
 
   # ------------------------------------------------------------ optimiser ---

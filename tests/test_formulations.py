@@ -30,6 +30,7 @@ PAPER = {
   'loss.query_matching': True,
   'loss.pcl_form': 'pcl',
   'loss.pcl_reduction': 'sum',
+  'loss.pcl_features': 'unit_parts',  # paper silent on Eq. 15's scale; sigma = 0.6 sets it
   'loss.pcl_margin': 0.6,
   'model.num_parts': 4,
   'model.select_ratio': 0.6,

@@ -53,6 +53,7 @@ def _metric_loss(
       weights.pcl_margin,
       axis_name,
       reduction=weights.pcl_reduction,
+      features=weights.get('pcl_features', 'unit_parts'),
     )
   if form == 'triplet':
     return metric_losses.batch_hard_triplet_loss(

@@ -8,13 +8,19 @@
 Two reductions (`config.loss.pcl_reduction`, one field of the formulations):
 - "sum", the paper's: Eq. (14) as written, a sum over every pair (i, j) of the
   batch (j runs over samples, so a class of K samples counts K times), of
-  ||f - c||_2 over the whole refined feature [N_p, C] (its parts concatenated),
-  on the raw features.
-- "normalised_mean", the measured variant (docs/decisions.md, "PCL scale"): each
-  part feature is L2-normalised, distances are per part and averaged over parts
-  (so sigma = 0.6 is on the scale of unit vectors), and each of the five sums is
+  ||f - c||_2 over the whole refined feature [N_p, C] (its parts concatenated).
+- "normalised_mean", the measured variant (docs/decisions.md, "PCL scale"):
+  distances are per part and averaged over parts, and each of the five sums is
   divided by its number of valid pairs (so the weight does not depend on the
   batch size).
+The features they compare (`config.loss.pcl_features`, the same in both formulations):
+- "unit_parts": each part feature L2-normalised first, so that sigma = 0.6
+  (Sec. 4.1) is a distance on the scale of unit vectors, as at inference, where
+  parts are compared by their cosines (Sec. 3.4). The paper does not say what
+  scale Eq. (15) works on; its margin is only ever active on this one
+  (docs/decisions.md, "The scale of Eq. 15").
+- "raw": the TSAA outputs as they are ("sum" only: the measured mean is the
+  normalised one).
 The separation terms run over all pairs of samples of different classes in the
 *global* batch: with `axis_name` set, centroids are gathered from every device,
 so a batch split across devices gives the loss of the whole batch (for "sum",
@@ -35,6 +41,7 @@ def class_centroids(features: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 REDUCTIONS = ('sum', 'normalised_mean')
+FEATURES = ('unit_parts', 'raw')
 
 
 def feature_distance(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -82,6 +89,7 @@ def part_center_loss(
   margin: float,
   axis_name: str | None = None,
   reduction: str = 'normalised_mean',
+  features: str = 'unit_parts',
 ) -> jax.Array:
   """L_pcl of Eq. (14).
 
@@ -93,6 +101,7 @@ def part_center_loss(
     margin: sigma.
     axis_name: mapped axis over which the batch is split, or None.
     reduction: one of REDUCTIONS (see the module doc).
+    features: one of FEATURES (see the module doc).
   Returns:
     scalar loss.
   """
@@ -100,7 +109,16 @@ def part_center_loss(
     raise ValueError(
       f'config.loss.pcl_reduction must be one of {", ".join(REDUCTIONS)}, got {reduction!r}'
     )
-  if reduction == 'normalised_mean':
+  if features not in FEATURES:
+    raise ValueError(
+      f'config.loss.pcl_features must be one of {", ".join(FEATURES)}, got {features!r}'
+    )
+  if features == 'raw' and reduction != 'sum':
+    raise ValueError(
+      "config.loss.pcl_features='raw' goes with config.loss.pcl_reduction='sum' only: the "
+      "normalised mean works on unit parts (set pcl_features='unit_parts')"
+    )
+  if features == 'unit_parts':
     f_vv, f_ii, f_vi, f_iv = (l2_normalize(f) for f in (f_vv, f_ii, f_vi, f_iv))
   c_v = class_centroids(f_vv, labels_visible)
   c_i = class_centroids(f_ii, labels_infrared)

@@ -173,13 +173,20 @@ def check_finite(step: int, summary: dict[str, float]) -> None:
 def divergence_advice(config: ml_collections.ConfigDict) -> str:
   """What to change when training diverged: Eq. 14's sums first, when they are on."""
   advice = 'lower config.optim.base_lr'
-  if config.loss.pcl_form == 'pcl' and config.loss.pcl_reduction == 'sum' and config.loss.pcl:
-    advice = (
-      "config.loss.pcl_reduction='sum' (Eq. 14 as written, on raw features) has the "
-      'largest gradients of the objective: --config.loss.pcl_reduction=normalised_mean is the '
-      'measured variant (docs/decisions.md, "PCL scale"); or ' + advice
+  loss = config.loss
+  if loss.pcl_form != 'pcl' or not loss.pcl or loss.pcl_reduction != 'sum':
+    return advice
+  if loss.get('pcl_features', 'unit_parts') == 'raw':
+    return (
+      "config.loss.pcl_features='raw' (Eq. 15 on the TSAA outputs as they are) gives Eq. 14's "
+      'sums gradients that grow with the features: --config.loss.pcl_features=unit_parts '
+      '(docs/decisions.md, "The scale of Eq. 15"); or ' + advice
     )
-  return advice
+  return (
+    "config.loss.pcl_reduction='sum' (Eq. 14 as written) has the largest gradients of the "
+    'objective: --config.loss.pcl_reduction=normalised_mean is the measured variant '
+    '(docs/decisions.md, "PCL scale"); or ' + advice
+  )
 
 
 def check_finite_state(step: int, state: Any, config: ml_collections.ConfigDict) -> None:

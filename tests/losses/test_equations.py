@@ -268,16 +268,56 @@ def test_part_center_loss_sum_is_eq14_as_written(sigma):
   f_vv, f_ii, f_vi, f_iv, y_v, y_i = pcl_batch()
   expected = np_pcl_sum(f_vv, f_ii, f_vi, f_iv, y_v, y_i, sigma)
   got = part_center_loss(
-    *map(jnp.asarray, (f_vv, f_ii, f_vi, f_iv, y_v, y_i)), margin=sigma, reduction='sum'
+    *map(jnp.asarray, (f_vv, f_ii, f_vi, f_iv, y_v, y_i)),
+    margin=sigma,
+    reduction='sum',
+    features='raw',
   )
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   # Not the normalised mean, and it scales with the features (raw, not unit vectors).
   assert abs(float(got) - np_pcl(f_vv, f_ii, f_vi, f_iv, y_v, y_i, sigma)) > 1.0
   if sigma < 1:
     doubled = part_center_loss(
-      *map(jnp.asarray, (2 * f_vv, 2 * f_ii, 2 * f_vi, 2 * f_iv, y_v, y_i)), sigma, reduction='sum'
+      *map(jnp.asarray, (2 * f_vv, 2 * f_ii, 2 * f_vi, 2 * f_iv, y_v, y_i)),
+      sigma,
+      reduction='sum',
+      features='raw',
     )
     np.testing.assert_allclose(doubled, 2 * expected, rtol=1e-5)
+
+
+def test_part_center_loss_sum_on_unit_parts():
+  """pcl_features='unit_parts' (the default of both formulations) is Eq. 14's double loop
+  on features whose every part is first divided by its norm: it does not change when a
+  part is scaled, and sigma = 0.6 then makes separation terms active (the centroids of
+  unit parts lie within 2 sqrt(N_p) of each other)."""
+  f_vv, f_ii, f_vi, f_iv, y_v, y_i = pcl_batch()
+  unit = lambda f: f / np.linalg.norm(f, axis=-1, keepdims=True)
+  for sigma in (0.6, 3.0):
+    expected = np_pcl_sum(*map(unit, (f_vv, f_ii, f_vi, f_iv)), y_v, y_i, sigma)
+    with_separation = np_pcl_sum(*map(unit, (f_vv, f_ii, f_vi, f_iv)), y_v, y_i, 0.0)
+    got = part_center_loss(
+      *map(jnp.asarray, (f_vv, f_ii, f_vi, f_iv, y_v, y_i)), sigma, reduction='sum'
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    if sigma == 3.0:
+      assert expected > with_separation + 1.0  # the margin is active on this scale
+  scaled = [f * RNG.uniform(0.5, 5.0, size=f.shape[:-1] + (1,)) for f in (f_vv, f_ii, f_vi, f_iv)]
+  np.testing.assert_allclose(
+    part_center_loss(*map(jnp.asarray, (*scaled, y_v, y_i)), 0.6, reduction='sum'),
+    np_pcl_sum(*map(unit, (f_vv, f_ii, f_vi, f_iv)), y_v, y_i, 0.6),
+    rtol=1e-5,
+  )
+
+
+def test_raw_features_go_with_the_sum_only():
+  f = jnp.ones((2, 1, 3))
+  with pytest.raises(
+    ValueError, match="pcl_features='raw' goes with config.loss.pcl_reduction='sum'"
+  ):
+    part_center_loss(f, f, f, f, jnp.array([0, 1]), jnp.array([0, 1]), 0.6, features='raw')
+  with pytest.raises(ValueError, match='config.loss.pcl_features must be one of unit_parts, raw'):
+    part_center_loss(f, f, f, f, jnp.array([0, 1]), jnp.array([0, 1]), 0.6, features='l1')
 
 
 def test_part_center_loss_sum_over_devices_equals_whole_batch():
@@ -286,12 +326,12 @@ def test_part_center_loss_sum_over_devices_equals_whole_batch():
   b, k, c = 8, 2, 4
   y = np.array([0, 0, 1, 1, 2, 2, 3, 3])
   feats = [RNG.normal(size=(b, k, c)).astype(np.float32) for _ in range(4)]
-  loss = lambda *f: part_center_loss(*f, y, y, 5.0, reduction='sum')
+  loss = lambda *f: part_center_loss(*f, y, y, 5.0, reduction='sum', features='raw')
   whole, whole_grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(*feats)
   split = lambda x: x.reshape(2, b // 2, *x.shape[1:])
 
   def per_device(a, bb, cc, dd, yv, yi):
-    value = lambda *f: part_center_loss(*f, yv, yi, 5.0, 'batch', reduction='sum')
+    value = lambda *f: part_center_loss(*f, yv, yi, 5.0, 'batch', reduction='sum', features='raw')
     v, g = jax.value_and_grad(value, argnums=(0, 1, 2, 3))(a, bb, cc, dd)
     return jax.lax.pmean(v, 'batch'), g
 

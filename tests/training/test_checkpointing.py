@@ -209,8 +209,9 @@ def test_incompatible_config_is_refused(tmp_path, tiny_config):
   # The advice is read by main, search and convert alike, so it names no
   # command-line flag that one of them lacks.
   advice = message.splitlines()[-1]
-  assert advice == ('Start a fresh run in another workdir, or use the config '
-                    'that wrote this checkpoint.')
+  assert advice == (
+    'Start a fresh run in another workdir, or use the config that wrote this checkpoint.'
+  )
   assert '--' not in message
   assert isinstance(error.value, ValueError)
   # Settings outside the fingerprint (loss weights, learning rate) may change.

@@ -37,3 +37,13 @@ def test_non_finite_parameters_or_statistics_are_refused_in_one_line(bad):
 def test_the_paper_s_pcl_sums_are_named_as_the_likely_cause():
   with pytest.raises(loop.NonFiniteLossError, match='--config.loss.pcl_reduction=normalised_mean'):
     loop.check_finite_state(1, state('params'), sysu.get_config())
+
+
+def test_raw_features_under_the_sums_are_named_first():
+  config = sysu.get_config()
+  config.loss.pcl_features = 'raw'
+  with pytest.raises(loop.NonFiniteLossError) as raised:
+    loop.check_finite_state(1, state('params'), config)
+  message = str(raised.value)
+  assert '--config.loss.pcl_features=unit_parts' in message
+  assert 'normalised_mean' not in message
