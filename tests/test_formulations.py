@@ -186,23 +186,28 @@ def test_paper_and_measured_rows_set_the_whole_formulation_and_keep_user_fields(
   assert resolved(measured, MEASURED_CHANGES) == MEASURED_CHANGES | {'loss.global_id': 0.5}
 
 
-def test_pcl_reduction_changes_l_pcl_and_nothing_else():
-  """The switch of Eq. 14's reduction: every other term of Eq. (20) is unchanged."""
+@pytest.mark.parametrize(
+  'field, values',
+  [('pcl_reduction', ('sum', 'normalised_mean')), ('pcl_features', ('unit_parts', 'raw'))],
+)
+def test_each_pcl_switch_changes_l_pcl_and_nothing_else(field, values):
+  """The switches of Eq. 14's reduction and Eq. 15's scale: every other term of Eq. (20)
+  is unchanged, and the total moves by exactly L_pcl's change."""
   outputs = fake_outputs()
   labels, partner = jnp.array([0, 1, 0, 1]), jnp.array([2, 3, 0, 1])
-  weights = {}
-  for reduction in ('sum', 'normalised_mean'):
+  terms = []
+  for choice in values:
     config = sysu.get_config()
-    config.loss.pcl_reduction = reduction
-    _, weights[reduction], _ = cal_objective(outputs, labels, labels, partner, partner, config.loss)
-  terms_sum, terms_mean = weights['sum'], weights['normalised_mean']
-  for term in terms_sum:
+    config.loss[field] = choice
+    terms.append(cal_objective(outputs, labels, labels, partner, partner, config.loss)[1])
+  first, second = terms
+  for term in first:
     if term in ('loss', 'pcl'):
       continue
-    np.testing.assert_allclose(float(terms_sum[term]), float(terms_mean[term]), rtol=1e-6)
-  assert abs(float(terms_sum['pcl']) - float(terms_mean['pcl'])) > 1e-3
+    np.testing.assert_allclose(float(first[term]), float(second[term]), rtol=1e-6)
+  assert abs(float(first['pcl']) - float(second['pcl'])) > 1e-3
   np.testing.assert_allclose(
-    float(terms_sum['loss']) - float(terms_mean['loss']),
-    float(terms_sum['pcl']) - float(terms_mean['pcl']),
+    float(first['loss']) - float(second['loss']),
+    float(first['pcl']) - float(second['pcl']),
     rtol=1e-5,
   )
