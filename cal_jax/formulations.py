@@ -2,14 +2,15 @@
 
   paper      Eq. (20) as the paper writes it: L_kd1 = -sum_M w(e) (Eq. 18, the dot product),
              L_kd2 (Eq. 19) through the TSAA maps, no identity loss but L_id, and Eqs. 13-15
-             with their own reductions (sums over i, j of raw distances).
+             with their own reductions (sums over i, j of ||f - c||).
   measured   the project's variant, measured better on the synthetic from-scratch setting
              (a quarter-width ResNet-50 on 8x4 maps): each field that differs is one entry
              of DIFFERENCES, with its equation and the measurement behind it.
 
 Every field the paper leaves open (teacher stop-gradients, BNNeck, the 0.1x backbone rate,
 Nesterov, weight decay, CAJ augmentation, random erasing, two stems) is the same in both and
-follows the standard VI-ReID code (docs/decisions.md, "paper silent: followed ...").
+follows the standard VI-ReID code (docs/decisions.md, "paper silent: followed ..."); so is the
+scale of Eq. 15's features (`loss.pcl_features`: unit parts, which sigma = 0.6 needs).
 
 Where the formulation is applied:
 - a config file calls `apply(config, name)` in `get_config` before its own changes
