@@ -99,13 +99,13 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cal_jax import distributed as parallel  # noqa: E402
+from cal_jax.data.modality import VISIBLE  # noqa: E402
 from cal_jax.evaluation import embedding  # noqa: E402
 from cal_jax.losses import match_distill  # noqa: E402
-from cal_jax.modality import VISIBLE  # noqa: E402
 from cal_jax.models import resnet  # noqa: E402
 from cal_jax.models.batch_norm import BatchNorm  # noqa: E402
 from cal_jax.models.cal import classifier_init, compute_dtype, create_model  # noqa: E402
+from cal_jax.runtime import distributed as parallel  # noqa: E402
 from cal_jax.training.state import TrainState, create_train_state  # noqa: E402
 from cal_jax.training.step import make_p_train_step  # noqa: E402
 

@@ -9,7 +9,7 @@ runs are read back, a half-trained one continues from its checkpoint). The
 table gives, per row, R1, R10, mAP and mINP of the data set's first protocol
 as mean ± std over seeds, and beside it the mean std over gallery draws. It is
 printed, and written as DIR/ablation.json, DIR/ablation.md and a bar chart
-DIR/ablation.png. Rows and tables: `cal_jax/ablations.py`.
+DIR/ablation.png. Rows and tables: `cal_jax/config/ablations.py`.
 """
 
 import json
@@ -23,8 +23,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from cal_jax import ablations, cli, terminal
-from cal_jax import workdir as workdir_lib
+from cal_jax.config import ablations, cli
+from cal_jax.runtime import terminal
+from cal_jax.runtime import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'The config every row starts from.', lock_config=True

@@ -19,17 +19,17 @@ them on the terminal instead.
 import os
 import sys
 
-from cal_jax import terminal
+from cal_jax.runtime import terminal
 
 if __name__ == '__main__':  # run as a command: an importer keeps its own terminal
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if '--verbose' not in sys.argv[1:]:
-    terminal.quiet_start()  # before the libraries load (`cal_jax.terminal`)
+    terminal.quiet_start()  # before the libraries load (`cal_jax.runtime.terminal`)
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cal_jax import cli  # noqa: E402
+from cal_jax.config import cli  # noqa: E402
 from cal_jax.interop import export  # noqa: E402
 
 

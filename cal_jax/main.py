@@ -22,7 +22,7 @@ import sys
 # TensorFlow serves the input pipeline only: keep it off the accelerators.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from cal_jax import terminal  # noqa: E402  (absl only: before the libraries print)
+from cal_jax.runtime import terminal  # noqa: E402  (absl only: before the libraries print)
 
 # Before the flags are parsed: the libraries' native start-up notices come at import.
 _VERBOSE_ARGS = ('--verbose', '--verbose=true', '--verbose=True', '--verbose=1')
@@ -38,7 +38,8 @@ import tensorflow_datasets as tfds  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cal_jax import cli, distributed, stopping  # noqa: E402
+from cal_jax.config import cli  # noqa: E402
+from cal_jax.runtime import distributed, stopping  # noqa: E402
 from cal_jax.training import loop  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.', lock_config=True)

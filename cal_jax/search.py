@@ -28,7 +28,7 @@ import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from cal_jax import terminal  # noqa: E402
+from cal_jax.runtime import terminal  # noqa: E402
 
 if '--verbose' not in sys.argv[1:]:
   terminal.quiet_start()  # the libraries' lines to OUT/log.txt
@@ -36,7 +36,7 @@ if '--verbose' not in sys.argv[1:]:
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from cal_jax import cli  # noqa: E402
+from cal_jax.config import cli  # noqa: E402
 from cal_jax.evaluation import gallery_search as search  # noqa: E402
 
 _MODEL = flags.DEFINE_string('model', None, 'A training workdir, or an exported .safetensors/.pt.')

@@ -22,7 +22,7 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from cal_jax import terminal  # noqa: E402
+from cal_jax.runtime import terminal  # noqa: E402
 
 if '--verbose' not in sys.argv[1:]:
   terminal.quiet_start()  # the libraries' lines to WORKDIR/log.txt, as cal_jax.main
@@ -35,14 +35,15 @@ from absl import (  # noqa: E402
 )
 from ml_collections import config_flags  # noqa: E402
 
-from cal_jax import cli, config_checks  # noqa: E402
-from cal_jax import workdir as workdir_lib  # noqa: E402
+from cal_jax.config import checks as config_checks
+from cal_jax.config import cli  # noqa: E402
 from cal_jax.evaluation import evaluator, run  # noqa: E402
 from cal_jax.evaluation import results as results_lib  # noqa: E402
 from cal_jax.pictures import (
   figures,  # noqa: E402
   plots,  # noqa: E402
 )
+from cal_jax.runtime import workdir as workdir_lib  # noqa: E402
 from cal_jax.training import loop  # noqa: E402
 
 KINDS = ('regions', 'attention', 'ranking', 'cmc')

@@ -9,7 +9,7 @@ Run:
 Paper target (SYSU-MM01 all-search single-shot): Rank-1 74.66, mAP 71.73.
 
 The objective is the paper's Eq. (20) as written (`config.formulation = 'paper'`); the
-project's measured variant is `--config.formulation=measured` (cal_jax/formulations.py and
+project's measured variant is `--config.formulation=measured` (cal_jax/config/formulations.py and
 the README's "Two formulations" list each field where they differ, with the evidence).
 A real data set needs `config.model.pretrained`: the torchvision ResNet-50 ImageNet state
 dict (resnet50-0676ba61.pth or resnet50-19c8e357.pth), or `none` to train from scratch.
@@ -17,7 +17,7 @@ dict (resnet50-0676ba61.pth or resnet50-19c8e357.pth), or `none` to train from s
 
 import ml_collections
 
-from cal_jax import formulations
+from cal_jax.config import formulations
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -123,7 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
   # teachers of L_kd1 / L_kd2 are constants (False: an ablation row).
   config.loss.stop_teacher_gradient = True
   # The fields where the paper and the measured variant differ, written by the
-  # formulation (cal_jax/formulations.py): loss.kd1 (lambda_1), loss.kd1_form (Eq. 18:
+  # formulation (cal_jax/config/formulations.py): loss.kd1 (lambda_1), loss.kd1_form (Eq. 18:
   # "dot"; "cosine" | "kl" | "mse" align the maps), loss.kd2_attention_gradient (Eq. 19
   # through the TSAA maps), loss.global_id (an identity loss on the pooled map, not in
   # Eq. 20) and loss.pcl_reduction (Eqs. 14-15: "sum" over every (i, j), or

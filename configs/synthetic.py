@@ -12,13 +12,13 @@ benchmark. What it reaches (all-search single-shot, 5 seeds, Rank-1 / mAP):
 30.6 +- 4.1 (configs/synthetic_baseline.py), ahead at every seed; TCA alone
 26.3 +- 7.5 / 32.5 +- 6.5. With a new data set at every seed
 (--config.data.synthetic_seed=-1) the baseline's spread grows to 9.3 Rank-1 and
-covers CAL's lead. It trains the measured formulation (cal_jax/formulations.py: L_kd1
+covers CAL's lead. It trains the measured formulation (cal_jax/config/formulations.py: L_kd1
 off, L_kd2 not through the TSAA maps, a global ID term, the normalised PCL means), the
 variant measured on this from-scratch setting; --config.formulation=paper trains Eq. (20) as
 written. The README has Table 3, docs/decisions.md the measurements behind it.
 """
 
-from cal_jax import formulations
+from cal_jax.config import formulations
 from configs import default
 
 

@@ -7,7 +7,7 @@ global identity loss is on, and images are matched by the pooled feature
 after its BNNeck (the AGW baseline, the paper's Table 3 "Baseline" row).
 """
 
-from cal_jax import ablations
+from cal_jax.config import ablations
 from configs import synthetic
 
 

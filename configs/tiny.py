@@ -6,7 +6,7 @@ quickly on a CPU. XLA on CPU is slow on tiny feature maps, so the network is
 narrowed (width 8) rather than the images shrunk further.
 """
 
-from cal_jax import formulations
+from cal_jax.config import formulations
 from configs import default
 
 

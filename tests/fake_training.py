@@ -84,7 +84,8 @@ def _fail_saves():
 if __name__ == '__main__':
   from absl import app
 
-  from cal_jax import cli, main  # noqa: E402
+  from cal_jax import main  # noqa: E402
+  from cal_jax.config import cli  # noqa: E402
 
   # The command line's loop, with the fake step injected.
   loop.train_and_evaluate = functools.partial(loop.train_and_evaluate, make_step=_injected)

@@ -1,4 +1,4 @@
-"""The ablation rows (`cal_jax.ablations`) and the grid command (`cal_jax.ablate`)."""
+"""The ablation rows (`cal_jax.config.ablations`) and the grid command (`cal_jax.ablate`)."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from loss_fakes import fake_outputs
 
-from cal_jax import ablations
+from cal_jax.config import ablations
 from cal_jax.losses.objective import cal_objective
 from cal_jax.models.cal import create_model
 from configs import tiny

@@ -26,9 +26,9 @@ import sys
 import numpy as np
 import pytest
 
-from cal_jax import workdir as workdir_lib
 from cal_jax.data import images
 from cal_jax.data.datasets import records, synthetic
+from cal_jax.runtime import workdir as workdir_lib
 from cal_jax.training import loop
 from configs import tiny
 
@@ -417,7 +417,7 @@ CONFIG_FILES = {
 
 @pytest.mark.parametrize('kind', sorted(CONFIG_FILES))
 def test_config_file_that_cannot_be_loaded(kind, tmp_path):
-  from cal_jax import cli
+  from cal_jax.config import cli
 
   source, message = CONFIG_FILES[kind]
   path = tmp_path / f'{kind}.py'
@@ -934,7 +934,7 @@ def test_generated_weight_files_are_refused_before_anything_is_allocated(tmp_pat
 def _config_paths(tmp_path, marker):
   """{name: (--config value, fragment of its one line)}: every kind of path but a .py
   config and a run's config.json, most holding code that would create `marker` if run."""
-  from cal_jax import cli
+  from cal_jax.config import cli
 
   code = f'import pathlib\npathlib.Path({str(marker)!r}).touch()\ndef get_config():\n  pass\n'
   cases = {}
@@ -968,7 +968,7 @@ _PARSE_ALL = """
 import json, sys
 from absl import app
 from cal_jax import main  # its flags
-from cal_jax import cli
+from cal_jax.config import cli
 workdir, first, *values = sys.argv[1:]
 out = {}
 for value in values:
@@ -988,7 +988,7 @@ def test_generated_config_paths_are_refused_before_they_run(run_copy, tmp_path):
   """Each kind of file that is not a Python config or a run's config.json: one line
   naming it (the function and absl's parser of the command), nothing of it run, the
   workdir as it was; then through the command itself, exit 1."""
-  from cal_jax import cli
+  from cal_jax.config import cli
 
   workdir, before = run_copy
   marker = tmp_path / 'code_ran'
@@ -1020,8 +1020,9 @@ def test_generated_config_paths_are_refused_before_they_run(run_copy, tmp_path):
 def test_config_json_of_a_run_is_read_as_data(run_copy, tmp_path):
   """A run's config.json is a --config: read as JSON, never run, equal to the run's
   config (so resuming and evaluating the run with it are allowed)."""
-  from cal_jax import cli, config_checks
-  from cal_jax import workdir as workdir_lib
+  from cal_jax.config import checks as config_checks
+  from cal_jax.config import cli
+  from cal_jax.runtime import workdir as workdir_lib
 
   workdir, before = run_copy
   path = os.path.join(workdir, 'config.json')
@@ -1038,7 +1039,7 @@ def test_config_json_of_a_run_is_read_as_data(run_copy, tmp_path):
 
 def test_config_file_whose_get_config_exits(tmp_path):
   """A sys.exit in a config file is no silent success (it exited with status 0)."""
-  from cal_jax import cli
+  from cal_jax.config import cli
 
   path = tmp_path / 'exits.py'
   path.write_text('import sys\n\ndef get_config():\n  sys.exit(0)\n')

@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from cal_jax import cli, config_checks
+from cal_jax.config import checks as config_checks
+from cal_jax.config import cli
 from configs import default, llcm, regdb, synthetic, synthetic_baseline, sysu, tiny
 
 

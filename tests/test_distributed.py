@@ -1,4 +1,4 @@
-"""cal_jax.distributed without a second process: when to start the runtime, and the shares.
+"""cal_jax.runtime.distributed without a second process: when to start the runtime, and the shares.
 
 The cross-process paths themselves (collectives, gather, barriers) run in test_multihost.py.
 """
@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from cal_jax import distributed
+from cal_jax.runtime import distributed
 
 SLURM_STEP = {
   'SLURM_JOB_ID': '77',

@@ -1,4 +1,4 @@
-"""The two formulations (`cal_jax.formulations`): which config resolves to which, each
+"""The two formulations (`cal_jax.config.formulations`): which config resolves to which, each
 difference as one switch, `--config.formulation` on the command line, and the ablation rows
 on the paper's formulation. Every expected value is written out here, from the paper."""
 
@@ -8,7 +8,7 @@ import pytest
 from loss_fakes import fake_outputs
 from test_ablations import flat
 
-from cal_jax import ablations, cli, formulations
+from cal_jax.config import ablations, cli, formulations
 from cal_jax.losses.objective import cal_objective
 from configs import llcm, regdb, synthetic, synthetic_baseline, synthetic_proxy, sysu, tiny
 

@@ -21,9 +21,9 @@ import sys
 import fake_training
 import pytest
 
-from cal_jax import config_checks
-from cal_jax import workdir as workdir_lib
+from cal_jax.config import checks as config_checks
 from cal_jax.evaluation import run as evaluation_run
+from cal_jax.runtime import workdir as workdir_lib
 from cal_jax.training import checkpoint_files, checkpointing, loop
 from configs import tiny
 
@@ -157,9 +157,9 @@ def test_a_crash_keeps_its_traceback_and_leaves_no_partial_checkpoint(run_copy, 
   args = ['--config', TINY, '--workdir', run_copy, '--config.eval.enabled=False']
   if where == 'train_step':
     code = (
-      'import functools, sys, fake_training; from absl import app; from cal_jax import cli, '
-      'main; from cal_jax.training import loop\nloop.train_and_evaluate = functools.partial('
-      'loop.train_and_evaluate, make_step=lambda c: '
+      'import functools, sys, fake_training; from absl import app; from cal_jax import main; '
+      'from cal_jax.config import cli; from cal_jax.training import loop\n'
+      'loop.train_and_evaluate = functools.partial(loop.train_and_evaluate, make_step=lambda c: '
       'fake_training.fake_make_p_train_step(c, fail_at=6))\n'
       'sys.argv[0] = "cal_jax.main"; app.run(main.main, flags_parser=cli.parse_flags)'
     )

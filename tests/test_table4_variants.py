@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from loss_fakes import fake_outputs, loss_weights
 
-from cal_jax import ablations
+from cal_jax.config import ablations
 from cal_jax.evaluation import embedding as inference
 from cal_jax.losses import metric_losses
 from cal_jax.losses.objective import cal_objective
@@ -587,7 +587,7 @@ def test_ica_cca_row_trains_its_centres_in_the_pmapped_step(tiny_config):
   loss is finite, and both kinds of centre receive a gradient."""
   from conftest import NUM_CLASSES, make_identity_batch
 
-  from cal_jax import distributed as parallel
+  from cal_jax.runtime import distributed as parallel
   from cal_jax.training import state as train_state
   from cal_jax.training.step import make_p_train_step
 

@@ -3,7 +3,7 @@
 import logging
 import os
 
-from cal_jax import terminal
+from cal_jax.runtime import terminal
 
 
 def record(pathname, level=logging.WARNING, name='absl', message='m'):
@@ -34,7 +34,7 @@ def test_own_warnings_pass_and_a_library_inside_a_checkout_named_cal_jax_does_no
 
 
 def test_a_throughput_below_one_per_second_keeps_its_decimals():
-  from cal_jax import terminal
+  from cal_jax.runtime import terminal
 
   rates = [terminal.format_rate(x) for x in (0.0, 0.004, 0.37, 1.0, 412.4)]
   assert rates == ['0', '0.004', '0.37', '1', '412']

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import pytest
 
-from cal_jax import terminal
+from cal_jax.runtime import terminal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, 'cal_jax')

@@ -7,4 +7,5 @@ sampler         P identities x (K visible + K infrared) images per step
 augment         the training transform
 train_stream    the pmapped training batches of every step
 eval_batches    fixed-shape batches of the test images to embed
+modality        the two modalities' names and indices
 """

@@ -19,7 +19,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from cal_jax.modality import VISIBLE
+from cal_jax.data.modality import VISIBLE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

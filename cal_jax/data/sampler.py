@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from cal_jax.modality import INFRARED, VISIBLE
+from cal_jax.data.modality import INFRARED, VISIBLE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from cal_jax import terminal
 from cal_jax.data.datasets import (
   llcm,  # noqa: F401  (registers the builder)
   records,
@@ -33,6 +32,7 @@ from cal_jax.data.datasets import (
   synthetic,
   sysu_mm01,  # noqa: F401  (registers the builder)
 )
+from cal_jax.runtime import terminal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +145,7 @@ def synthetic_seed(config: ml_collections.ConfigDict) -> int:
 def check_writable(folder: str, field: str) -> None:
   """Raises WorkdirError naming `field`, the config field that chose `folder`, unless
   a file can be created in `folder` (created if missing)."""
-  from cal_jax import workdir as workdir_lib
+  from cal_jax.runtime import workdir as workdir_lib
 
   try:
     os.makedirs(folder, exist_ok=True)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cal_jax.modality import NAMES as MODALITY_NAMES
+from cal_jax.data.modality import NAMES as MODALITY_NAMES
 from cal_jax.models.cal import CAL
 from cal_jax.models.normalize import L2_EPSILON
 

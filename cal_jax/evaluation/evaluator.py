@@ -38,14 +38,14 @@ from typing import Any
 import numpy as np
 
 from cal_jax.data.datasets import specs
+from cal_jax.data.modality import NAMES as MODALITY_NAMES
 from cal_jax.data.splits import SplitArrays
 from cal_jax.evaluation import metrics, protocols
 from cal_jax.evaluation import rerank as rerank_lib
 from cal_jax.evaluation import results as results_lib
 from cal_jax.evaluation.embedding import EmbedFn, extract_features
 from cal_jax.evaluation.progress import Progress
-from cal_jax.modality import NAMES as MODALITY_NAMES
-from cal_jax.terminal import format_rate
+from cal_jax.runtime.terminal import format_rate
 
 # (extract: indices [N] -> features [N, D], indices) -> features [N, D].
 Distribute = Callable[[Callable[[np.ndarray], np.ndarray], np.ndarray], np.ndarray]
@@ -196,7 +196,7 @@ def evaluate(
     distribute: ``distribute(extract, indices)`` returns ``extract(indices)``,
       the features [N, D] of ``indices`` in order, however it shares the work;
       None calls ``extract`` directly. Multi-host runs pass
-      `cal_jax.distributed.split_and_gather`.
+      `cal_jax.runtime.distributed.split_and_gather`.
     log: called with one line of progress per step.
     union_matrix_bytes: the largest probe x gallery-union distance matrix held
       whole (see the module doc); 0 always computes by probe chunks.

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from cal_jax import workdir as workdir_lib
+from cal_jax.runtime import workdir as workdir_lib
 
 FILENAME = 'eval_features.npz'
 

@@ -25,10 +25,10 @@ import numpy as np
 
 from cal_jax.data import images as images_lib
 from cal_jax.data.datasets.folders import IMAGE_SUFFIXES
+from cal_jax.data.modality import INFRARED, NAMES, VISIBLE
 from cal_jax.data.splits import SplitArrays
 from cal_jax.evaluation import metrics
 from cal_jax.evaluation.embedding import extract_features
-from cal_jax.modality import INFRARED, NAMES, VISIBLE
 
 MODALITIES = {'visible': VISIBLE, 'infrared': INFRARED}
 # An infrared camera gives R = G = B; a visible image whose channels differ by more than

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cal_jax.terminal import format_duration, format_rate
+from cal_jax.runtime.terminal import format_duration, format_rate
 
 EVERY_SECONDS = 10.0
 

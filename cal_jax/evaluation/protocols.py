@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from cal_jax.data.datasets import specs
-from cal_jax.modality import INFRARED, VISIBLE
+from cal_jax.data.modality import INFRARED, VISIBLE
 
 PROTOCOL_KEYS = specs.PROTOCOL_KEYS
 NUM_TRIALS = 10

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from cal_jax import workdir as workdir_lib
 from cal_jax.data.datasets import specs
+from cal_jax.runtime import workdir as workdir_lib
 
 METRICS = ('R1', 'R5', 'R10', 'R20', 'mAP', 'mINP')
 TABLE_METRICS = ('R1', 'R10', 'R20', 'mAP', 'mINP')

@@ -14,11 +14,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from cal_jax import distributed, terminal
 from cal_jax.data.splits import Splits
 from cal_jax.evaluation import embedding, evaluator, feature_cache
 from cal_jax.evaluation import results as results_lib
 from cal_jax.models.cal import CAL
+from cal_jax.runtime import distributed, terminal
 
 TENSORBOARD_METRICS = ('R1', 'R10', 'R20', 'mAP', 'mINP')
 

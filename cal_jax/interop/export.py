@@ -34,10 +34,10 @@ import flax
 import ml_collections
 import numpy as np
 
-from cal_jax import config_checks
-from cal_jax import workdir as workdir_lib
+from cal_jax.config import checks as config_checks
 from cal_jax.evaluation import embedding
 from cal_jax.models import torchvision_weights as pretrained
+from cal_jax.runtime import workdir as workdir_lib
 from cal_jax.training import checkpointing
 from cal_jax.training.assignments import AssignmentCounts
 from cal_jax.training.state import abstract_train_state

@@ -5,7 +5,7 @@ Nothing in the file runs (`torch.load(weights_only=True)`), and every size it
 claims is checked against the file before anything is allocated
 (`check_safetensors`, `check_torch_zip`); a bad file ends in one
 `WeightFileError` naming it. Copied beside `torch_model.py`, it needs nothing
-else of cal_jax (`cal_jax/file_checks.py` makes the same checks for the
+else of cal_jax (`cal_jax/models/weight_files.py` makes the same checks for the
 ImageNet import, with its own advice).
 """
 

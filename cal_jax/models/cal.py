@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cal_jax.data.datasets import specs
-from cal_jax.modality import INFRARED, VISIBLE
+from cal_jax.data.modality import INFRARED, VISIBLE
 from cal_jax.models import attention_adapter, resnet
 from cal_jax.models import part_queries as part_queries_lib
 from cal_jax.models.batch_norm import BatchNorm

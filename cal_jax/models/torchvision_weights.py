@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cal_jax import file_checks
 from cal_jax.models import resnet
+from cal_jax.models import weight_files as file_checks
 
 ARCHS = {'resnet18': 18, 'resnet34': 34, 'resnet50': 50, 'resnet101': 101}
 

@@ -23,12 +23,12 @@ from matplotlib.figure import Figure
 
 from cal_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from cal_jax.data.images import resize_images
+from cal_jax.data.modality import INFRARED, VISIBLE
+from cal_jax.data.modality import NAMES as MODALITY_NAMES
 from cal_jax.data.splits import SplitArrays
 from cal_jax.evaluation import embedding, metrics, protocols
 from cal_jax.evaluation import results as results_lib
 from cal_jax.evaluation.evaluator import Evaluation
-from cal_jax.modality import INFRARED, VISIBLE
-from cal_jax.modality import NAMES as MODALITY_NAMES
 from cal_jax.pictures import plots
 
 TOP_K = 10

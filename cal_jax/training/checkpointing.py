@@ -45,7 +45,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
-from cal_jax import workdir as workdir_lib
+from cal_jax.runtime import workdir as workdir_lib
 from cal_jax.training import checkpoint_files, checkpoint_reader
 from cal_jax.training.checkpoint_files import (
   compatibility_fingerprint,

@@ -22,8 +22,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from cal_jax import config_checks, distributed, formulations, stopping, terminal
-from cal_jax import workdir as workdir_lib
+from cal_jax.config import checks as config_checks
+from cal_jax.config import formulations
 from cal_jax.data import splits as splits_lib
 from cal_jax.data import train_stream
 from cal_jax.data.augment import TrainTransform
@@ -33,6 +33,8 @@ from cal_jax.evaluation import run
 from cal_jax.evaluation.evaluator import EvalSettings, NonFiniteFeaturesError
 from cal_jax.losses import LOSS_TERMS
 from cal_jax.models.cal import CAL, create_model
+from cal_jax.runtime import distributed, stopping, terminal
+from cal_jax.runtime import workdir as workdir_lib
 from cal_jax.training import checkpointing
 from cal_jax.training import state as state_lib
 from cal_jax.training.assignments import AssignmentCounts

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cal_jax.distributed import AXIS
 from cal_jax.losses import LOSS_TERMS, match_distill
 from cal_jax.losses.objective import cal_objective
 from cal_jax.models.attention_adapter import attention_statistics
+from cal_jax.runtime.distributed import AXIS
 from cal_jax.training.state import TrainState
 
 ATTENTION_STATISTICS = ('attention_max', 'attention_entropy', 'attention_distinct')

@@ -165,7 +165,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, shared_data, u
 SLOW_MAIN = textwrap.dedent("""
     import functools, os, sys, time
     from absl import app
-    from cal_jax import cli, main
+    from cal_jax import main
+    from cal_jax.config import cli
     from cal_jax.training import loop, step as step_lib
     def slow(config):
       step = step_lib.make_p_train_step(config)

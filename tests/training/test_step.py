@@ -4,7 +4,7 @@ import jax
 import numpy as np
 from conftest import make_identity_batch
 
-from cal_jax import distributed as parallel
+from cal_jax.runtime import distributed as parallel
 from cal_jax.training.step import make_p_train_step
 
 # Written out here, not imported: the logged terms are checked against the paper's list.

@@ -64,7 +64,7 @@ from cal_jax.data.datasets.folders import (
   shorten,
 )
 from cal_jax.data.datasets.specs import REGDB_TRIALS
-from cal_jax.modality import INFRARED, VISIBLE
+from cal_jax.data.modality import INFRARED, VISIBLE
 
 SYSU_ID_FILES = ('exp/train_id.txt', 'exp/val_id.txt', 'exp/test_id.txt')
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import ml_collections
 
-from cal_jax import formulations
+from cal_jax.config import formulations
 from cal_jax.data.datasets.specs import SPECS
 from cal_jax.losses import LOSS_TERMS
 from cal_jax.losses.match_distill import KD1_FORMS
@@ -196,7 +196,7 @@ _WEIGHT = Float(0.0, note='a loss weight; 0 turns the term off')
 # One rule per field of configs/default.py (tests/test_config_checks.py keeps them in step).
 RULES: dict[str, Any] = {
   'seed': Int(0, 2**31 - 1),
-  'formulation': Choice(formulations.NAMES, note='cal_jax/formulations.py'),
+  'formulation': Choice(formulations.NAMES, note='cal_jax/config/formulations.py'),
   'log_every_steps': Int(1),
   'checkpoint_every_steps': Int(1),
   'eval_every_steps': Int(0, note='0: evaluate at the end only'),

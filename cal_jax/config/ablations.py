@@ -2,7 +2,7 @@
 
 Each row is a set of `config` fields to change from the run's config; a table
 is a list of rows in the paper's order. `python -m cal_jax.ablate` runs them.
-On a real-data config (the paper's formulation, `cal_jax/formulations.py`)
+On a real-data config (the paper's formulation, `cal_jax/config/formulations.py`)
 every row of Tables 3-5 and Fig. 3 is the paper's CAL with exactly that row's
 change; Table 5's rows write Eqs. 18 and 19 as the paper does. A row may set
 `formulation`: that formulation's fields are written first, then the row's
@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from cal_jax import formulations
+from cal_jax.config import formulations
 from cal_jax.losses import LOSS_TERMS
 
 # Every loss term of Eq. (20) and the additions but the baseline's global ID loss.

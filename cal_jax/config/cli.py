@@ -39,7 +39,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections.config_flags import config_flags as config_flags_lib
 
-from cal_jax import formulations
+from cal_jax.config import formulations
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 

@@ -55,7 +55,7 @@ def format_duration(seconds: float) -> str:
   return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
 
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # .../cal_jax/
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../cal_jax/
 
 
 class _TerminalFilter(logging_std.Filter):
