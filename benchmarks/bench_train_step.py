@@ -104,9 +104,9 @@ from cal_jax.evaluation import embedding  # noqa: E402
 from cal_jax.losses import match_distill  # noqa: E402
 from cal_jax.models import resnet  # noqa: E402
 from cal_jax.models.batch_norm import BatchNorm  # noqa: E402
-from cal_jax.models.cal import classifier_init, compute_dtype, create_model  # noqa: E402
+from cal_jax.models.cal import classifier_init, compute_dtype  # noqa: E402
 from cal_jax.runtime import distributed as parallel  # noqa: E402
-from cal_jax.training.state import TrainState, create_train_state  # noqa: E402
+from cal_jax.training.state import TrainState, build_model, create_train_state  # noqa: E402
 from cal_jax.training.step import make_p_train_step  # noqa: E402
 
 torch = None  # imported by `import_torch`, once JAX's backend has started
@@ -452,7 +452,7 @@ def time_cal_step(
   # so the patch must be in place before the first call.
   match_distill.solve_assignments_on_host = timer
   try:
-    model = create_model(config, num_classes, axis_name=parallel.AXIS)
+    model = build_model(config, num_classes, axis_name=parallel.AXIS)
     state = create_train_state(
       model,
       config,
@@ -694,7 +694,7 @@ def time_embedding(
   """`evaluation.embedding`'s jitted embedding (pmapped on several local devices, as the
   evaluator runs it) of `config.data.eval_batch_size` random visible images."""
   d = config.data
-  model = create_model(config, num_classes)
+  model = build_model(config, num_classes)
   state = create_train_state(model, config, jax.random.key(config.seed), steps_per_epoch=1000)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   devices = jax.local_device_count()

@@ -73,9 +73,9 @@ class Model:
       )
 
   def _from_workdir(self, workdir: str, checkpoint: int | None) -> None:
-    from cal_jax.evaluation import run
+    from cal_jax.evaluation import evaluator, run
     from cal_jax.interop import export
-    from cal_jax.models.cal import create_model
+    from cal_jax.training.state import build_model
 
     if not os.path.isfile(os.path.join(workdir, 'config.json')):  # this command has no --config
       raise search.SearchInputError(
@@ -89,12 +89,15 @@ class Model:
     export.checkpoint_step(directory, checkpoint)  # one exists (and --checkpoint, if given)
     state, m_hat, num_classes = export.restore_for_inference(directory, config, checkpoint)
     step = int(state.step)  # without --checkpoint: the latest intact one
-    model = create_model(config, num_classes)
-    embedding = config.model.get('embedding', 'parts')
+    model = build_model(config, num_classes)
+    embedding = config.model.embedding
     self.embed = run.make_embedder(model, state, m_hat, embedding)
-    self.image_size = (int(config.data.image_height), int(config.data.image_width))
-    self.num_parts = 1 if embedding == 'global' else int(config.model.num_parts)
-    self.flip = bool(config.data.eval_flip)
+    settings = evaluator.EvalSettings.from_config(config)  # the one-part rule's home
+    self.image_size, self.num_parts, self.flip = (
+      settings.image_size,
+      settings.num_parts,
+      settings.flip,
+    )
     self.key = f'{os.path.realpath(workdir)}@{step}:{embedding}:{self.flip}'
     self.name = f'{workdir} (step {step})'
 

@@ -16,7 +16,6 @@ restores it, and M-hat is applied. `cmc` needs only eval_results.json.
 """
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -36,7 +35,7 @@ from absl import (  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from cal_jax.config import checks as config_checks
-from cal_jax.config import cli  # noqa: E402
+from cal_jax.config import cli, run_config  # noqa: E402
 from cal_jax.evaluation import evaluator, run  # noqa: E402
 from cal_jax.evaluation import results as results_lib  # noqa: E402
 from cal_jax.pictures import (
@@ -74,14 +73,9 @@ flags.mark_flags_as_required(['workdir'])
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a training run wrote into its workdir."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-      f'{path} does not exist: --workdir must be a training run of '
-      'cal_jax.main, or pass its --config'
-    )
-  with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return run_config.read_workdir_config(
+    workdir, '--workdir must be a training run of cal_jax.main, or pass its --config'
+  )
 
 
 def draw(

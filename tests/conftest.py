@@ -62,10 +62,10 @@ def tiny_state(tiny_config):
   """An unreplicated initial train state of the tiny CAL (compiled once per session)."""
   import jax
 
-  from cal_jax.models.cal import create_model
   from cal_jax.training import state as train_state
+  from cal_jax.training.state import build_model
 
-  model = create_model(tiny_config, NUM_CLASSES, axis_name='batch')
+  model = build_model(tiny_config, NUM_CLASSES, axis_name='batch')
   return train_state.create_train_state(model, tiny_config, jax.random.key(0), steps_per_epoch=4)
 
 

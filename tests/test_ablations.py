@@ -13,7 +13,7 @@ from loss_fakes import fake_outputs
 
 from cal_jax.config import ablations
 from cal_jax.losses.objective import cal_objective
-from cal_jax.models.cal import create_model
+from cal_jax.training.state import build_model
 from configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +83,7 @@ def test_loss_weight_rows_remove_exactly_their_terms_from_eq20(name):
 
 
 def param_shapes(config):
-  model = create_model(config, num_classes=5)
+  model = build_model(config, num_classes=5)
   images = jnp.zeros((2, config.data.image_height, config.data.image_width, 3))
   partner = jnp.array([1, 0])
   variables = jax.eval_shape(
@@ -107,7 +107,7 @@ def test_shared_drm_row_has_one_region_miner():
 def test_parts_rows_set_the_number_of_part_prototypes(parts):
   config = ablations.apply(tiny.get_config(), ablations.ROWS[f'parts_{parts}'])
   outputs = jax.eval_shape(
-    lambda: create_model(config, 5).init_with_output(
+    lambda: build_model(config, 5).init_with_output(
       jax.random.key(0),
       jnp.zeros((2, 64, 32, 3)),
       jnp.zeros((2, 64, 32, 3)),

@@ -192,12 +192,12 @@ def initial_params():
   at XLA's default level here: the same values up to rounding, far below an update)."""
   import jax
 
-  from cal_jax.models.cal import create_model
   from cal_jax.training import state as train_state
+  from cal_jax.training.state import build_model
 
   config = tiny_config(OVERRIDES)
   state = train_state.create_train_state(
-    create_model(config, NUM_CLASSES), config, jax.random.key(config.seed), steps_per_epoch=1
+    build_model(config, NUM_CLASSES), config, jax.random.key(config.seed), steps_per_epoch=1
   )
   return {
     jax.tree_util.keystr(k): np.asarray(v, np.float64)

@@ -17,7 +17,7 @@ from cal_jax.evaluation import embedding as inference
 from cal_jax.losses import metric_losses
 from cal_jax.losses.objective import cal_objective
 from cal_jax.models import attention_adapter, part_queries
-from cal_jax.models.cal import create_model
+from cal_jax.training.state import build_model
 from configs import tiny
 
 RNG = np.random.default_rng(4)
@@ -71,7 +71,7 @@ def test_learnable_queries_are_the_same_for_every_image():
 
 def test_m_hat_reorders_the_learned_vectors_of_the_visible_modality():
   config = ablations.apply(tiny.get_config(), ablations.ROWS['drm_lv'])
-  model = create_model(config, 5)
+  model = build_model(config, 5)
   images = jnp.asarray(RNG.uniform(size=(2, 64, 32, 3)), jnp.float32)
   variables = model.init(
     jax.random.key(1), images, images, jnp.array([1, 0]), jnp.array([1, 0]), train=False
@@ -186,7 +186,7 @@ def test_pcl_form_replaces_only_the_pcl_term(form):
 
 
 def param_paths(config, image_size=(64, 32)):
-  model = create_model(config, 5)
+  model = build_model(config, 5)
   images = jnp.zeros((2, *image_size, 3))
   shapes = jax.eval_shape(
     lambda: model.init(jax.random.key(0), images, images, jnp.array([1, 0]), jnp.array([1, 0]))
@@ -230,7 +230,7 @@ def test_each_table4_row_changes_the_network_as_it_names():
 @pytest.mark.parametrize('name', ['drm_lv', 'drm_hs_6'])
 def test_lv_and_hs_rows_train_without_the_drm_losses(name):
   config = ablations.apply(tiny.get_config(), ablations.ROWS[name])
-  model = create_model(config, 5)
+  model = build_model(config, 5)
   images = jnp.asarray(RNG.uniform(size=(4, 64, 32, 3)), jnp.float32)
   labels, partner = jnp.array([0, 1, 0, 1]), jnp.array([2, 3, 0, 1])
   variables = model.init(jax.random.key(0), images, images, partner, partner)
@@ -326,7 +326,7 @@ def test_border_tokens_get_no_attention_and_the_rest_is_eq9_renormalised():
 def test_no_border_row_masks_every_refinement_and_changes_no_parameter():
   config = ablations.apply(tiny.get_config(), ablations.ROWS['tsaa_no_border'])
   assert param_paths(config, (128, 64)) == param_paths(tiny.get_config(), (128, 64))
-  model, base = create_model(config, 5), create_model(tiny.get_config(), 5)
+  model, base = build_model(config, 5), build_model(tiny.get_config(), 5)
   images = jnp.asarray(RNG.uniform(size=(4, 128, 64, 3)), jnp.float32)
   partner = jnp.array([2, 3, 0, 1])
   variables = base.init(jax.random.key(0), images, images, partner, partner)
@@ -429,7 +429,7 @@ def test_centred_row_changes_only_the_keys_and_evaluates_with_the_running_mean()
   config = ablations.apply(tiny.get_config(), ablations.ROWS['tsaa_centred'])
   assert config.model.attention_centring and not tiny.get_config().model.attention_centring
   assert param_paths(config, (128, 64)) == param_paths(tiny.get_config(), (128, 64))
-  model, base = create_model(config, 5), create_model(tiny.get_config(), 5)
+  model, base = build_model(config, 5), build_model(tiny.get_config(), 5)
   images = jnp.asarray(RNG.uniform(size=(4, 128, 64, 3)), jnp.float32)
   partner = jnp.array([2, 3, 0, 1])
   variables = model.init(jax.random.key(0), images, images, partner, partner)
@@ -461,7 +461,7 @@ def test_centred_row_changes_only_the_keys_and_evaluates_with_the_running_mean()
 def test_per_part_classifiers_classify_each_refinement_by_its_queries_classifier():
   config = ablations.apply(tiny.get_config(), ablations.ROWS['part_classifiers'])
   assert config.model.id_classifier == 'per_part'
-  model, base = create_model(config, 5), create_model(tiny.get_config(), 5)
+  model, base = build_model(config, 5), build_model(tiny.get_config(), 5)
   images = jnp.asarray(RNG.uniform(size=(4, 128, 64, 3)), jnp.float32)
   partner = jnp.array([2, 3, 0, 1])
   variables = base.init(jax.random.key(0), images, images, partner, partner)
@@ -592,7 +592,7 @@ def test_ica_cca_row_trains_its_centres_in_the_pmapped_step(tiny_config):
   from cal_jax.training.step import make_p_train_step
 
   config = ablations.apply(tiny_config.copy_and_resolve_references(), ablations.ROWS['pcl_ica_cca'])
-  model = create_model(config, NUM_CLASSES, axis_name='batch')
+  model = build_model(config, NUM_CLASSES, axis_name='batch')
   assert model.camera_centers == 6
   state = train_state.create_train_state(model, config, jax.random.key(0), steps_per_epoch=4)
   batch = make_identity_batch(config, devices=2, seed=3)

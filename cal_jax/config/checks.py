@@ -12,23 +12,23 @@ A field no rule knows (a misspelling in a config file, which ml_collections
 accepts silently) is refused, with the closest known name.
 
 `partial=True` is for the `config.json` of a finished run (`cal_jax.convert`,
-`cal_jax.visualize`): a field that runs of an older version did not write is
-not an error there, and paths are not required to exist (the run's data set
-folder may have moved since; the command that reads it reports that itself).
+`cal_jax.visualize`): paths are not required to exist there (the run's data set
+folder may have moved since; the command that reads it reports that itself). A
+field that runs of an older version did not write was completed from
+`configs/default.py` where the file was read (`run_config.read_run_config`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
 from cal_jax.config import formulations
+from cal_jax.config.rules import Bool, Choice, Float, Int, IntChoice, OddSizes, Stages, Text
 from cal_jax.data.datasets.specs import SPECS
 from cal_jax.losses import LOSS_TERMS
 from cal_jax.losses.match_distill import KD1_FORMS
@@ -57,138 +57,6 @@ MAX_NUM_PARTS = 10
 
 class ConfigError(ValueError):
   """One or more config fields outside their valid range."""
-
-
-def describe_range(
-  low: float | None,
-  high: float | None,
-  low_open: bool = False,
-  high_open: bool = False,
-  note: str = '',
-) -> str:
-  """' in [0, 1]', ' > 0', ' <= 10' or '' (with ' (note)'): the text of a rule's range."""
-  num = lambda x: str(x) if isinstance(x, int) else f'{x:g}'
-  if low is not None and high is not None:
-    text = f' in {"(" if low_open else "["}{num(low)}, {num(high)}{")" if high_open else "]"}'
-  elif low is not None:
-    text = f' {">" if low_open else ">="} {num(low)}'
-  elif high is not None:
-    text = f' {"<" if high_open else "<="} {num(high)}'
-  else:
-    text = ''
-  return text + (f' ({note})' if note else '')
-
-
-@dataclasses.dataclass(frozen=True)
-class Int:
-  low: int | None = None
-  high: int | None = None
-  note: str = ''
-
-  def problem(self, value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int):
-      return f'must be an integer{self._range()}'
-    if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-      return f'must be an integer{self._range()}'
-    return None
-
-  def _range(self) -> str:
-    return describe_range(self.low, self.high, note=self.note)
-
-
-@dataclasses.dataclass(frozen=True)
-class Float:
-  low: float | None = None
-  high: float | None = None
-  low_open: bool = False
-  high_open: bool = False
-  note: str = ''
-
-  def problem(self, value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-      return f'must be a finite number{self._range()}'
-    if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-      return f'must be a number{self._range()}'
-    if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
-      return f'must be a number{self._range()}'
-    return None
-
-  def _range(self) -> str:
-    return describe_range(self.low, self.high, self.low_open, self.high_open, self.note)
-
-
-@dataclasses.dataclass(frozen=True)
-class Bool:
-  def problem(self, value: Any) -> str | None:
-    return None if isinstance(value, bool) else 'must be True or False'
-
-
-@dataclasses.dataclass(frozen=True)
-class Choice:
-  choices: tuple[str, ...]
-  note: str = ''
-
-  def problem(self, value: Any) -> str | None:
-    if isinstance(value, str) and value in self.choices:
-      return None
-    return f'must be one of {", ".join(repr(c) for c in self.choices)}' + (
-      f' ({self.note})' if self.note else ''
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class IntChoice:
-  choices: tuple[int, ...]
-
-  def problem(self, value: Any) -> str | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value in self.choices:
-      return None
-    return f'must be one of {", ".join(str(c) for c in self.choices)}'
-
-
-@dataclasses.dataclass(frozen=True)
-class Text:
-  """A string (a path, checked with the other fields in `_cross_checks`)."""
-
-  def problem(self, value: Any) -> str | None:
-    return None if isinstance(value, str) else 'must be a string'
-
-
-@dataclasses.dataclass(frozen=True)
-class OddSizes:
-  """A non-empty sequence of odd positive integers (pooling window sizes)."""
-
-  def problem(self, value: Any) -> str | None:
-    ok = (
-      isinstance(value, Sequence)
-      and not isinstance(value, str)
-      and len(value) > 0
-      and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v % 2 == 1 for v in value
-      )
-    )
-    return (
-      None
-      if ok
-      else (
-        'must be a non-empty tuple of odd integers >= 1 (stride-1 max '
-        'pooling keeps the map size only for odd windows)'
-      )
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Stages:
-  """A tuple of distinct ResNet stage numbers, each 1-4 (possibly empty)."""
-
-  def problem(self, value: Any) -> str | None:
-    ok = (
-      isinstance(value, Sequence)
-      and not isinstance(value, str)
-      and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4 for v in value)
-      and len(set(value)) == len(value)
-    )
-    return None if ok else 'must be a tuple of distinct ResNet stages 1-4, e.g. (3, 4), or ()'
 
 
 _WEIGHT = Float(0.0, note='a loss weight; 0 turns the term off')
@@ -322,10 +190,10 @@ def _cross_checks(
   config: ml_collections.ConfigDict, partial: bool, resuming: bool = False
 ) -> list[str]:
   problems = []
-  get = lambda field, default=None: _value(config, field, default)
-  synthetic = get('data.synthetic', '')
+  get = lambda field: _value(config, field)
+  synthetic = get('data.synthetic')
   name = dataset_name(config)
-  builder_config = get('data.builder_config', '')
+  builder_config = get('data.builder_config')
   if name == 'regdb' and builder_config not in REGDB_BUILDER_CONFIGS:
     problems.append(
       f'config.data.builder_config={builder_config!r}: RegDB needs a trial, one of '
@@ -335,19 +203,19 @@ def _cross_checks(
     problems.append(
       f'config.data.builder_config={builder_config!r}: {name} has no builder configs; set it to ""'
     )
-  if get('loss.pcl_features', 'unit_parts') == 'raw' and get('loss.pcl_reduction') != 'sum':
+  if get('loss.pcl_features') == 'raw' and get('loss.pcl_reduction') != 'sum':
     problems.append(
       "config.loss.pcl_features='raw' goes with config.loss.pcl_reduction='sum' only: the "
       "normalised mean works on unit parts; set pcl_features='unit_parts'"
     )
-  gap = get('data.synthetic_infrared_gap', 1.0)
+  gap = get('data.synthetic_infrared_gap')
   if synthetic and synthetic != 'sysu' and gap != 1.0:
     problems.append(
       f'config.data.synthetic_infrared_gap={gap}: only the synthetic "sysu" '
       'layout has an infrared gap; leave it at 1.0'
     )
-  test_ids = get('data.synthetic_test_ids', 0)
-  num_ids = get('data.synthetic_num_ids', 96)
+  test_ids = get('data.synthetic_test_ids')
+  num_ids = get('data.synthetic_num_ids')
   if synthetic and test_ids and synthetic != 'sysu':
     problems.append(
       f'config.data.synthetic_test_ids={test_ids}: only the synthetic "sysu" layout sets '
@@ -358,7 +226,7 @@ def _cross_checks(
       f'config.data.synthetic_test_ids={test_ids}: must be in [2, synthetic_num_ids - 4] = '
       f'[2, {num_ids - 4}] so that some identities train'
     )
-  manual_dir = get('data.manual_dir', '')
+  manual_dir = get('data.manual_dir')
   if not partial and not synthetic:
     if not manual_dir:
       problems.append(
@@ -373,10 +241,10 @@ def _cross_checks(
         + f': point it at the folder of {name}; data prepared from it earlier is not used '
         'without it'
       )
-  data_dir = get('data.data_dir', '')
+  data_dir = get('data.data_dir')
   if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
     problems.append(f'config.data.data_dir={data_dir!r} is a file, not a folder')
-  pretrained = get('model.pretrained', '')
+  pretrained = get('model.pretrained')
   if not pretrained and not synthetic and not partial and not resuming:
     problems.append(
       f'config.model.pretrained is empty: a real data set ({name}) trains from the '
@@ -398,7 +266,7 @@ def _cross_checks(
         f'config.model.pretrained={pretrained!r}: unknown format; expected '
         f'{", ".join(PRETRAINED_SUFFIXES)}'
       )
-  rand_perm = get('eval.rand_perm_path', '')
+  rand_perm = get('eval.rand_perm_path')
   if rand_perm:
     if name != 'sysu_mm01':
       problems.append(
@@ -410,8 +278,8 @@ def _cross_checks(
         f'config.eval.rand_perm_path={rand_perm!r} does not exist: give the '
         'data set\'s exp/rand_perm_cam.mat, or "" for seeded galleries'
       )
-  if get('model.attention_centring', False) is True and (
-    get('model.attention_similarity', 'tsaa') == 'scaled_dot'
+  if get('model.attention_centring') is True and (
+    get('model.attention_similarity') == 'scaled_dot'
   ):
     problems.append(
       "config.model.attention_centring=True: attention_similarity='scaled_dot' (Eq. 6) has "
@@ -462,12 +330,11 @@ def check_config(
     problem = rule.problem(value)
     if problem:
       problems.append(f'config.{field}={_show(value)}: {problem}')
-  if not partial:
-    problems += [
-      f'config.{field} is missing (every config starts from configs/default.py)'
-      for field in RULES
-      if field not in leaves
-    ]
+  problems += [
+    f'config.{field} is missing (every config starts from configs/default.py)'
+    for field in RULES
+    if field not in leaves
+  ]
   if not problems:  # ranges first: the cross-checks assume well-typed values
     problems = _cross_checks(config, partial, resuming)
   if problems:

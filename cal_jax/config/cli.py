@@ -27,7 +27,6 @@ fix (the file, field or value), with exit status 1 and no traceback.
 
 import importlib.machinery
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -40,12 +39,9 @@ from absl import flags, logging
 from ml_collections.config_flags import config_flags as config_flags_lib
 
 from cal_jax.config import formulations
+from cal_jax.config.run_config import ConfigFileError, read_run_config
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
-
-
-class ConfigFileError(ValueError):
-  """A config file that cannot be loaded into a ConfigDict."""
 
 
 def _where(error: BaseException, path: str) -> str:
@@ -56,10 +52,6 @@ def _where(error: BaseException, path: str) -> str:
     if os.path.abspath(frame.filename) == os.path.abspath(path)
   ]
   return f', line {lines[-1]}' if lines else ''
-
-
-# The sections of every config (configs/default.py), so of every run's config.json.
-RUN_CONFIG_SECTIONS = ('data', 'model', 'loss', 'optim', 'eval')
 
 
 def config_file_kind(argument: str) -> str:
@@ -92,33 +84,6 @@ def config_file_kind(argument: str) -> str:
     )
   read_run_config(path)
   return 'run'
-
-
-def read_run_config(path: str) -> ml_collections.ConfigDict:
-  """A run's config.json (what training writes in its workdir) as a ConfigDict.
-
-  Raises:
-    ConfigFileError: unreadable, not JSON, or not a run's config.
-  """
-  shown = repr(path)
-  try:
-    with open(path, encoding='utf-8') as f:
-      saved = json.load(f)
-  except OSError as error:
-    raise ConfigFileError(f'cannot read the config file {shown}: {error.strerror}') from error
-  except ValueError as error:
-    raise ConfigFileError(
-      f"config file {shown} is not JSON ({error}): pass a run's config.json as training "
-      'wrote it, or a Python config file'
-    ) from None
-  missing = [s for s in RUN_CONFIG_SECTIONS if not isinstance(saved, dict) or s not in saved]
-  if missing or not all(isinstance(saved[s], dict) for s in RUN_CONFIG_SECTIONS):
-    raise ConfigFileError(
-      f"config file {shown} is not a run's config.json (it has no "
-      f'{", ".join(missing) or "section as a JSON object"} section); pass the config.json '
-      'of a workdir, or a Python config file'
-    )
-  return ml_collections.ConfigDict(saved)
 
 
 class RunConfigParser(config_flags_lib.ConfigFileFlagParser):

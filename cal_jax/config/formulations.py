@@ -151,7 +151,7 @@ def describe(config: ml_collections.ConfigDict) -> str:
     f'{loss[t]:g} {name}{forms.get(t, "")}' for t, name in _TERM_NAMES.items() if loss[t]
   )
   changed = differences(config)
-  which = config.get('formulation', 'paper')
+  which = config.formulation
   origin = (
     'Eq. 20 as written'
     if not changed
@@ -161,7 +161,7 @@ def describe(config: ml_collections.ConfigDict) -> str:
 
 
 def _raw_pcl(loss: ml_collections.ConfigDict) -> bool:
-  return loss.get('pcl_features', 'unit_parts') == 'raw'
+  return loss.pcl_features == 'raw'
 
 
 def differences(config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:

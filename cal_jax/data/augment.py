@@ -79,7 +79,7 @@ class TrainTransform:
       flip=bool(data.flip),
       random_erasing=float(data.random_erasing),
       channel_aug=bool(data.channel_aug),
-      channel_aug_prob=float(data.get('channel_aug_prob', 0.5)),
+      channel_aug_prob=float(data.channel_aug_prob),
     )
 
 

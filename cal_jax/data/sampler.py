@@ -219,8 +219,8 @@ class CrossModalIdentitySampler:
       local_devices=local_devices,
       num_hosts=num_hosts,
       host_index=host_index,
-      steps_per_epoch=int(config.optim.get('steps_per_epoch', 0)),
-      balanced=bool(config.data.get('balanced_sampler', False)),
+      steps_per_epoch=int(config.optim.steps_per_epoch),
+      balanced=bool(config.data.balanced_sampler),
     )
 
   def _plan(self, epoch: int) -> _EpochPlan:

@@ -138,7 +138,7 @@ def synthetic_seed(config: ml_collections.ConfigDict) -> int:
   A fixed data seed makes a grid over config.seed vary what a real benchmark varies
   (initialisation, batches, augmentation) over one fixed data set.
   """
-  fixed = int(config.data.get('synthetic_seed', -1))
+  fixed = int(config.data.synthetic_seed)
   return int(config.seed) if fixed < 0 else fixed
 
 
@@ -172,11 +172,11 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
       synthetic_seed(config),
       data.synthetic_height,
       data.synthetic_infrared_gap,
-      data.get('synthetic_test_ids', 0),
+      data.synthetic_test_ids,
     )
   full_name = f'{name}/{data.builder_config}' if data.builder_config else name
   builder = tfds.builder(
-    full_name, data_dir=data_dir or None, skip_corrupt_images=data.get('skip_corrupt_images', False)
+    full_name, data_dir=data_dir or None, skip_corrupt_images=data.skip_corrupt_images
   )
   prepared = builder.is_prepared()
   if not prepared:

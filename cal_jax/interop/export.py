@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from cal_jax.config import checks as config_checks
+from cal_jax.config import run_config
 from cal_jax.evaluation import embedding
 from cal_jax.models import torchvision_weights as pretrained
 from cal_jax.runtime import workdir as workdir_lib
@@ -250,7 +251,7 @@ def check_modality(modality: str) -> None:
 
 def check_embedding(config: ml_collections.ConfigDict) -> None:
   """Refuses a run evaluated with another embedding than CAL's parts."""
-  embedding = config.model.get('embedding', 'parts')  # config.json of older runs lack it
+  embedding = config.model.embedding
   if embedding != 'parts':
     raise ValueError(
       f'config.model.embedding={embedding!r}: only the CAL part embedding '
@@ -378,14 +379,8 @@ def _write_onnx(state: dict[str, np.ndarray], metadata: dict[str, Any], path: st
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run wrote to DIR/config.json."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-      f"{path} does not exist (training writes it); pass the run's --config instead"
-    )
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  """The config a training run wrote to DIR/config.json, completed from the defaults."""
+  return run_config.read_workdir_config(workdir, "pass the run's --config instead")
 
 
 def checkpoint_step(directory: str, step: int | None) -> int:
@@ -459,8 +454,7 @@ def export_checkpoint(
       'point --workdir at a training run'
     )
   config = load_workdir_config(workdir) if config is None else config
-  # Partial: a config.json of an older run may lack newer fields, and no data is read
-  # here, so the data set's folder need not exist.
+  # Partial: no data is read here, so the data set's folder need not exist.
   config_checks.check_config(config, partial=True)
   check_embedding(config)
   checkpoint_step(directory, step)  # one exists (and `step`, if given)

@@ -41,7 +41,7 @@ def _metric_loss(
   cameras: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
   """L_pcl of Eq. (14), or Table 4's replacement for it (`loss.pcl_form`)."""
-  form = weights.get('pcl_form', 'pcl')
+  form = weights.pcl_form
   if form == 'pcl':
     return part_center_loss(
       outputs['f_vv'],
@@ -53,7 +53,7 @@ def _metric_loss(
       weights.pcl_margin,
       axis_name,
       reduction=weights.pcl_reduction,
-      features=weights.get('pcl_features', 'unit_parts'),
+      features=weights.pcl_features,
     )
   if form == 'triplet':
     return metric_losses.batch_hard_triplet_loss(
@@ -70,7 +70,7 @@ def _metric_loss(
       raise ValueError("config.loss.pcl_form='ica_cca' needs the batch's camera classes ('camera')")
     # MCLNet's two losses on the self-refined features (the inference path), summed.
     features = jnp.concatenate([outputs['f_vv'], outputs['f_ii']])
-    margins = (weights.get('mcca_rho', 2.0), weights.get('mcca_sigma', 0.0036))
+    margins = (weights.mcca_rho, weights.mcca_sigma)
     ica = metric_losses.mcca_loss(
       features,
       jnp.concatenate([labels_visible, labels_infrared]),

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cal_jax.data.datasets import specs
 from cal_jax.data.modality import INFRARED, VISIBLE
 from cal_jax.models import attention_adapter, resnet
 from cal_jax.models import part_queries as part_queries_lib
@@ -349,41 +348,53 @@ def compute_dtype(name: str) -> Any:
 
 
 def create_model(
-  config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = None
+  model: ml_collections.ConfigDict,
+  *,
+  num_classes: int,
+  class_centers: bool = False,
+  num_cameras: int = 0,
+  kd2_attention_gradient: bool = True,
+  axis_name: str | None = None,
 ) -> CAL:
-  """Builds the CAL network from `config.model`."""
-  m = config.model
-  pcl_form = config.get('loss', {}).get('pcl_form', 'pcl')
-  resnet.check_depth(m.depth)
-  resnet.check_remat(m.get('remat', ()))
-  if m.num_parts < 1:
-    raise ValueError(f'config.model.num_parts must be >= 1, got {m.num_parts}')
-  if not 0.0 < m.select_ratio <= 1.0:
-    raise ValueError(f'config.model.select_ratio (alpha) must be in (0, 1], got {m.select_ratio}')
+  """Builds the CAL network from the model's config section, `config.model`.
+
+  What the objective needs of the network is given explicitly (the train state works it
+  out from `config.loss`: `training.state.build_model`): `class_centers` (Table 4's
+  centre losses keep one centre per class), `num_cameras` (ICA&CCA's camera centres)
+  and `kd2_attention_gradient` (whether L_kd2 reaches the TSAA maps).
+  """
+  resnet.check_depth(model.depth)
+  resnet.check_remat(model.remat)
+  if model.num_parts < 1:
+    raise ValueError(f'config.model.num_parts must be >= 1, got {model.num_parts}')
+  if not 0.0 < model.select_ratio <= 1.0:
+    raise ValueError(
+      f'config.model.select_ratio (alpha) must be in (0, 1], got {model.select_ratio}'
+    )
   return CAL(
     num_classes=num_classes,
-    depth=m.depth,
-    width=m.width,
-    last_stride=m.last_stride,
-    modality_specific_stem=m.modality_specific_stem,
-    num_parts=m.num_parts,
-    select_ratio=m.select_ratio,
-    pool_sizes=tuple(m.pool_sizes),
-    shared_region_mining=m.shared_region_mining,
-    adapter_hidden=m.adapter_hidden,
-    adapter_dim=m.adapter_dim,
-    channel_reduction=m.channel_reduction,
-    part_queries=m.get('part_queries', 'drm'),
-    attention_similarity=m.get('attention_similarity', 'tsaa'),
-    channel_attention=m.get('channel_attention', True),
-    attention_border=m.get('attention_border', 0),
-    attention_centring=m.get('attention_centring', False),
-    id_classifier=m.get('id_classifier', 'shared'),
-    class_centers=pcl_form in ('center', 'ica_cca'),
-    camera_centers=(len(specs.camera_classes(config.data.name)) if pcl_form == 'ica_cca' else 0),
-    dtype=compute_dtype(m.get('dtype', 'float32')),
-    remat=tuple(m.get('remat', ())),
-    remat_nested=m.get('remat_nested', True),
-    kd2_attention_gradient=config.get('loss', {}).get('kd2_attention_gradient', True),
+    depth=model.depth,
+    width=model.width,
+    last_stride=model.last_stride,
+    modality_specific_stem=model.modality_specific_stem,
+    num_parts=model.num_parts,
+    select_ratio=model.select_ratio,
+    pool_sizes=tuple(model.pool_sizes),
+    shared_region_mining=model.shared_region_mining,
+    adapter_hidden=model.adapter_hidden,
+    adapter_dim=model.adapter_dim,
+    channel_reduction=model.channel_reduction,
+    part_queries=model.part_queries,
+    attention_similarity=model.attention_similarity,
+    channel_attention=model.channel_attention,
+    attention_border=model.attention_border,
+    attention_centring=model.attention_centring,
+    id_classifier=model.id_classifier,
+    class_centers=class_centers,
+    camera_centers=num_cameras,
+    dtype=compute_dtype(model.dtype),
+    remat=tuple(model.remat),
+    remat_nested=model.remat_nested,
+    kd2_attention_gradient=kd2_attention_gradient,
     axis_name=axis_name,
   )

@@ -32,7 +32,7 @@ from cal_jax.data.sampler import CrossModalIdentitySampler
 from cal_jax.evaluation import run
 from cal_jax.evaluation.evaluator import EvalSettings, NonFiniteFeaturesError
 from cal_jax.losses import LOSS_TERMS
-from cal_jax.models.cal import CAL, create_model
+from cal_jax.models.cal import CAL
 from cal_jax.runtime import distributed, stopping, terminal
 from cal_jax.runtime import workdir as workdir_lib
 from cal_jax.training import checkpointing
@@ -40,6 +40,7 @@ from cal_jax.training import state as state_lib
 from cal_jax.training.assignments import AssignmentCounts
 from cal_jax.training.collapse import CollapseGuard
 from cal_jax.training.optim import learning_rate_schedule
+from cal_jax.training.state import build_model
 from cal_jax.training.step import SCALARS, make_p_train_step
 
 LOSSES = ('loss',) + LOSS_TERMS  # the weighted total and every term
@@ -70,7 +71,7 @@ class TrainingSetup:
     self.num_classes = self.sampler.num_classes
     self.steps_per_epoch = self.sampler.steps_per_epoch
     self.total_steps = config.optim.num_epochs * self.steps_per_epoch
-    self.model = create_model(config, self.num_classes, axis_name=distributed.AXIS)
+    self.model = build_model(config, self.num_classes, axis_name=distributed.AXIS)
     self.checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, 'checkpoints'), config, self.num_classes, keep=config.keep_checkpoints
     )
@@ -178,7 +179,7 @@ def divergence_advice(config: ml_collections.ConfigDict) -> str:
   loss = config.loss
   if loss.pcl_form != 'pcl' or not loss.pcl or loss.pcl_reduction != 'sum':
     return advice
-  if loss.get('pcl_features', 'unit_parts') == 'raw':
+  if loss.pcl_features == 'raw':
     return (
       "config.loss.pcl_features='raw' (Eq. 15 on the TSAA outputs as they are) gives Eq. 14's "
       'sums gradients that grow with the features: --config.loss.pcl_features=unit_parts '
@@ -431,7 +432,7 @@ def restore_trained(
     )
   return Trained(
     splits,
-    create_model(config, num_classes),
+    build_model(config, num_classes),
     state,
     AssignmentCounts.from_json(extra, config.model.num_parts),
     int(state.step),

@@ -1,5 +1,6 @@
 """The train state: parameters, batch-norm statistics, optimiser state, step.
 
+build_model             the CAL network of a config: config.model, and what config.loss needs of it
 create_train_state      a fresh state of a CAL network
 initial_state           the same, with config.model.pretrained's ImageNet backbone
 pretrained_file         that file, or '' (none given, or 'none': from scratch on purpose)
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax.training import train_state
 
+from cal_jax.data.datasets import specs
 from cal_jax.models import torchvision_weights
 from cal_jax.models.cal import CAL, create_model
 from cal_jax.training import optim
@@ -22,6 +24,26 @@ from cal_jax.training import optim
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
+
+
+# Table 4's replacements of L_pcl that keep learnt centres in the network.
+CENTRE_FORMS = ('center', 'ica_cca')
+
+
+def build_model(
+  config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = None
+) -> CAL:
+  """The CAL network of a run: `config.model`, with what the objective needs of the network
+  worked out here, once, from `config.loss` (and the data set's cameras for ICA&CCA)."""
+  form = config.loss.pcl_form
+  return create_model(
+    config.model,
+    num_classes=num_classes,
+    class_centers=form in CENTRE_FORMS,
+    num_cameras=len(specs.camera_classes(config.data.name)) if form == 'ica_cca' else 0,
+    kd2_attention_gradient=config.loss.kd2_attention_gradient,
+    axis_name=axis_name,
+  )
 
 
 def initial_variables(
@@ -126,7 +148,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int) ->
   and `tx` are those of a real state (the schedule's steps per epoch do not
   change what a checkpoint holds).
   """
-  model = create_model(config, num_classes)
+  model = build_model(config, num_classes)
   abstract = jax.eval_shape(
     lambda: create_train_state(model, config, jax.random.key(0), steps_per_epoch=1)
   )

@@ -7,12 +7,13 @@ import pytest
 from conftest import NUM_CLASSES
 
 from cal_jax.evaluation import embedding as inference
-from cal_jax.models.cal import CAL, INFRARED, VISIBLE, create_model
+from cal_jax.models.cal import CAL, INFRARED, VISIBLE
+from cal_jax.training.state import build_model
 
 
 @pytest.fixture(scope='module')
 def eval_setup(tiny_config, tiny_state):
-  model = create_model(tiny_config, NUM_CLASSES)
+  model = build_model(tiny_config, NUM_CLASSES)
   variables = {'params': tiny_state.params, 'batch_stats': tiny_state.batch_stats}
   rng = np.random.default_rng(0)
   shape = (3, tiny_config.data.image_height, tiny_config.data.image_width, 3)

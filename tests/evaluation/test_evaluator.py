@@ -516,9 +516,9 @@ def test_cache_key_changes_with_step_weights_flip_and_dtype(tiny_config, tiny_st
   from conftest import NUM_CLASSES
 
   from cal_jax.evaluation.feature_cache import cache_key
-  from cal_jax.models.cal import create_model
+  from cal_jax.training.state import build_model
 
-  model = create_model(tiny_config, NUM_CLASSES)
+  model = build_model(tiny_config, NUM_CLASSES)
   variables = {'params': tiny_state.params, 'batch_stats': tiny_state.batch_stats}
   s = evaluate_lib.EvalSettings.from_config(tiny_config)
   fake_split = _Columns(np.arange(3), np.ones(3), np.zeros(3))

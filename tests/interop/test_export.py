@@ -24,8 +24,9 @@ from conftest import NUM_CLASSES
 
 from cal_jax.evaluation import embedding as inference
 from cal_jax.interop import export as convert
-from cal_jax.models.cal import CAL, INFRARED, VISIBLE, create_model
+from cal_jax.models.cal import CAL, INFRARED, VISIBLE
 from cal_jax.training import checkpointing
+from cal_jax.training.state import build_model
 
 torch = pytest.importorskip('torch')
 safetensors = pytest.importorskip('safetensors')
@@ -93,7 +94,7 @@ def unflat(tree) -> dict:
 @pytest.fixture(scope='module')
 def trained(tiny_config, tiny_state):
   """(eval model, trained-like variables, the same with prototypes reordered by M_HAT)."""
-  model = create_model(tiny_config, NUM_CLASSES)
+  model = build_model(tiny_config, NUM_CLASSES)
   size = (tiny_config.data.image_height, tiny_config.data.image_width)
   variables = trained_like(model, tiny_state.params, tiny_state.batch_stats, size)
   reordered = {
@@ -252,7 +253,7 @@ def test_shared_stem_and_region_mining(tmp_path, tiny_config, trained):
   config = tiny_config.copy_and_resolve_references()
   config.model.modality_specific_stem = False
   config.model.shared_region_mining = True
-  model = create_model(config, NUM_CLASSES)
+  model = build_model(config, NUM_CLASSES)
   variables = {
     collection: {
       name: tree

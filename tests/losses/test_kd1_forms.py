@@ -298,7 +298,7 @@ def test_kd2_without_attention_gradient_leaves_the_tsaa_maps_to_the_other_losses
   copies equal the self-refined logits, the BNNeck's moments and the other outputs
   are unchanged), and L_kd2's gradient no longer reaches theta_1 and theta_2 (the
   MLPs of Eq. 10, which make S), while it still reaches the classifier as before."""
-  from cal_jax.models.cal import create_model
+  from cal_jax.training.state import build_model
   from configs import tiny
 
   rng = np.random.default_rng(4)
@@ -310,7 +310,7 @@ def test_kd2_without_attention_gradient_leaves_the_tsaa_maps_to_the_other_losses
   for flag in (True, False):
     config = tiny.get_config()
     config.loss.kd2_attention_gradient = flag
-    models[flag] = create_model(config, 5)
+    models[flag] = build_model(config, 5)
   variables = models[True].init(jax.random.key(0), images_v, images_i, partner, partner)
   weights = loss_weights()
 

@@ -99,13 +99,13 @@ def test_remat_keeps_the_parameters_and_the_gradient(nested):
 
 @pytest.mark.parametrize('nested', [False, True])
 def test_remat_fields_of_the_config_reach_the_backbone(nested):
-  from cal_jax.models.cal import create_model
+  from cal_jax.training.state import build_model
   from configs import tiny
 
   config = tiny.get_config()
   config.model.remat = (1, 3)
   config.model.remat_nested = nested
-  model = create_model(config, 5)
+  model = build_model(config, 5)
   assert (tuple(model.remat), model.remat_nested) == ((1, 3), nested)
   images = jnp.zeros((2, 64, 32, 3))
   partner = jnp.array([1, 0])

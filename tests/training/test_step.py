@@ -131,11 +131,11 @@ def test_bfloat16_step_is_finite_keeps_float32_state_and_learns(tiny_config, tin
   the loss falls on a fixed batch."""
   from conftest import NUM_CLASSES
 
-  from cal_jax.models.cal import create_model
+  from cal_jax.training.state import build_model
 
   config = tiny_config.copy_and_resolve_references()
   config.model.dtype = 'bfloat16'
-  model = create_model(config, NUM_CLASSES, axis_name=None)
+  model = build_model(config, NUM_CLASSES, axis_name=None)
   images = np.zeros((2, config.data.image_height, config.data.image_width, 3), np.float32)
   hlo = jax.jit(lambda v, x: model.apply(v, x, 0, method=model.embed)).lower(
     {'params': tiny_state.params, 'batch_stats': tiny_state.batch_stats}, images
