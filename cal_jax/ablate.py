@@ -1,7 +1,7 @@
 """Command line: run rows of the paper's ablation tables over seeds, print the table.
 
   python -m cal_jax.ablate --config configs/synthetic.py --rows table3 --seeds 3 \
-      --workdir runs/table3 [--config.FIELD=VALUE ...]
+      --workdir runs/table3 [--config.FIELD=VALUE ...] [--emit slurm|commands | --collect]
 
 Each row and seed trains and evaluates in its own workdir, DIR/ROW/seed_S, with
 `python -m cal_jax.main` (so a killed grid resumes where it stopped: finished
@@ -11,6 +11,11 @@ as mean ± std over seeds, and beside it the mean std over gallery draws. It is
 printed, and written as DIR/ablation.json, DIR/ablation.md and a bar chart
 DIR/ablation.png. Rows and tables: `cal_jax/ablations.py`; the grid:
 `cal_jax/ablation_grid.py`; the table: `cal_jax/ablation_table.py`.
+
+On a cluster: `--emit slurm` writes a SLURM array script, one task per run, and
+`--emit commands` one command line per run for any other scheduler; both train
+nothing. Once they are done, `--collect` (with the same flags) writes the table
+(`cal_jax/ablate_cluster.py`).
 """
 
 import os
@@ -19,7 +24,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from cal_jax import ablation_grid, ablations, cli
+from cal_jax import ablate_cluster, ablation_grid, ablations, cli
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'The config every row starts from.', lock_config=True
@@ -33,6 +38,16 @@ _ROWS = flags.DEFINE_string(
 )
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds 0..N-1 per row (config.seed).')
 _FIRST_SEED = flags.DEFINE_integer('first_seed', 0, 'The first seed.')
+_EMIT = flags.DEFINE_enum(
+  'emit',
+  None,
+  ['slurm', 'commands'],
+  'Train nothing; write the runs for a cluster: a SLURM array script (slurm), or one shell '
+  'command per run (commands). --collect makes the table afterwards.',
+)
+_COLLECT = flags.DEFINE_boolean(
+  'collect', False, 'Train nothing; make the table of a grid whose runs are all finished.'
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -47,6 +62,8 @@ def main(argv):
   try:
     if _SEEDS.value < 1:
       raise ValueError(f'--seeds must be at least 1, got {_SEEDS.value}')
+    if _EMIT.value and _COLLECT.value:
+      raise ValueError('--emit writes the runs, --collect reads them: give one of the two')
     rows = ablations.select_rows(_ROWS.value)
     for row in rows:  # every override names a real field, before anything runs
       ablations.apply(_CONFIG.value, row)
@@ -58,8 +75,17 @@ def main(argv):
       extra=config_overrides(sys.argv[1:]),
       config=_CONFIG.value,
     )
+    out = lambda s: print(s, flush=True)
+    if _COLLECT.value:
+      ablate_cluster.collect(grid, out)
+      return
     os.makedirs(grid.workdir, exist_ok=True)
-    ablation_grid.train_all(grid, out=lambda s: print(s, flush=True))
+    if _EMIT.value == 'slurm':
+      ablate_cluster.emit_slurm(grid, out)
+    elif _EMIT.value == 'commands':
+      ablate_cluster.emit_commands(grid, out, note=lambda s: print(s, file=sys.stderr, flush=True))
+    else:
+      ablation_grid.train_all(grid, out)
   except (ValueError, OSError, RuntimeError) as error:
     cli.exit_with('cal_jax.ablate', error)
 
