@@ -17,7 +17,8 @@ lines.
 The array script runs task k as `bash launch/slurm.sbatch ARGS` (srun, `--distributed=always`,
 the node's GPUs) from the repository root it was written from (CAL_JAX_REPO overrides it),
 with the interpreter that wrote it (PYTHON overrides it). One node per task by default
-(`--nodes=1`, 8 GPUs, as `launch/slurm.sbatch` asks per node): the grid's config then trains
+(`--nodes=1`; the GPUs, CPUs and time of the other #SBATCH lines of `launch/slurm.sbatch`,
+8 GPUs a node, read from it when the script is written): the grid's config then trains
 as it does on one host, with the batch size and learning rate it gives (P must be a multiple
 of the devices, and a second node would need P and the learning rate raised, README "Scaling
 out"), and the grid's runs, not one run's steps, are what spreads over the cluster. Override
@@ -107,10 +108,25 @@ def emit_commands(grid: ablation_grid.Grid, out=print, note=print) -> str:
   return path
 
 
+def _one_node(launcher: str) -> list[str]:
+  """The #SBATCH lines of launch/slurm.sbatch for one run of the grid: one node, the
+  grid's job name; its own output file is left to the array's."""
+  with open(launcher) as f:
+    lines = [line.rstrip('\n') for line in f if line.startswith('#SBATCH --')]
+  chosen = {'--job-name': 'cal_jax_ablate', '--nodes': '1'}
+  one_node = []
+  for line in lines:
+    option = line.split()[1].split('=')[0]
+    if option != '--output':
+      one_node.append(f'#SBATCH {option}={chosen[option]}' if option in chosen else line)
+  return one_node
+
+
 def array_script(grid: ablation_grid.Grid, commands_file: str) -> str:
   """The SLURM array script of the grid: task k runs line k + 1 of `commands_file`."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if not os.path.isfile(os.path.join(repo, 'launch', 'slurm.sbatch')):
+  launcher = os.path.join(repo, 'launch', 'slurm.sbatch')
+  if not os.path.isfile(launcher):
     raise ValueError(
       f'--emit slurm: no launch/slurm.sbatch in {repo}, where cal_jax is imported from; '
       'run it from a checkout of the repository'
@@ -121,16 +137,12 @@ def array_script(grid: ablation_grid.Grid, commands_file: str) -> str:
     output_line = '# --output: SLURM default (the workdir has a character #SBATCH cannot hold)'
   else:
     output_line = f'#SBATCH --output={output}'
+  directives = '\n'.join(
+    [f'#SBATCH --array=0-{len(grid.runs()) - 1}', *_one_node(launcher), output_line]
+  )
   q = shlex.quote
   return f"""#!/usr/bin/env bash
-#SBATCH --job-name=cal_jax_ablate
-#SBATCH --array=0-{len(grid.runs()) - 1}
-#SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=16
-#SBATCH --time=24:00:00
-{output_line}
+{directives}
 # The ablation grid of `python -m cal_jax.ablate --emit slurm` (cal_jax/ablate_cluster.py):
 # array task k trains run k of the grid, line k + 1 of {COMMANDS_FILE}, in its workdir
 # DIR/ROW/seed_S (its log.txt there), through launch/slurm.sbatch on one node (override:

@@ -92,6 +92,9 @@ def test_each_array_task_runs_its_run_through_slurm_sbatch(tmp_path, gpus):
   with open(script) as f:
     text = f.read()
   assert '#SBATCH --array=0-3\n' in text and '#SBATCH --nodes=1\n' in text
+  # The rest as launch/slurm.sbatch asks for each node, its 2 nodes and output file left out.
+  assert '#SBATCH --gpus-per-node=8\n#SBATCH --cpus-per-task=16\n' in text
+  assert '--nodes=2' not in text and 'cal_jax-%j.out' not in text
   assert '#SBATCH --output' not in text  # a space in the workdir: SLURM's default file
   # A stand-in for srun that prints what it is given: the task as sbatch would start it.
   (tmp_path / 'bin').mkdir()
