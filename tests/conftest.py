@@ -114,3 +114,26 @@ def tiny_run(tmp_path_factory):
   setup.evaluator(state, counts, 0, writer=writer)
   writer.flush()
   return config, workdir
+
+
+# The sequential grid that the ablation tests share: two rows, one seed, on the tiny config.
+TINY_GRID_FLAGS = [
+  *('--config', 'configs/tiny.py', '--rows', 'baseline,full', '--seeds', '1'),
+  '--config.eval.pictures=False',
+]
+
+
+@pytest.fixture(scope='session')
+def tiny_grid(tmp_path_factory):
+  """(command, workdir, finished process) of `python -m cal_jax.ablate` run once on
+  TINY_GRID_FLAGS from the repository root: each row trained one after another, then the
+  table. Shared: rerun it (finished runs are only read back), but change nothing in it."""
+  import subprocess
+  import sys
+
+  workdir = tmp_path_factory.mktemp('tiny_grid') / 'grid'
+  command = [sys.executable, '-m', 'cal_jax.ablate', *TINY_GRID_FLAGS, '--workdir', str(workdir)]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+  return command, workdir, done

@@ -135,24 +135,8 @@ def test_select_rows():
 
 
 @pytest.mark.slow
-def test_ablate_runs_two_rows_end_to_end_and_resumes(tmp_path):
-  workdir = tmp_path / 'grid'
-  command = [
-    sys.executable,
-    '-m',
-    'cal_jax.ablate',
-    '--config',
-    'configs/tiny.py',
-    '--rows',
-    'baseline,full',
-    '--seeds',
-    '1',
-    '--workdir',
-    str(workdir),
-    '--config.eval.pictures=False',
-  ]
-  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+def test_ablate_runs_two_rows_end_to_end_and_resumes(tiny_grid):
+  command, workdir, done = tiny_grid  # rows baseline and full, one seed (tests/conftest.py)
   assert '2 runs (2 rows x 1 seeds), 0 already done' in done.stdout
   assert 'ETA' in done.stdout
   assert '| Baseline (ID loss) | 1 |' in done.stdout
