@@ -43,7 +43,7 @@ from cal_jax.pictures import (
   plots,  # noqa: E402
 )
 from cal_jax.runtime import workdir as workdir_lib  # noqa: E402
-from cal_jax.training import loop  # noqa: E402
+from cal_jax.training import restore  # noqa: E402
 
 KINDS = ('regions', 'attention', 'ranking', 'cmc')
 
@@ -123,7 +123,7 @@ def draw(
       f'CMC, {meta.get("dataset", "")} at step {meta.get("checkpoint_step", "?")}',
     )
   if set(what) - {'cmc'}:
-    trained = loop.restore_trained(config, workdir, checkpoint)
+    trained = restore.restore_trained(config, workdir, checkpoint)
     settings = evaluator.EvalSettings.from_config(config)
     embedder = run.make_embedder(
       trained.model, trained.state, trained.counts.m_hat(), settings.embedding

@@ -9,7 +9,6 @@ exactly where an uninterrupted one does.
 """
 
 import contextlib
-import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -31,26 +30,25 @@ from cal_jax.data.datasets import specs
 from cal_jax.data.sampler import CrossModalIdentitySampler
 from cal_jax.evaluation import run
 from cal_jax.evaluation.evaluator import EvalSettings, NonFiniteFeaturesError
-from cal_jax.losses import LOSS_TERMS
 from cal_jax.models.cal import CAL
 from cal_jax.runtime import distributed, stopping, terminal
 from cal_jax.runtime import workdir as workdir_lib
-from cal_jax.training import checkpointing
+from cal_jax.training import checkpointing, restore
 from cal_jax.training import state as state_lib
 from cal_jax.training.assignments import AssignmentCounts
 from cal_jax.training.collapse import CollapseGuard
+from cal_jax.training.divergence import (
+  NonFiniteLossError,
+  check_finite,
+  check_finite_state,
+  divergence_advice,
+)
 from cal_jax.training.optim import learning_rate_schedule
 from cal_jax.training.state import build_model
 from cal_jax.training.step import SCALARS, make_p_train_step
 
-LOSSES = ('loss',) + LOSS_TERMS  # the weighted total and every term
-
 # (config) -> the pmapped step, `(rstate, batch, key) -> (rstate, metrics)`.
 MakeStep = Callable[[ml_collections.ConfigDict], Callable[..., Any]]
-
-
-class NonFiniteLossError(FloatingPointError):
-  """A loss term became NaN or infinite; training stops, checkpoints stay."""
 
 
 class TrainingSetup:
@@ -161,47 +159,6 @@ def say_backbone_start(config: ml_collections.ConfigDict) -> None:
     )
   else:
     logging.info('Backbone: from scratch (no config.model.pretrained; synthetic data).')
-
-
-def check_finite(step: int, summary: dict[str, float]) -> None:
-  bad = [term for term in LOSSES if not np.isfinite(summary[term])]
-  if bad:
-    raise NonFiniteLossError(
-      f'non-finite loss at step {step}: {", ".join(f"{t}={summary[t]}" for t in bad)}. '
-      'Training stopped; the last good checkpoint is kept. Lower config.optim.base_lr or '
-      'check the input data.'
-    )
-
-
-def divergence_advice(config: ml_collections.ConfigDict) -> str:
-  """What to change when training diverged: Eq. 14's sums first, when they are on."""
-  advice = 'lower config.optim.base_lr'
-  loss = config.loss
-  if loss.pcl_form != 'pcl' or not loss.pcl or loss.pcl_reduction != 'sum':
-    return advice
-  if loss.pcl_features == 'raw':
-    return (
-      "config.loss.pcl_features='raw' (Eq. 15 on the TSAA outputs as they are) gives Eq. 14's "
-      'sums gradients that grow with the features: --config.loss.pcl_features=unit_parts '
-      '(docs/decisions.md, "The scale of Eq. 15"); or ' + advice
-    )
-  return (
-    "config.loss.pcl_reduction='sum' (Eq. 14 as written) has the largest gradients of the "
-    'objective: --config.loss.pcl_reduction=normalised_mean is the measured variant '
-    '(docs/decisions.md, "PCL scale"); or ' + advice
-  )
-
-
-def check_finite_state(step: int, state: Any, config: ml_collections.ConfigDict) -> None:
-  """A checkpoint never holds a diverged state: the update of a step whose loss was
-  finite can still make parameters or statistics non-finite (a huge gradient)."""
-  leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats))
-  if all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
-    return
-  raise NonFiniteLossError(
-    f'the parameters became non-finite in the update of step {step} (its loss was finite). '
-    f'Training stopped; the last good checkpoint is kept. {divergence_advice(config)}.'
-  )
 
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -391,54 +348,6 @@ def progress_line(step: int, total: int, summary: dict, elapsed: float, done: in
   )
 
 
-@dataclasses.dataclass(frozen=True)
-class Trained:
-  """A checkpoint made ready to evaluate or draw: no sampler, no optimiser steps."""
-
-  splits: splits_lib.Splits
-  model: CAL
-  state: state_lib.TrainState
-  counts: AssignmentCounts
-  step: int
-
-
-def restore_trained(
-  config: ml_collections.ConfigDict, workdir: str, step: int | None = None
-) -> Trained:
-  """The data and a checkpoint's state (the latest, or `step`) and its counts; the
-  checkpoint is looked for before the data is prepared."""
-  directory = os.path.join(workdir, 'checkpoints')
-  steps = checkpointing.committed_steps(directory) if os.path.isdir(directory) else []
-  if not steps:
-    raise FileNotFoundError(
-      f'no checkpoint in {directory}: train first, or point --workdir at a training run'
-    )
-  if step is not None and step not in steps:
-    raise FileNotFoundError(
-      f'no checkpoint of step {step} in {directory}; --checkpoint takes one of {steps}'
-    )
-  splits = distributed.primary_first(lambda: splits_lib.load_splits(config, workdir), 'data')
-  num_classes = len(np.unique(splits.train.id))
-  with checkpointing.Checkpointer(
-    os.path.join(workdir, 'checkpoints'), config, num_classes, read_only=True
-  ) as checkpointer:
-    if checkpointer.latest_step() is None:
-      raise FileNotFoundError(
-        f'no checkpoint in {checkpointer.directory}: train '
-        'first, or point --workdir at a training run'
-      )
-    state, extra = checkpointer.restore(
-      state_lib.abstract_train_state(config, num_classes), step=step
-    )
-  return Trained(
-    splits,
-    build_model(config, num_classes),
-    state,
-    AssignmentCounts.from_json(extra, config.model.num_parts),
-    int(state.step),
-  )
-
-
 def evaluate_checkpoint(
   config: ml_collections.ConfigDict, workdir: str, step: int | None = None
 ) -> dict:
@@ -446,7 +355,7 @@ def evaluate_checkpoint(
   config_checks.check_config(config, resuming=True)
   workdir_lib.check_writable(workdir)
   with _chief_lock(workdir):
-    trained = restore_trained(config, workdir, step)
+    trained = restore.restore_trained(config, workdir, step)
     terminal.attach_log_file(workdir, jax.process_index())
     terminal.say('Evaluating the checkpoint of step %d.', trained.step)
     evaluator = Evaluator(config, workdir, trained.splits, trained.model)

@@ -122,11 +122,11 @@ def test_evaluation_on_two_devices_equals_one_device(tiny_run):
 
   from cal_jax.evaluation import evaluator
   from cal_jax.evaluation import run as run_lib
-  from cal_jax.training import loop
+  from cal_jax.training import restore
 
   config, workdir = tiny_run
   assert jax.local_device_count() == 2
-  trained = loop.restore_trained(config, workdir)
+  trained = restore.restore_trained(config, workdir)
   settings = evaluator.EvalSettings.from_config(config)
   out = {}
   for devices in (True, False):

@@ -18,7 +18,7 @@ from cal_jax.evaluation import embedding as inference
 from cal_jax.evaluation import evaluator, run
 from cal_jax.pictures import figures as pictures
 from cal_jax.pictures import plots
-from cal_jax.training import loop
+from cal_jax.training import restore
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.filterwarnings('ignore:gallery of .* is smaller than max_rank')
@@ -123,7 +123,7 @@ def test_periodic_evaluation_writes_the_pictures_and_table_to_tensorboard(tiny_r
 @pytest.fixture(scope='module')
 def restored(tiny_run):
   config, workdir = tiny_run
-  trained = loop.restore_trained(config, workdir)
+  trained = restore.restore_trained(config, workdir)
   settings = evaluator.EvalSettings.from_config(config)
   embedder = run.make_embedder(trained.model, trained.state, trained.counts.m_hat())
   evaluation = evaluator.evaluate(

@@ -1,11 +1,11 @@
-"""A diverged update is refused before it is saved (`loop.check_finite_state`)."""
+"""A diverged update is refused before it is saved (`divergence.check_finite_state`)."""
 
 import types
 
 import numpy as np
 import pytest
 
-from cal_jax.training import loop
+from cal_jax.training import divergence
 from configs import sysu, tiny
 
 
@@ -20,13 +20,13 @@ def state(bad=None):
 
 
 def test_a_finite_state_passes():
-  loop.check_finite_state(5, state(), tiny.get_config())
+  divergence.check_finite_state(5, state(), tiny.get_config())
 
 
 @pytest.mark.parametrize('bad', ['params', 'stats'])
 def test_non_finite_parameters_or_statistics_are_refused_in_one_line(bad):
-  with pytest.raises(loop.NonFiniteLossError) as raised:
-    loop.check_finite_state(7, state(bad), tiny.get_config())
+  with pytest.raises(divergence.NonFiniteLossError) as raised:
+    divergence.check_finite_state(7, state(bad), tiny.get_config())
   message = str(raised.value)
   assert '\n' not in message
   assert message.startswith('the parameters became non-finite in the update of step 7')
@@ -35,15 +35,17 @@ def test_non_finite_parameters_or_statistics_are_refused_in_one_line(bad):
 
 
 def test_the_paper_s_pcl_sums_are_named_as_the_likely_cause():
-  with pytest.raises(loop.NonFiniteLossError, match='--config.loss.pcl_reduction=normalised_mean'):
-    loop.check_finite_state(1, state('params'), sysu.get_config())
+  with pytest.raises(
+    divergence.NonFiniteLossError, match='--config.loss.pcl_reduction=normalised_mean'
+  ):
+    divergence.check_finite_state(1, state('params'), sysu.get_config())
 
 
 def test_raw_features_under_the_sums_are_named_first():
   config = sysu.get_config()
   config.loss.pcl_features = 'raw'
-  with pytest.raises(loop.NonFiniteLossError) as raised:
-    loop.check_finite_state(1, state('params'), config)
+  with pytest.raises(divergence.NonFiniteLossError) as raised:
+    divergence.check_finite_state(1, state('params'), config)
   message = str(raised.value)
   assert '--config.loss.pcl_features=unit_parts' in message
   assert 'normalised_mean' not in message

@@ -236,7 +236,7 @@ def test_sigterm_saves_the_current_step_and_resumes_to_the_uninterrupted_result(
 def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data):
   """The loop checks every loss before it saves: the NaN step is reported, the last
   good checkpoint stays and no later one is written."""
-  from cal_jax.training import loop
+  from cal_jax.training import divergence, loop
   from cal_jax.training.step import SCALARS
   from configs import tiny
 
@@ -262,7 +262,7 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, shared_data):
 
     return step
 
-  with pytest.raises(loop.NonFiniteLossError, match=r'step 4: pcl=nan'):
+  with pytest.raises(divergence.NonFiniteLossError, match=r'step 4: pcl=nan'):
     loop.train_and_evaluate(config, str(tmp_path), make_step=fake_p_train_step)
   assert sorted(os.listdir(os.path.join(tmp_path, 'checkpoints'))) == ['2']
 
@@ -316,7 +316,7 @@ def test_bfloat16_trains_and_evaluates_and_ranks_like_float32(tmp_path, shared_d
   from cal_jax.evaluation import metrics
   from cal_jax.evaluation import run as run_lib
   from cal_jax.interop.export import load_workdir_config
-  from cal_jax.training import loop
+  from cal_jax.training import restore
 
   workdir = str(tmp_path / 'bf16')
   result = run_main(
@@ -334,7 +334,7 @@ def test_bfloat16_trains_and_evaluates_and_ranks_like_float32(tmp_path, shared_d
 
   config = load_workdir_config(workdir)
   assert config.model.dtype == 'bfloat16'
-  trained = loop.restore_trained(config, workdir)
+  trained = restore.restore_trained(config, workdir)
   # Parameters, batch-norm statistics and the optimizer's state stay float32.
   saved = jax.tree_util.tree_leaves((trained.state.params, trained.state.batch_stats))
   saved += [x for x in jax.tree_util.tree_leaves(trained.state.opt_state) if x.ndim]
