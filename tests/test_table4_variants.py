@@ -255,12 +255,12 @@ def test_lv_and_hs_rows_train_without_the_drm_losses(name):
   ],
 )
 def test_table4_network_variants_are_not_exported_to_pytorch(name):
-  from cal_jax.interop import export
+  from cal_jax.interop import torch_mapping
 
   config = ablations.apply(tiny.get_config(), ablations.ROWS[name])
   with pytest.raises(ValueError, match='is an ablation variant'):
-    export.model_hyperparameters(config)
-  assert export.model_hyperparameters(tiny.get_config())['num_parts'] == 4
+    torch_mapping.model_hyperparameters(config)
+  assert torch_mapping.model_hyperparameters(tiny.get_config())['num_parts'] == 4
 
 
 def test_cosine_similarity_is_a_scaled_softmax_of_cosines():
