@@ -39,7 +39,7 @@ from cal_jax.losses.region_losses import ATTENTION_DIV_FORMS
 from cal_jax.models.attention_adapter import SIMILARITIES
 from cal_jax.models.cal import ID_CLASSIFIERS
 from cal_jax.models.part_queries import PART_QUERIES
-from cal_jax.training.state import PRETRAINED_NONE
+from cal_jax.models.torchvision_weights import PRETRAINED_NONE
 
 # Builders with test protocols (the data set table), and the layout of
 # `config.data.synthetic` that generates data for each.

@@ -38,6 +38,9 @@ import numpy as np
 from cal_jax.models import resnet
 from cal_jax.models import weight_files as file_checks
 
+# config.model.pretrained's word for "no file: train the backbone from scratch, on purpose".
+PRETRAINED_NONE = 'none'
+
 ARCHS = {'resnet18': 18, 'resnet34': 34, 'resnet50': 50, 'resnet101': 101}
 
 # Kind of tensor -> axis permutation from the torch layout to the Flax one.

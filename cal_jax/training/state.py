@@ -72,7 +72,7 @@ def start_stems_equal(variables: Any) -> dict:
   return variables
 
 
-PRETRAINED_NONE = 'none'  # config.model.pretrained: train the backbone from scratch
+PRETRAINED_NONE = torchvision_weights.PRETRAINED_NONE
 
 
 def pretrained_file(config: ml_collections.ConfigDict) -> str:
