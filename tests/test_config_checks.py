@@ -261,16 +261,35 @@ def test_checks_across_fields(tmp_path):
 
 
 def test_partial_configs_of_finished_runs(tmp_path):
-  """config.json of an older run: absent fields and moved folders are not errors."""
+  """config.json of an older run: fields it lacks are completed from configs/default.py where
+  it is read, once; moved folders are not errors with partial=True; ranges still hold."""
+  import json
+
+  from cal_jax.config import run_config
+  from configs import default
+
   config = real(tmp_path)
   config.data.manual_dir = str(tmp_path / 'moved')
+  saved = config.to_dict()
+  del saved['model']['embedding'], saved['loss']['pcl_features'], saved['eval']['progress_seconds']
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  read = run_config.read_run_config(str(tmp_path / 'config.json'))
+  defaults = default.get_config()
+  assert read.model.embedding == defaults.model.embedding == 'parts'
+  assert read.loss.pcl_features == defaults.loss.pcl_features == 'unit_parts'
+  assert read.eval.progress_seconds == defaults.eval.progress_seconds
+  assert read.data.manual_dir == str(tmp_path / 'moved')  # what the run wrote stays
+  assert read.model.width == config.model.width
+  config_checks.check_config(read, partial=True)
+  with pytest.raises(config_checks.ConfigError, match='config.data.manual_dir'):
+    config_checks.check_config(read)  # the folder has moved
+  # A config that was not completed is refused, partial or not: no reader has a default.
   del config.model['embedding']
-  config_checks.check_config(config, partial=True)
   with pytest.raises(config_checks.ConfigError, match='config.model.embedding is missing'):
-    config_checks.check_config(config)
-  config.data.pad = -1  # ranges still hold
-  with pytest.raises(config_checks.ConfigError, match='config.data.pad=-1'):
     config_checks.check_config(config, partial=True)
+  read.data.pad = -1  # ranges still hold
+  with pytest.raises(config_checks.ConfigError, match='config.data.pad=-1'):
+    config_checks.check_config(read, partial=True)
 
 
 def test_not_a_config():
