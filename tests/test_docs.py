@@ -112,6 +112,26 @@ def test_docs_files_named_in_the_repository_exist():
   assert missing == []
 
 
+def test_sections_named_with_a_docs_file_exist():
+  """A docs file cited with a section in quotes, in a message, a comment or a doc, has it."""
+  cited = re.compile(r'(docs/[\w./-]+\.md)`?,?\s*"([^"]{3,80})"')
+  sources = [ROOT / 'README.md', *(ROOT / 'docs').rglob('*.md')]
+  for folder in ('cal_jax', 'configs', 'benchmarks'):
+    sources += [p for p in (ROOT / folder).rglob('*') if p.suffix in ('.py', '.md')]
+  missing, checked = [], 0
+  for source in sources:
+    for name, section in cited.findall(source.read_text()):
+      words = ' '.join(section.replace('#', ' ').split()[:3]).rstrip('.')
+      target = ROOT / name
+      if not target.exists():
+        continue  # reported by test_docs_files_named_in_the_repository_exist
+      checked += 1
+      if words.lower() not in ' '.join(target.read_text().split()).lower():
+        missing.append(f'{source.relative_to(ROOT)}: {name}, "{section}"')
+  assert missing == []
+  assert checked >= 10
+
+
 def listed_modules(docstring: str) -> list[str]:
   """The modules a package docstring lists: `name   text` one a line, or `- `name`: text`."""
   names = []
