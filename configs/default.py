@@ -6,11 +6,11 @@ Run:
   python -m cal_jax.main --config configs/default.py --workdir DIR \
       --config.data.manual_dir=/path/to/SYSU-MM01
 
-Paper target (SYSU-MM01 all-search single-shot): Rank-1 74.66, mAP 71.73.
+The paper's target (SYSU-MM01): docs/results.md, "The paper's targets".
 
 The objective is the paper's Eq. (20) as written (`config.formulation = 'paper'`); the
 project's measured variant is `--config.formulation=measured` (cal_jax/config/formulations.py and
-the README's "Two formulations" list each field where they differ, with the evidence).
+docs/results.md, "Two formulations", list each field where they differ, with the evidence).
 A real data set needs `config.model.pretrained`: the torchvision ResNet-50 ImageNet state
 dict (resnet50-0676ba61.pth or resnet50-19c8e357.pth), or `none` to train from scratch.
 """
@@ -82,7 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   # theta_1 (a running mean in evaluation), so that no key is a code of its position alone.
   config.model.attention_centring = False
   # L_id's classifier of the refined parts: "shared" by all parts (the default), or
-  # "per_part": one per part query and modality (not in the paper; docs/decisions.md).
+  # "per_part": one per part query and modality (not in the paper;
+  # docs/decisions/model_and_losses.md).
   config.model.id_classifier = 'shared'
   config.model.embedding = 'parts'  # test-time feature: "parts" (CAL) | "global" (baseline)
   # The torchvision ResNet state dict (.pth / .safetensors) the backbone starts from. Real
@@ -117,7 +118,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.attention_div = 0.0  # diversity of the TSAA maps (not in the paper)
   config.loss.attention_div_form = 'dot'  # "dot": Eq. (5)'s form; "cosine": of the maps
   # Each part's self-refinement map S pulled towards its DRM region (not in the paper;
-  # the row `tsaa_guided` is 1; docs/decisions.md, "Guiding TSAA to DRM's regions").
+  # the row `tsaa_guided` is 1; docs/decisions/model_and_losses.md, "Guiding TSAA to
+  # DRM's regions").
   config.loss.attention_guidance = 0.0
   # Paper silent; followed the distillation code of the family: the cross-refined
   # teachers of L_kd1 / L_kd2 are constants (False: an ablation row).

@@ -6,8 +6,7 @@
         --config.model.pretrained=/path/to/resnet50-0676ba61.pth
   done
 
-Paper (Table 2): visible->infrared Rank-1 94.51, mAP 88.67; infrared->visible
-Rank-1 93.64, mAP 87.61.
+The paper's figures to reach: docs/results.md, "The paper's targets".
 """
 
 from configs import default

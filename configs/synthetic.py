@@ -7,15 +7,13 @@ a narrow ResNet-50 from scratch on 128x64 images for 940 steps, then
 evaluates with the SYSU-MM01 protocols and prints the table. Sized for a
 2-core laptop CPU (6.5 minutes on a quiet one). The synthetic identities are
 drawn once (data.synthetic_seed = 0), so seeds vary what they vary on a real
-benchmark. What it reaches (all-search single-shot, 5 seeds, Rank-1 / mAP):
-33.8 +- 5.8 / 39.7 +- 4.7, against the identity-loss baseline's 25.7 +- 3.7 /
-30.6 +- 4.1 (configs/synthetic_baseline.py), ahead at every seed; TCA alone
-26.3 +- 7.5 / 32.5 +- 6.5. With a new data set at every seed
-(--config.data.synthetic_seed=-1) the baseline's spread grows to 9.3 Rank-1 and
-covers CAL's lead. It trains the measured formulation (cal_jax/config/formulations.py: L_kd1
+benchmark. What it reaches, against the identity-loss baseline
+(configs/synthetic_baseline.py) and TCA, and with a new data set at every seed
+(--config.data.synthetic_seed=-1): docs/results.md, "Table 3 on the embedded
+default". It trains the measured formulation (cal_jax/config/formulations.py: L_kd1
 off, L_kd2 not through the TSAA maps, a global ID term, the normalised PCL means), the
 variant measured on this from-scratch setting; --config.formulation=paper trains Eq. (20) as
-written. The README has Table 3, docs/decisions.md the measurements behind it.
+written. docs/results.md has Table 3, docs/experiments.md the measurements behind it.
 """
 
 from cal_jax.config import formulations
@@ -44,7 +42,7 @@ def get_config():
   config.model.adapter_dim = 64
   # From scratch, one stem for both modalities: measured better than two
   # (started equal) here for CAL and far better for the baseline; see
-  # docs/decisions.md, "The embedded default".
+  # docs/decisions/model_and_losses.md, "The embedded default".
   config.model.modality_specific_stem = False
   config.optim.num_epochs = 20
   config.optim.warmup_epochs = 2

@@ -13,15 +13,14 @@ steps). The synthetic identities are drawn once (data.synthetic_seed = 0), so
 that config.seed varies what seeds vary on a real benchmark: the
 initialisation, the batches and the augmentation.
 
-About 7 minutes a run alone on a 2-core CPU. What it reaches (all-search
-single-shot, 5 seeds, Rank-1 / mAP): the default CAL 19.3 +- 2.2 / 25.4 +- 2.6,
-TCA 21.4 +- 4.3 / 27.1 +- 4.7, the identity-loss baseline 13.6 +- 3.0 /
-18.6 +- 3.6 (README, "The proxy setting").
+About 7 minutes a run alone on a 2-core CPU. What it reaches (CAL, TCA and the
+identity-loss baseline over 5 seeds): docs/results.md, "The proxy setting".
 
-Measured and not kept (docs/decisions.md, "The proxy setting"): K = 4 as the
+Measured and not kept (docs/experiments.md, "L_kd1: the attention collapse and
+the form of the feature-level loss", the proxy's second form): K = 4 as the
 paper, on 96 training identities with P = 4 (1,072 steps, 10 minutes), left
-every row under-trained (global ID loss 3.45 of ln 96 = 4.56 at the end; seed
-0 Rank-1: CAL 8.0, TCA 11.8); K = 4 with the paper's P = 8 costs twice the step.
+every row under-trained (global ID loss 3.45 of ln 96 = 4.56 at the end); K = 4
+with the paper's P = 8 costs twice the step.
 """
 
 from configs import synthetic

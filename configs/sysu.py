@@ -4,8 +4,7 @@
       --config.data.manual_dir=/path/to/SYSU-MM01 \
       --config.model.pretrained=/path/to/resnet50-0676ba61.pth
 
-Paper (Table 1, all-search single-shot): Rank-1 74.66, mAP 71.73;
-indoor-search single-shot: Rank-1 79.69, mAP 83.68.
+The paper's figures to reach: docs/results.md, "The paper's targets".
 """
 
 from configs import default

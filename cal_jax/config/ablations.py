@@ -98,7 +98,7 @@ ROWS = {
     *[_row(f'parts_{n}', f'N_p = {n}', model__num_parts=n) for n in (2, 3, 4, 5, 6)],
     *[_row(f'alpha_{a}', f'alpha = 0.{a}', model__select_ratio=a / 10) for a in (2, 4, 6, 8)],
     _row('alpha_10', 'alpha = 1.0', model__select_ratio=1.0),
-    # Diagnosis of the attention collapse (docs/decisions.md): one change each.
+    # Diagnosis of the attention collapse (docs/decisions/model_and_losses.md): one change each.
     *[
       _row(f'kd1_{form}', f'+ L_kd1 = {label}', loss__kd1=1.0, loss__kd1_form=form)
       for form, label in (

@@ -9,8 +9,9 @@
 
 Every field the paper leaves open (teacher stop-gradients, BNNeck, the 0.1x backbone rate,
 Nesterov, weight decay, CAJ augmentation, random erasing, two stems) is the same in both and
-follows the standard VI-ReID code (docs/decisions.md, "paper silent: followed ..."); so is the
-scale of Eq. 15's features (`loss.pcl_features`: unit parts, which sigma = 0.6 needs).
+follows the standard VI-ReID code (docs/decisions/model_and_losses.md, "paper silent:
+followed ..."); so is the scale of Eq. 15's features (`loss.pcl_features`: unit parts,
+which sigma = 0.6 needs).
 
 Where the formulation is applied:
 - a config file calls `apply(config, name)` in `get_config` before its own changes
@@ -33,7 +34,8 @@ class Difference:
   paper: Any
   measured: Any
   equation: str  # where the paper writes it
-  evidence: str  # what `measured` was measured on, and the numbers (docs/decisions.md)
+  # what `measured` was measured on, and the numbers (docs/decisions/model_and_losses.md)
+  evidence: str
 
 
 DIFFERENCES = (

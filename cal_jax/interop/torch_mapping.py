@@ -79,8 +79,8 @@ TRAINING_ONLY = (
 )
 
 
-# Ablation variants of the network (Table 4's, and those of docs/decisions.md): trained and
-# evaluated here, not exported.
+# Ablation variants of the network (Table 4's, and those of
+# docs/decisions/model_and_losses.md): trained and evaluated here, not exported.
 NOT_EXPORTED = {
   'part_queries': 'drm',
   'attention_similarity': 'tsaa',
@@ -96,7 +96,7 @@ def model_hyperparameters(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if config.model.get(name, exported) != exported:
       raise ValueError(
         f'config.model.{name}={config.model[name]!r} is an ablation '
-        f'variant (Table 4, docs/decisions.md); the PyTorch export covers CAL '
+        f'variant (Table 4, docs/decisions/model_and_losses.md); the PyTorch export covers CAL '
         f'itself ({name}={exported!r})'
       )
   return {name: checkpointing.to_json(config.model[name]) for name in MODEL_FIELDS}

@@ -18,7 +18,7 @@ the students.
 
 Eq. (18) as written is minimised by identical one-hot maps: maximising <t, s>
 over the simplex puts all of s on the argmax of t, and teacher and student
-share the TSAA MLPs, so both collapse onto one token (docs/decisions.md,
+share the TSAA MLPs, so both collapse onto one token (docs/decisions/model_and_losses.md,
 "L_kd1: the attention collapse and the form of the feature-level loss").
 `map_distill_loss` keeps the literal form as `form='dot'` and offers forms
 whose optimum is the teacher's map itself, not a peak (KD1_FORMS).

@@ -136,7 +136,7 @@ def cal_objective(
     )
     # Not in the paper: each part's self-refinement map S pulled towards the region
     # DRM selected for it, weight `attention_guidance` (0 = the paper; the paper's
-    # Fig. 4 shows TSAA finding DRM's regions, docs/decisions.md "Guiding TSAA").
+    # Fig. 4 shows TSAA finding DRM's regions, docs/decisions/model_and_losses.md "Guiding TSAA").
     attendable = outputs.get('attention_mask')  # model.attention_border > 0
     loss_guidance = 0.5 * (
       attention_guidance_loss(outputs['sim_vv'], outputs['selected_vis'], attendable)
@@ -146,7 +146,7 @@ def cal_objective(
     loss_dis = loss_div = loss_guidance = jnp.zeros((), loss_id.dtype)
   # Not in the paper: a diversity term on the TSAA maps of the self-refinement
   # (the inference path), weight `attention_div` (0 = the paper). It keeps the
-  # part queries attending different tokens (docs/decisions.md, "L_kd1: the
+  # part queries attending different tokens (docs/decisions/model_and_losses.md, "L_kd1: the
   # attention collapse").
   loss_attention_div = 0.5 * (
     attention_diversity_loss(outputs['sim_vv'], weights.attention_div_form)

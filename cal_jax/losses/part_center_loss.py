@@ -9,7 +9,7 @@ Two reductions (`config.loss.pcl_reduction`, one field of the formulations):
 - "sum", the paper's: Eq. (14) as written, a sum over every pair (i, j) of the
   batch (j runs over samples, so a class of K samples counts K times), of
   ||f - c||_2 over the whole refined feature [N_p, C] (its parts concatenated).
-- "normalised_mean", the measured variant (docs/decisions.md, "PCL scale"):
+- "normalised_mean", the measured variant (docs/decisions/model_and_losses.md, "PCL scale"):
   distances are per part and averaged over parts, and each of the five sums is
   divided by its number of valid pairs (so the weight does not depend on the
   batch size).
@@ -18,7 +18,7 @@ The features they compare (`config.loss.pcl_features`, the same in both formulat
   (Sec. 4.1) is a distance on the scale of unit vectors, as at inference, where
   parts are compared by their cosines (Sec. 3.4). The paper does not say what
   scale Eq. (15) works on; its margin is only ever active on this one
-  (docs/decisions.md, "The scale of Eq. 15").
+  (docs/decisions/model_and_losses.md, "The scale of Eq. 15").
 - "raw": the TSAA outputs as they are ("sum" only: the measured mean is the
   normalised one).
 The separation terms run over all pairs of samples of different classes in the

@@ -23,7 +23,7 @@ Not in the paper, a remedy under test: `similarity='cosine'` keeps Eqs. (7)
 and (10) but compares the unit vectors of T_hat and P_hat, scaled by a learned
 temperature s (initially `COSINE_SCALE`): S = softmax(s cos(P_hat, T_hat)).
 A token whose T_hat is long then wins no query by its length alone (the
-"sink" border token of docs/decisions.md).
+"sink" border token of docs/decisions/model_and_losses.md).
 
 Also not in the paper: `border` > 0 leaves the tokens within `border` rows or
 columns of the feature map's edge out of Eq. (9)'s softmax (S = 0 there; a
@@ -35,7 +35,7 @@ Also not in the paper: `centring=True` subtracts from IN(T), at each token
 position, its mean over images before theta_1 (`PositionCentring`: the batch's
 mean in training, a running average of it in evaluation, like batch norm's
 mean). On small maps IN(T) at one position is mostly a code of that position,
-the same in every image (docs/decisions.md); centred, T_hat keeps only what
+the same in every image (docs/decisions/model_and_losses.md); centred, T_hat keeps only what
 differs between images there, so no token is a key that every image shares.
 """
 

@@ -22,7 +22,7 @@ is the same as without. With `remat_nested` (the default) each of those
 stages is also rematerialised as a whole, around its checkpointed blocks: the
 forward pass keeps only the stage's input, and the backward pass recomputes
 the stage once (keeping its blocks' inputs) before each block's own
-recomputation. One more forward pass, for much less memory (docs/decisions.md).
+recomputation. One more forward pass, for much less memory (docs/decisions/model_and_losses.md).
 """
 
 import functools

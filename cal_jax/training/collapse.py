@@ -2,9 +2,10 @@
 
 Eq. (18) as written, L_kd1 = -sum_M <S_a, S_b>, is smallest where the matched TSAA maps
 are the same one-hot vector, and L_kd2 through the maps rewards attention that ignores
-the query (docs/decisions.md, "L_kd1: the attention collapse" and "L_kd2 and the TSAA
-maps"). The step logs the maps' statistics every log interval (`attention_max`: the mean
-over images and parts of max_n S; `attention_distinct`: distinct argmax tokens per image).
+the query (docs/decisions/model_and_losses.md, "L_kd1: the attention collapse" and
+"L_kd2 and the TSAA maps"). The step logs the maps' statistics every log interval
+(`attention_max`: the mean over images and parts of max_n S; `attention_distinct`: distinct
+argmax tokens per image).
 When `attention_max` stays above MAX_S for INTERVALS log intervals in a row, every part
 looks at one token: the guard names the statistics and the switches that avoid it, once.
 """
@@ -32,7 +33,7 @@ class CollapseGuard:
       f'the TSAA attention has collapsed by step {step}: attention_max '
       f'{summary["attention_max"]:.2f} (above {MAX_S} for {self.in_a_row} log intervals; '
       f'1 is one token per part), attention_distinct {summary["attention_distinct"]:.2f} '
-      f'argmax tokens per image. {self.remedy()} See docs/decisions.md, '
+      f'argmax tokens per image. {self.remedy()} See docs/decisions/model_and_losses.md, '
       '"L_kd1: the attention collapse".'
     )
 

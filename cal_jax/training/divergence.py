@@ -42,12 +42,12 @@ def divergence_advice(config: ml_collections.ConfigDict) -> str:
     return (
       "config.loss.pcl_features='raw' (Eq. 15 on the TSAA outputs as they are) gives Eq. 14's "
       'sums gradients that grow with the features: --config.loss.pcl_features=unit_parts '
-      '(docs/decisions.md, "The scale of Eq. 15"); or ' + advice
+      '(docs/decisions/model_and_losses.md, "The scale of Eq. 15"); or ' + advice
     )
   return (
     "config.loss.pcl_reduction='sum' (Eq. 14 as written) has the largest gradients of the "
     'objective: --config.loss.pcl_reduction=normalised_mean is the measured variant '
-    '(docs/decisions.md, "PCL scale"); or ' + advice
+    '(docs/decisions/model_and_losses.md, "PCL scale"); or ' + advice
   )
 
 

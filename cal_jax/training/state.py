@@ -61,7 +61,7 @@ def start_stems_equal(variables: Any) -> dict:
   With ImageNet weights both stems are loaded from the same `conv1`/`bn1`
   (`torchvision_weights.apply_to_cal`); from scratch this does the same with the random
   initialisation, so the shared stages first see both modalities through one
-  filter bank (see docs/decisions.md). A model without the infrared stem
+  filter bank (see docs/decisions/model_and_losses.md). A model without the infrared stem
   (shared stem) is returned as it is.
   """
   variables = flax.core.unfreeze(variables)
