@@ -1,0 +1,64 @@
+"""Command line: pretrain the backbone on fractal images and write torchvision weights.
+
+  python -m cal_jax.pretrain --output weights.safetensors [--config.FIELD=VALUE ...]
+
+The config is configs/pretrain.py (its docstring says what it trains); any field can
+be overridden with --config.FIELD=VALUE. The output is a torchvision-format state
+dict for `config.model.pretrained`; OUTPUT.json records the inputs' hash and the
+curve, and OUTPUT.log the curve as it comes. When the output exists and its inputs
+are those of this command, it says so and does nothing. Nothing is downloaded.
+"""
+
+import os
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from cal_jax import cli
+from cal_jax.pretraining import training, weights_file
+from configs import pretrain as pretrain_config
+
+_CONFIG = config_flags.DEFINE_config_dict(
+  'config', pretrain_config.get_config(), 'Pretraining config (configs/pretrain.py).'
+)
+_OUTPUT = flags.DEFINE_string('output', None, 'The .safetensors file to write.')
+flags.mark_flags_as_required(['output'])
+
+
+def run(config, output: str) -> None:
+  digest = weights_file.inputs_hash(config)
+  if weights_file.is_up_to_date(output, digest):
+    print(f'{output}: up to date (inputs {digest[:12]}); nothing to do.')
+    return
+  settings = training.Settings.from_config(config)
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  with open(output + '.log', 'w', encoding='utf-8') as log:
+
+    def report(record: training.Record) -> None:
+      line = (
+        f'step {record.step:5d}  loss {record.loss:.4f}  accuracy {record.accuracy:.3f}  '
+        f'lr {record.learning_rate:.4f}  {record.seconds:7.1f} s'
+      )
+      print(line, flush=True)
+      log.write(line + '\n')
+      log.flush()
+
+    start = time.perf_counter()
+    backbone, fc, curve = training.pretrain(settings, report)
+    state = weights_file.state_dict(backbone, fc, settings.depth, settings.width)
+    weights_file.write(output, state, config, curve, time.perf_counter() - start)
+  print(f'{output}: written ({len(state)} tensors, {time.perf_counter() - start:.0f} s).')
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  try:
+    run(_CONFIG.value, cli.absolute_path(_OUTPUT.value))
+  except cli.USER_ERRORS as error:
+    cli.exit_with('pretrain', error)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,1 @@
+"""Pretraining the backbone without natural images (`python -m cal_jax.pretrain`)."""
