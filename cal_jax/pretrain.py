@@ -2,14 +2,16 @@
 
   python -m cal_jax.pretrain --output weights.safetensors [--config.FIELD=VALUE ...]
 
-The config is configs/pretrain.py (its docstring says what it trains); any field can
-be overridden with --config.FIELD=VALUE. The output is a torchvision-format state
-dict for `config.model.pretrained`; OUTPUT.json records the inputs' hash and the
-curve, and OUTPUT.log the curve as it comes. When the output exists and its inputs
-are those of this command, it says so and does nothing. Nothing is downloaded.
+The config is configs/pretrain.py (its docstring says what it trains) unless --config
+names another file; any field can be overridden with --config.FIELD=VALUE. The output
+is a torchvision-format state dict for `config.model.pretrained`; OUTPUT.json records
+the inputs' hash and the curve, and OUTPUT.log the curve as it comes. When the output
+exists and its inputs are those of this command, it says so and does nothing. Nothing
+is downloaded.
 """
 
 import os
+import sys
 import time
 
 from absl import app, flags
@@ -19,14 +21,25 @@ from cal_jax import cli
 from cal_jax.pretraining import training, weights_file
 from configs import pretrain as pretrain_config
 
-_CONFIG = config_flags.DEFINE_config_dict(
-  'config', pretrain_config.get_config(), 'Pretraining config (configs/pretrain.py).'
-)
+try:
+  _CONFIG = config_flags.DEFINE_config_file(
+    'config', pretrain_config.__file__, 'Pretraining config file (default: configs/pretrain.py).'
+  )
+except (AttributeError, KeyError) as error:
+  # With a default file, ml_collections applies the --config.FIELD overrides here, at
+  # definition: a misspelt field is reported in one line, as cli.parse_flags reports it.
+  cause = error.args[0] if isinstance(error, AttributeError) and error.args else error
+  text = str(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause).splitlines()
+  sys.exit(
+    f'FATAL Flags parsing error: no config field {text[0]} in configs/pretrain.py. '
+    + ' '.join(text[1:])
+  )
 _OUTPUT = flags.DEFINE_string('output', None, 'The .safetensors file to write.')
 flags.mark_flags_as_required(['output'])
 
 
 def run(config, output: str) -> None:
+  weights_file.check_output(output)
   digest = weights_file.inputs_hash(config)
   if weights_file.is_up_to_date(output, digest):
     print(f'{output}: up to date (inputs {digest[:12]}); nothing to do.')

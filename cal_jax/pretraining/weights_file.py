@@ -24,6 +24,14 @@ from cal_jax.models import torchvision_weights
 from cal_jax.pretraining import fractals
 
 
+def check_output(output: str) -> None:
+  """Refuses, before anything is trained, an output that `write` could not write."""
+  if not output.endswith('.safetensors'):
+    raise ValueError(f'--output {output!r} must end with .safetensors')
+  if os.path.isdir(output):
+    raise IsADirectoryError(f'--output {output!r} is a folder; name the .safetensors file')
+
+
 def sidecar(output: str) -> str:
   return output + '.json'
 
@@ -64,8 +72,7 @@ def write(
   to a temporary name first, the record last: a run cut short leaves no record."""
   from safetensors.numpy import save_file
 
-  if not output.endswith('.safetensors'):
-    raise ValueError(f'--output {output!r} must end with .safetensors')
+  check_output(output)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   if os.path.exists(sidecar(output)):
     os.remove(sidecar(output))

@@ -115,3 +115,34 @@ def test_pretrain_writes_weights_that_cal_loads_and_a_rerun_does_nothing(tmp_pat
   config.seed = 1  # other inputs: another hash, so a run would train again
   assert weights_file.inputs_hash(config) != saved['inputs_hash']
   assert not weights_file.is_up_to_date(str(output), weights_file.inputs_hash(config))
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path):
+  with pytest.raises(ValueError, match='must end with .safetensors'):
+    weights_file.check_output(str(tmp_path / 'weights.pth'))
+  (tmp_path / 'folder.safetensors').mkdir()
+  with pytest.raises(IsADirectoryError, match='is a folder'):
+    weights_file.check_output(str(tmp_path / 'folder.safetensors'))
+
+
+@pytest.mark.slow
+def test_a_misspelt_field_or_a_bad_output_is_one_line(tmp_path):
+  misspelt = subprocess.run(
+    [sys.executable, '-m', 'cal_jax.pretrain', '--output', str(tmp_path / 'w.safetensors')]
+    + ['--config.data.num_categoreis=8'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert misspelt.returncode == 1
+  assert misspelt.stderr.strip().splitlines()[-1] == (
+    "FATAL Flags parsing error: no config field 'num_categoreis' in configs/pretrain.py. "
+    'Did you mean "num_categories" instead of "num_categoreis"?'
+  )
+  assert 'Traceback' not in misspelt.stderr
+  wrong = pretrain(tmp_path / 'w.pth')
+  assert wrong.returncode == 1 and 'step' not in wrong.stdout
+  assert wrong.stderr.strip().splitlines()[-1].startswith('pretrain: error: --output')
+  assert not os.listdir(tmp_path)
