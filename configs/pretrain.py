@@ -1,8 +1,8 @@
 """Pretraining the synthetic configs' backbone without natural images.
 
-  python -m cal_jax.pretrain --output pretrained/fractal_w16.safetensors
+  python -m cal_jax.pretrain --output workdir/weights/fractal_w16.safetensors
   python -m cal_jax.main --config configs/synthetic.py --workdir workdir/pretrained \
-      --config.model.pretrained=pretrained/fractal_w16.safetensors \
+      --config.model.pretrained=workdir/weights/fractal_w16.safetensors \
       --config.optim.backbone_lr_mult=0.1
 
 Trains the narrow ResNet-50 of configs/synthetic.py (width 16, last stride 1, RGB
