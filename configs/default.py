@@ -40,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic_infrared_gap = 1.0  # 1: hard cross-modal gap; 0: luminance
   config.data.synthetic_test_ids = 0  # sysu: test identities; 0: a third of them
   config.data.synthetic_seed = -1  # draws the synthetic identities; -1: config.seed
+  # True: people framed as a detector's boxes frame them (random scale, vertical crop,
+  # horizontal offset, occluders), so a fixed position is no longer a fixed body part;
+  # False: each stands near the middle at about the same size (the embedded configs).
+  config.data.synthetic_misalignment = False
   config.data.data_dir = ''  # tfds data_dir for prepared data ("" = tfds default)
   config.data.skip_corrupt_images = False  # True: leave unreadable images out, logged by name
   config.data.image_height = 288

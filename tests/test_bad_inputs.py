@@ -934,7 +934,7 @@ def test_generated_weight_files_are_refused_before_anything_is_allocated(tmp_pat
 def _config_paths(tmp_path, marker):
   """{name: (--config value, fragment of its one line)}: every kind of path but a .py
   config and a run's config.json, most holding code that would create `marker` if run."""
-  from cal_jax.config import cli
+  from cal_jax.config import run_config
 
   code = f'import pathlib\npathlib.Path({str(marker)!r}).touch()\ndef get_config():\n  pass\n'
   cases = {}
@@ -950,7 +950,7 @@ def _config_paths(tmp_path, marker):
     ('partial.json', json.dumps({'model': {}, 'data': {}}), 'it has no loss, optim, eval section'),
     (
       'sections_not_objects.json',
-      json.dumps(dict.fromkeys(cli.RUN_CONFIG_SECTIONS, 1)),
+      json.dumps(dict.fromkeys(run_config.RUN_CONFIG_SECTIONS, 1)),
       'as a JSON object',
     ),
   ):

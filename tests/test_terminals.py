@@ -198,6 +198,18 @@ COMMANDS = [
     (r'1 runs \(1 rows x 1 seeds\), 1 already done', r'\| \+ MatchDistill \(CAL\) \| 1 \|'),
     None,
   ),
+  Command(
+    'cal_jax.pretrain',
+    lambda root: [
+      *('--output', os.path.join(root, 'pretrained', 'w.safetensors')),
+      *'--config.model.width=4 --config.data.num_categories=3'.split(),
+      *'--config.data.image_height=64 --config.data.image_width=32'.split(),
+      *'--config.data.chains=16 --config.data.iterations=12 --config.optim.batch_size=4'.split(),
+      *'--config.optim.num_steps=2 --config.optim.warmup_steps=1'.split(),
+    ],
+    (r'w\.safetensors: written \(\d+ tensors',),
+    lambda root: os.path.join(root, 'pretrained', terminal.LOG_FILE),
+  ),
 ]
 
 

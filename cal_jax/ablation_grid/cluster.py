@@ -126,7 +126,7 @@ def _one_node(launcher: str) -> list[str]:
 
 def array_script(grid: ablation_grid.Grid, commands_file: str) -> str:
   """The SLURM array script of the grid: task k runs line k + 1 of `commands_file`."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   launcher = os.path.join(repo, 'launch', 'slurm.sbatch')
   if not os.path.isfile(launcher):
     raise ValueError(

@@ -79,6 +79,7 @@ RULES: dict[str, Any] = {
   'data.synthetic_infrared_gap': Float(0.0, 1.0),
   'data.synthetic_test_ids': Int(0, note='0: a third of synthetic_num_ids'),
   'data.synthetic_seed': Int(-1, 2**31 - 1, note='-1: config.seed'),
+  'data.synthetic_misalignment': Bool(),
   'data.data_dir': Text(),
   'data.skip_corrupt_images': Bool(),
   'data.image_height': Int(1, note='pixels'),

@@ -105,6 +105,7 @@ def ensure_synthetic(
   height: int,
   infrared_gap: float = 1.0,
   num_test_ids: int = 0,
+  misalignment: bool = False,
 ) -> None:
   """Generates the synthetic set into `root` unless it is there; atomic (temp dir + rename)."""
   if os.path.isdir(root) and os.listdir(root):
@@ -121,6 +122,7 @@ def ensure_synthetic(
       height=height,
       infrared_gap=infrared_gap,
       num_test_ids=num_test_ids,
+      misalignment=misalignment,
     )
     if os.path.isdir(root):
       os.rmdir(root)
@@ -173,6 +175,7 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
       data.synthetic_height,
       data.synthetic_infrared_gap,
       data.synthetic_test_ids,
+      data.synthetic_misalignment,
     )
   full_name = f'{name}/{data.builder_config}' if data.builder_config else name
   builder = tfds.builder(

@@ -304,6 +304,25 @@ def convert_state_dict(
   }
 
 
+def torchvision_state_dict(variables: Mapping[str, Any], depth: int, width: int = 64) -> dict:
+  """`convert_state_dict` backwards: {'params', 'batch_stats'} of `ResNet(depth, width)`
+  -> {torchvision key: float32 array in the torch layout}, in torchvision's order."""
+  flat = {
+    collection: flax.traverse_util.flatten_dict(flax.core.unfreeze(variables[collection]))
+    for collection in ('params', 'batch_stats')
+  }
+  state = {}
+  for key, target in param_mapping(depth, width).items():
+    value = np.asarray(flat[target.collection][target.path], np.float32)
+    if value.shape != target.shape:
+      raise CheckpointMismatchError(
+        f'{"/".join(target.path)}: shape {value.shape}, a resnet{depth} of width {width} '
+        f'has {target.shape}'
+      )
+    state[key] = np.ascontiguousarray(value.transpose(np.argsort(TRANSPOSES[target.kind])))
+  return state
+
+
 def load_torchvision_resnet(path: str, arch: str, *, width: int = 64) -> dict[str, Any]:
   """Reads a torchvision ResNet state_dict into `ResNet(depth=...)` variables.
 

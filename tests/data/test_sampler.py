@@ -157,7 +157,11 @@ def test_from_config():
   import ml_collections
 
   config = ml_collections.ConfigDict(
-    {'seed': 5, 'data': {'num_ids_per_batch': P, 'num_pos': K}, 'optim': {'steps_per_epoch': 0}}
+    {
+      'seed': 5,
+      'data': {'num_ids_per_batch': P, 'num_pos': K, 'balanced_sampler': False},
+      'optim': {'steps_per_epoch': 0},
+    }
   )
   ids, modality = _toy_split()
   s = sampler_lib.CrossModalIdentitySampler.from_config(config, ids, modality, local_devices=2)

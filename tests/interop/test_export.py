@@ -24,6 +24,7 @@ from conftest import NUM_CLASSES
 
 from cal_jax.evaluation import embedding as inference
 from cal_jax.interop import export as convert
+from cal_jax.interop import torch_mapping
 from cal_jax.models.cal import CAL, INFRARED, VISIBLE
 from cal_jax.training import checkpointing
 from cal_jax.training.state import build_model
@@ -141,7 +142,7 @@ def torch_embed(net, nhwc: np.ndarray, modality: int) -> np.ndarray:
 
 def test_formats_and_fields_agree():
   assert convert.FORMAT == torch_model.FORMAT
-  assert set(convert.MODEL_FIELDS) == set(torch_model.DEFAULT_CONFIG)
+  assert set(torch_mapping.MODEL_FIELDS) == set(torch_model.DEFAULT_CONFIG)
 
 
 def test_file_holds_the_inference_tensors_only(exported, trained, tiny_config):

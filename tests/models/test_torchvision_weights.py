@@ -289,3 +289,19 @@ def test_apply_to_cal_names_width_and_depth_mismatches(backbone18):
   _, deeper = cal_shapes(modality_specific_stem=True, depth=50)
   with pytest.raises(ValueError, match=r'(?s)resnet50 of width 16.*layer1_0/conv3.*missing'):
     pretrained.apply_to_cal(deeper, backbone18, modality_specific_stem=True)
+
+
+def test_torchvision_state_dict_is_the_loader_backwards():
+  """ResNet variables -> torchvision tensors -> variables again, leaf for leaf; the
+  convolutions come out OIHW, as torchvision holds them."""
+  model = resnet.ResNet(depth=50, width=4)
+  variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+  state = pretrained.torchvision_state_dict(variables, 50, 4)
+  assert list(state) == list(pretrained.param_mapping(50, 4))
+  kernel = np.asarray(variables['params']['stages']['layer2_0']['conv2']['kernel'])  # HWIO
+  np.testing.assert_array_equal(state['layer2.0.conv2.weight'], kernel.transpose(3, 2, 0, 1))
+  back = pretrained.convert_state_dict(state, 'resnet50', 4)
+  for collection in ('params', 'batch_stats'):
+    jax.tree.map(
+      np.testing.assert_array_equal, back[collection], jax.device_get(variables[collection])
+    )

@@ -56,7 +56,7 @@ def train_tiny(workdir, *flags):
       '--workdir',
       str(workdir),
       '--config.eval.enabled=False',
-      '--config.optim.num_epochs=3',  # 12 steps, a log line every 2
+      '--config.optim.num_epochs=4',  # 16 steps, a log line every 2
       *flags,
     ],
     cwd=REPO,
@@ -75,7 +75,7 @@ def test_eq18_as_written_warns_while_training_and_the_measured_variant_does_not(
   assert 'WARNING: ' in warnings[0] and 'config.loss.kd1=0' in warnings[0]
   # While it trains: before the last step's line.
   lines = paper.stderr.splitlines()
-  assert lines.index(warnings[0]) < next(i for i, s in enumerate(lines) if 'step 12/12' in s)
+  assert lines.index(warnings[0]) < next(i for i, s in enumerate(lines) if 'step 16/16' in s)
   measured = train_tiny(tmp_path / 'measured')
   assert 'collapsed' not in measured.stderr, measured.stderr[-3000:]
-  assert 'step 12/12' in measured.stderr
+  assert 'step 16/16' in measured.stderr

@@ -94,6 +94,7 @@ def _write_sysu(
   height: int,
   infrared_gap: float = 1.0,
   num_test_ids: int = 0,
+  misalignment: bool = False,
 ) -> Summary:
   """SYSU-MM01: cam<c>/<id:04d>/<n:04d>.jpg, exp/{train,val,test}_id.txt."""
   key = _LAYOUT_KEY['sysu']
@@ -114,6 +115,7 @@ def _write_sysu(
     c: dataclasses.replace(
       people.sample_camera(_rng(seed, key, 1, c), 'nir' if c in (3, 6) else 'visible'),
       infrared_gap=infrared_gap,
+      misalignment=misalignment,
     )
     for c in range(1, 7)
   }
@@ -144,15 +146,20 @@ def _write_sysu(
   return Summary('sysu', root, count, tuple(train + val), tuple(test))
 
 
-def _write_regdb(root: str, num_ids: int, seed: int, height: int) -> Summary:
+def _write_regdb(
+  root: str, num_ids: int, seed: int, height: int, misalignment: bool = False
+) -> Summary:
   """RegDB: {Visible,Thermal}/<id>/<sex>_<view>_{v,t}_<frame>_<id>.bmp, idx/."""
   key = _LAYOUT_KEY['regdb']
   rng = _rng(seed, key, 0)
   ids = list(range(1, num_ids + 1))
   apps = _identities(rng, ids)
-  sensors = (
-    ('Visible', 'v', people.sample_camera(_rng(seed, key, 1, 1), 'visible')),
-    ('Thermal', 't', people.sample_camera(_rng(seed, key, 1, 2), 'thermal')),
+  sensors = tuple(
+    (folder, letter, dataclasses.replace(camera, misalignment=misalignment))
+    for folder, letter, camera in (
+      ('Visible', 'v', people.sample_camera(_rng(seed, key, 1, 1), 'visible')),
+      ('Thermal', 't', people.sample_camera(_rng(seed, key, 1, 2), 'thermal')),
+    )
   )
   files = {}
   for pid in ids:
@@ -201,7 +208,14 @@ def _write_regdb(root: str, num_ids: int, seed: int, height: int) -> Summary:
   )
 
 
-def _write_llcm(root: str, num_ids: int, seed: int, per_camera: tuple, height: int) -> Summary:
+def _write_llcm(
+  root: str,
+  num_ids: int,
+  seed: int,
+  per_camera: tuple,
+  height: int,
+  misalignment: bool = False,
+) -> Summary:
   """LLCM: {vis,nir}/<id:04d>/<id:04d>_c<cam:02d>_s<seq>_f<frame>_{vis,nir}.jpg,
   test copies in test_{vis,nir}/cam<c>/<id:04d>/, idx/."""
   key = _LAYOUT_KEY['llcm']
@@ -216,7 +230,8 @@ def _write_llcm(root: str, num_ids: int, seed: int, per_camera: tuple, height: i
   for c in range(1, 10):
     low_light = bool(_rng(seed, key, 1, c, 2).random() < 0.7)
     for m, sensor in ((0, 'visible'), (1, 'nir')):
-      cams[c, m] = people.sample_camera(_rng(seed, key, 1, c, m), sensor, low_light=low_light)
+      camera = people.sample_camera(_rng(seed, key, 1, c, m), sensor, low_light=low_light)
+      cams[c, m] = dataclasses.replace(camera, misalignment=misalignment)
   for m, cam_list in (('vis', range(1, 10)), ('nir', (1, 2, 4, 5, 6, 7, 8, 9))):
     for c in cam_list:  # as distributed, every test camera folder exists
       os.makedirs(os.path.join(root, f'test_{m}', f'cam{c}'), exist_ok=True)
@@ -268,6 +283,7 @@ def generate(
   height: int = DEFAULT_HEIGHT,
   infrared_gap: float = 1.0,
   num_test_ids: int = 0,
+  misalignment: bool = False,
 ) -> Summary:
   """Writes a synthetic `layout` ('sysu' | 'regdb' | 'llcm') data set.
 
@@ -286,6 +302,9 @@ def generate(
       identities (0, the default: a third, as the real set's 96 of 491). The
       rest train (a quarter of them listed as validation, merged into training
       as the standard protocol does).
+    misalignment: False (default): each person stands near the middle at about
+      the same size; True: drawn as a detector's box frames people (a random
+      scale, vertical crop and horizontal offset, with occluders); every layout.
 
   Returns:
     A `Summary` of what was written.
@@ -310,11 +329,18 @@ def generate(
   os.makedirs(output, exist_ok=True)
   if layout == 'sysu':
     return _write_sysu(
-      output, num_ids, seed, tuple(images_per_camera), height, infrared_gap, num_test_ids
+      output,
+      num_ids,
+      seed,
+      tuple(images_per_camera),
+      height,
+      infrared_gap,
+      num_test_ids,
+      misalignment,
     )
   if layout == 'regdb':
-    return _write_regdb(output, num_ids, seed, height)
-  return _write_llcm(output, num_ids, seed, tuple(images_per_camera), height)
+    return _write_regdb(output, num_ids, seed, height, misalignment)
+  return _write_llcm(output, num_ids, seed, tuple(images_per_camera), height, misalignment)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

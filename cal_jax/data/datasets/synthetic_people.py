@@ -18,7 +18,9 @@ modalities, colours only through the learnable material response.
 
 Each image draws a pose (scale, shift, front/back view, mirror), a background
 (the camera's wall and floor, texture, clutter boxes, sometimes an occluding
-pole), an illumination gain, blur and sensor noise. Drawing is vectorised:
+pole), an illumination gain, blur and sensor noise. A camera with `misalignment`
+frames its people as a detector's boxes do (`_misaligned_pose`, `_occlude`): at a
+random scale, cut at the head or the feet, off-centre, and behind occluders. Drawing is vectorised:
 every part is a boolean mask over the pixel grid of the image.
 """
 
@@ -97,6 +99,9 @@ class Camera:
   # Near-infrared only: 1 renders each material's own reflectance (the default,
   # a hard cross-modal gap); 0 renders the colour's luminance; in between mixes.
   infrared_gap: float = 1.0
+  # True: the boxes of a person detector, loose and shifted (`_misaligned_pose`): each
+  # image draws a scale, a vertical crop and a horizontal offset, and occluders.
+  misalignment: bool = False
 
 
 def _colour(rng: np.random.Generator) -> tuple:
@@ -319,6 +324,37 @@ def _background(cam: Camera, rng: np.random.Generator, shape: tuple, tone) -> np
   return image
 
 
+def _misaligned_pose(
+  app: Appearance, pose: np.random.Generator, h: int, w: int
+) -> tuple[float, float, float]:
+  """(person height, body axis column, head row) in pixels, as a detector's box
+  frames a person: too loose or too tight (the person fills 55-110% of the image
+  height), cut at the head or the feet (the head row moves by -20% to +25% of the
+  person), and off-centre (the axis anywhere in the middle 60% of the width)."""
+  ph = app.height * pose.uniform(0.6, 1.2) * h
+  cx = w * pose.uniform(0.2, 0.8)
+  top = (h - ph) * pose.uniform(0.0, 1.0) + ph * pose.uniform(-0.2, 0.25)
+  return ph, cx, top
+
+
+def _occlude(image: np.ndarray, rng: np.random.Generator, tone) -> None:
+  """Up to two occluders in front of the person [H, W, 3] (in place): a box rising
+  from the bottom edge (a bin, a car, a passer-by's legs) or entering from a side."""
+  rh, rw = image.shape[:2]
+  for _ in range(int(rng.choice(3, p=[0.35, 0.45, 0.2]))):
+    colour = tone(_colour(rng))
+    if rng.random() < 0.5:  # from the bottom
+      height = int(rh * rng.uniform(0.15, 0.45))
+      x0 = int(rng.integers(rw))
+      image[rh - height :, x0 : x0 + int(rw * rng.uniform(0.3, 0.8))] = colour
+    else:  # from a side
+      width = int(rw * rng.uniform(0.15, 0.4))
+      y0 = int(rng.integers(rh))
+      rows = slice(y0, y0 + int(rh * rng.uniform(0.2, 0.6)))
+      columns = slice(0, width) if rng.random() < 0.5 else slice(rw - width, rw)
+      image[rows, columns] = colour
+
+
 def render(
   app: Appearance,
   cam: Camera,
@@ -334,10 +370,13 @@ def render(
   """
   pose = rng if pose is None else pose
   h, w = size
-  scale = app.height * pose.uniform(0.92, 1.05)
-  ph = scale * h
-  cx = w / 2 + pose.normal(0, 0.05 * w)
-  top = (h - ph) * pose.uniform(0.15, 0.85)
+  if cam.misalignment:
+    ph, cx, top = _misaligned_pose(app, pose, h, w)
+  else:
+    scale = app.height * pose.uniform(0.92, 1.05)
+    ph = scale * h
+    cx = w / 2 + pose.normal(0, 0.05 * w)
+    top = (h - ph) * pose.uniform(0.15, 0.85)
   drawn_front, mirror = pose.random() < 0.5, pose.random() < 0.5
   front = drawn_front if front is None else front
   swing = pose.uniform(-0.03, 0.03)
@@ -373,6 +412,8 @@ def render(
     x0 = rng.integers(rw)
     image[:, x0 : x0 + max(1, rw // 12)] = tone(_colour(rng))
 
+  if cam.misalignment:
+    _occlude(image, rng, tone)
   gain = cam.gain * rng.uniform(0.85, 1.15)
   if cam.sensor == 'visible':
     image = image * np.asarray(cam.white_balance, dtype=np.float32)
